@@ -1,0 +1,29 @@
+# nucseg: make install | make demo | make test | make bench
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch/torchvision pair that installs on CPU-only CI machines and GPU nodes alike (CUDA build).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+DEMO   ?= demo_out
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) scripts/demo.py --out $(DEMO)
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""nucseg command-line layer (installed as the importable package ``nucseg_cli``)."""

@@ -1,0 +1,246 @@
+"""One function per subcommand: turn parsed arguments into library calls, draw progress, print results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nucseg.errors import InputError
+
+
+def _bar(args: argparse.Namespace, **kw) -> tqdm:
+    return tqdm(disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+def _method(args: argparse.Namespace):
+    from nucseg.lora import MethodConfig
+
+    return MethodConfig(method=args.method, rank=args.rank, alpha=args.alpha,
+                        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+                        train_decoder=not args.freeze_decoder,
+                        train_prompt_encoder=args.train_prompt_encoder).validate()
+
+
+def _train_cfg(args: argparse.Namespace):
+    from nucseg.augment import AugmentConfig
+    from nucseg.train import TrainConfig
+
+    aug = AugmentConfig(flip=False, rot90=False, stain_jitter=0, brightness=0, contrast=0, saturation=0) \
+        if args.no_augment else AugmentConfig()
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       dice_weight=args.dice_weight, positive_prompts=args.prompts_per_tile,
+                       box_fraction=args.box_fraction, seed=args.seed, device=args.device,
+                       bf16=not args.no_bf16, augment=aug).validate()
+
+
+def _infer_cfg(args: argparse.Namespace, multimask: bool = False):
+    from nucseg.infer import InferConfig
+
+    return InferConfig(points_per_side=args.points_per_side, prompts=args.prompts,
+                       pred_iou_thresh=args.pred_iou_thresh, stability_thresh=args.stability_thresh,
+                       nms_iou=args.nms_iou, min_area=args.min_area, decoder_batch=args.decoder_batch,
+                       multimask=multimask).validate()
+
+
+def _tiles(args: argparse.Namespace, input_size: int = 512):
+    from nucseg.data import few_shot, load_dataset
+
+    tiles = load_dataset(args.data, tile_size=input_size, drop_empty=args.drop_empty)
+    if args.exemplars:
+        tiles = few_shot(tiles, args.exemplars, args.synthesize, args.seed)
+    elif args.synthesize:
+        raise InputError("--synthesize needs --exemplars N")
+    return tiles
+
+
+def _training_callbacks(args: argparse.Namespace, total_epochs: int):
+    state: dict = {}
+
+    def on_start(trainable: int, total: int) -> None:
+        print(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)", file=sys.stderr)
+
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        if state.get("epoch") != epoch:
+            if "bar" in state:
+                state["bar"].close()
+            state["bar"] = _bar(args, total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False)
+            state["epoch"] = epoch
+        state["bar"].update(1)
+        state["bar"].set_postfix(loss=f"{loss:.4f}")
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].close()
+            state.clear()
+
+    return on_start, on_step, close
+
+
+def train(args: argparse.Namespace) -> int:
+    from nucseg.train import CHECKPOINT, finetune
+
+    method, cfg = _method(args), _train_cfg(args)
+    if (args.out / CHECKPOINT).is_file() and not args.resume:
+        raise InputError(f"{args.out} already holds a training run; pass --resume to continue it or use another --out")
+    tiles = _tiles(args)
+    print(f"data: {len(tiles)} tiles from {args.data}", file=sys.stderr)
+    on_start, on_step, close = _training_callbacks(args, cfg.epochs)
+    try:
+        res = finetune(tiles, args.out, args.model, args.checkpoint, method, cfg, mpp=args.mpp, resume=args.resume,
+                       on_start=on_start, on_step=on_step)
+    finally:
+        close()
+    print(f"final loss {res.history[-1].loss:.4f}; curves: {args.out / 'curves.png'}", file=sys.stderr)
+    if args.merge:
+        from nucseg.adapter import export_merged, load_adapter
+
+        model, _ = load_adapter(res.adapter, args.checkpoint)
+        print(f"merged model: {export_merged(model, args.merge)}", file=sys.stderr)
+    print(res.adapter)
+    return 0
+
+
+def cv(args: argparse.Namespace) -> int:
+    from nucseg.cv import CVConfig, run_cv
+
+    method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
+    tiles = _tiles(args)
+    on_start, on_step, close = _training_callbacks(args, cfg.epochs)
+
+    def on_fold(fold: int, folds: int, what: str) -> None:
+        close()
+        print(f"fold {fold}/{folds}: {what}", file=sys.stderr)
+
+    try:
+        summary = run_cv(tiles, args.out, args.model, args.checkpoint, method, cfg, icfg,
+                         CVConfig(folds=args.folds, seed=args.seed, group_by=args.group_by,
+                                  overlays_per_fold=args.overlays, zero_shot=args.zero_shot),
+                         mpp=args.mpp, on_fold=on_fold, on_start=on_start, on_step=on_step)
+    finally:
+        close()
+    print((args.out / "summary.md").read_text())
+    print(f"summary: {args.out / 'summary.json'}", file=sys.stderr)
+    return 0 if summary else 1
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from nucseg.evaluate import evaluate_dirs
+    from nucseg.io import json_safe
+
+    result = evaluate_dirs(args.gt, args.pred, args.ambiguous)
+    if args.json:
+        print(json.dumps(json_safe({"per_image": result["per_image"], "mean": result["mean"]}), sort_keys=True))
+        return 0
+    keys = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
+    print("image".ljust(28) + "".join(k.rjust(8) for k in keys))
+    for stem, m in result["per_image"].items():
+        print(stem[:27].ljust(28) + "".join(f"{m[k]:8.3f}" for k in keys))
+    print("mean".ljust(28) + "".join(f"{result['mean'][k]:8.3f}" for k in keys))
+    return 0
+
+
+def _segmenter(args: argparse.Namespace):
+    """SAM segmenter from --adapter (or the base model zero-shot) and the inference flags."""
+    from nucseg.adapter import load_adapter
+    from nucseg.infer import SamTileSegmenter
+    from nucseg.sam import load_sam
+    from nucseg.train import pick_device
+
+    if args.adapter:
+        model, info = load_adapter(args.adapter, args.checkpoint)
+        if args.model and args.model != info.model_type:
+            raise InputError(f"--model {args.model} but adapter {args.adapter} is for {info.model_type}")
+        return SamTileSegmenter(model, _infer_cfg(args), device=pick_device(args.device), mpp=info.mpp)
+    if not args.model:
+        raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
+    model, _ = load_sam(args.model, args.checkpoint)
+    return SamTileSegmenter(model, _infer_cfg(args, multimask=True), device=pick_device(args.device))
+
+
+def segment(args: argparse.Namespace) -> int:
+    import numpy as np
+    import tifffile
+
+    from nucseg.io import IMAGE_SUFFIXES, atomic_path, read_rgb
+
+    files: list[Path] = []
+    for path in args.inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"input not found: {path}")
+    if not files:
+        raise InputError("no images to segment")
+    seg = _segmenter(args)
+    size = seg.tile_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in _bar(args, iterable=files, desc="segment", unit="image"):
+        image = read_rgb(path)
+        h, w = image.shape[:2]
+        labels = np.zeros((h, w), np.int32)
+        offset = 0
+        for y in range(0, h, size):  # plain images larger than the model input: non-overlapping tiles
+            for x in range(0, w, size):
+                lab = seg(image[None, y : y + size, x : x + size]).labels[0]
+                labels[y : y + size, x : x + size] = np.where(lab > 0, lab + offset, 0)
+                offset += int(lab.max())
+        with atomic_path(args.out / f"{path.stem}.tif") as tmp:
+            tifffile.imwrite(tmp, labels.astype(np.uint32 if offset > 65535 else np.uint16))
+    print(args.out)
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    raise InputError("predict is not wired yet")
+
+
+def weights(args: argparse.Namespace) -> int:
+    from nucseg import weights as w
+
+    if args.action == "list":
+        for info in w.list_weights():
+            size = f"{info.size_bytes / 1e6:.0f} MB" if info.size_bytes else "size n/a"
+            print(f"{info.name:6} {info.sha256[:12]}  {size:>9}  {info.url}")
+        print(f"cache: {w.cache_dir()}")
+        return 0
+    if args.action == "fetch":
+        bar = _bar(args, unit="B", unit_scale=True, desc=args.name)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            path = w.fetch(args.name, args.dest, progress=progress)
+        finally:
+            bar.close()
+        print(path)
+        return 0
+    info = w.verify(args.file)
+    if info is None:
+        print(f"{args.file}: not an official SAM checkpoint (SHA-256 {w.sha256_file(args.file)[:12]}...)")
+        return 1
+    print(f"{args.file}: official {info.name} ({info.sha256[:12]}...)")
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    from nucseg.adapter import export_merged, load_adapter
+
+    model, _ = load_adapter(args.adapter, args.checkpoint)
+    print(export_merged(model, args.out))
+    return 0
+
+
+def demo_data(args: argparse.Namespace) -> int:
+    from nucseg.demo import make_demo_dataset
+
+    print(make_demo_dataset(args.out, tiles_per_organ=args.tiles_per_organ, size=args.size, seed=args.seed))
+    return 0

@@ -1,0 +1,201 @@
+"""k-fold cross-validation: every fold fine-tunes the same base, is scored through the shared tile inference,
+and leaves its adapter, metrics and overlay pictures behind.
+
+    <out>/fold_1/train/{adapter/, checkpoint.pt, curves.png, history.json}
+    <out>/fold_1/metrics.json            per-image and mean metrics of the fine-tuned model
+    <out>/fold_1/zero_shot_metrics.json  the base model through the same inference (with --zero-shot)
+    <out>/fold_1/overlays/<tile>.png     tile | truth | prediction
+    <out>/summary.json, summary.md       mean ± std of every metric over folds
+
+Folds are grouped by source image (tiles cut from one image never straddle train and validation) or by
+organ (leave-organs-out). A rerun skips finished folds and resumes an interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .adapter import load_adapter, read_adapter
+from .data import Tile
+from .errors import DataError, InputError
+from .evaluate import evaluate_arrays
+from .infer import InferConfig, SamTileSegmenter, segment_tiles
+from .io import atomic_path, write_json
+from .lora import MethodConfig
+from .sam import load_sam
+from .train import TrainConfig, finetune, pick_device
+
+METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    seed: int = 42
+    group_by: str = "image"  # image | organ
+    overlays_per_fold: int = 3
+    zero_shot: bool = False
+
+
+def make_folds(tiles: list[Tile], k: int, seed: int, group_by: str) -> list[np.ndarray]:
+    """Validation indices of each fold; groups (images or organs) are shuffled with ``seed`` and dealt out."""
+    if group_by not in ("image", "organ"):
+        raise InputError("--group-by must be 'image' or 'organ'")
+    keys = [t.stem if group_by == "image" else t.organ for t in tiles]
+    groups = sorted(set(keys))
+    if k < 2:
+        raise InputError("--folds must be at least 2")
+    if len(groups) < k:
+        raise DataError(f"--folds {k} needs at least {k} {group_by}s, the data has {len(groups)}")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    fold_of = {groups[g]: i % k for i, g in enumerate(order)}
+    return [np.array([j for j, key in enumerate(keys) if fold_of[key] == f]) for f in range(k)]
+
+
+def overlay(tile: Tile, pred: np.ndarray, path: Path) -> None:
+    """tile | truth | prediction, instance outlines in colour; one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.color import label2rgb
+    from skimage.segmentation import find_boundaries
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    panels = [("tile", tile.image), ("truth", tile.labels), ("prediction", pred)]
+    for ax, (title, img) in zip(axes, panels):
+        if img.ndim == 2:
+            shown = label2rgb(img, image=tile.image, bg_label=0, alpha=0.35)
+            shown[find_boundaries(img, mode="inner")] = (1.0, 1.0, 0.0)
+            n = len(np.unique(img)) - 1
+            title = f"{title} ({n} nuclei)"
+            img = shown
+        ax.imshow(img)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def score(segmenter: SamTileSegmenter, tiles: list[Tile], batch_size: int) -> tuple[dict, list[np.ndarray]]:
+    preds = segment_tiles(segmenter, [t.image for t in tiles], batch_size)
+    result = evaluate_arrays((t.name, t.labels, p, t.ambiguous) for t, p in zip(tiles, preds))
+    return result, preds
+
+
+def summarize_folds(rows: list[dict]) -> dict:
+    """Mean and sample std over folds of each metric (NaN-aware: hd95 is undefined on empty images)."""
+    out = {}
+    for m in METRICS:
+        vals = np.array([r[m] for r in rows if r.get(m) is not None], float)
+        vals = vals[np.isfinite(vals)]
+        out[m] = {"mean": float(vals.mean()) if len(vals) else math.nan,
+                  "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    """hd95 is undefined (None/NaN) when one side of every image is empty."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def write_summary_md(summary: dict, path: Path) -> None:
+    cols = METRICS
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, key in (("fine-tuned", "fine_tuned"), ("zero-shot", "zero_shot")):
+        if summary.get(key):
+            cells = [f"{_fmt(summary[key][m]['mean'])} ± {_fmt(summary[key][m]['std'])}" for m in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per fold (fine-tuned):", "", "| fold | tiles | " + " | ".join(cols) + " |",
+              "|---" * (len(cols) + 2) + "|"]
+    for f in summary["folds"]:
+        lines.append(f"| {f['fold']} | {f['val_tiles']} | " + " | ".join(_fmt(f["mean"][m]) for m in cols) + " |")
+    text = (f"# Cross-validation: {summary['folds_total']} folds, grouped by {summary['group_by']}, "
+            f"seed {summary['seed']}\n\nModel {summary['model']}, method {summary['method']['method']}"
+            f" (rank {summary['method']['rank']}, targets {','.join(summary['method']['targets'])}).\n"
+            "Mean ± std over folds of the per-fold mean over validation tiles.\n\n" + "\n".join(lines) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def run_cv(
+    tiles: list[Tile],
+    out_dir: str | Path,
+    model_type: str,
+    checkpoint: str | Path | None,
+    method: MethodConfig,
+    train_cfg: TrainConfig,
+    infer_cfg: InferConfig,
+    cv_cfg: CVConfig,
+    mpp: float | None = None,
+    on_fold: Callable[[int, int, str], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+) -> dict:
+    """Run (or finish) every fold and write the summary. Returns the summary dict."""
+    out_dir = Path(out_dir)
+    folds = make_folds(tiles, cv_cfg.folds, cv_cfg.seed, cv_cfg.group_by)
+    device = pick_device(train_cfg.device)
+    rows, zero_rows, fold_info = [], [], []
+    for f, val_idx in enumerate(folds, start=1):
+        fdir = out_dir / f"fold_{f}"
+        val = [tiles[i] for i in val_idx]
+        train = [t for i, t in enumerate(tiles) if i not in set(val_idx.tolist())]
+        metrics_path = fdir / "metrics.json"
+        if metrics_path.is_file():
+            if on_fold:
+                on_fold(f, len(folds), "done already, skipped")
+            result = json.loads(metrics_path.read_text())
+        else:
+            if on_fold:
+                on_fold(f, len(folds), f"training on {len(train)} tiles, validating on {len(val)}")
+            res = finetune(train, fdir / "train", model_type, checkpoint, method, train_cfg, mpp=mpp,
+                           extra_meta={"cv": {"fold": f, "folds": len(folds), "seed": cv_cfg.seed,
+                                              "group_by": cv_cfg.group_by}},
+                           on_start=on_start, on_step=on_step)
+            model, info = load_adapter(res.adapter, checkpoint)
+            seg = SamTileSegmenter(model, infer_cfg, device=device, mpp=mpp)
+            result, preds = score(seg, val, train_cfg.batch_size)
+            for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
+                overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
+            meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
+            write_json(res.adapter / "nucseg.json", meta)
+            write_json(metrics_path, result)
+        rows.append(result["mean"])
+        fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"]})
+        if cv_cfg.zero_shot:
+            zpath = fdir / "zero_shot_metrics.json"
+            if zpath.is_file():
+                zres = json.loads(zpath.read_text())
+            else:
+                base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
+                                   seed=train_cfg.seed)
+                zcfg = InferConfig(**{**asdict(infer_cfg), "multimask": True})
+                zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
+                write_json(zpath, zres)
+            zero_rows.append(zres["mean"])
+    summary = {
+        "folds_total": len(folds),
+        "group_by": cv_cfg.group_by,
+        "seed": cv_cfg.seed,
+        "model": model_type,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "method": method.to_dict(),
+        "training": train_cfg.to_dict(),
+        "inference": infer_cfg.to_dict(),
+        "tiles": len(tiles),
+        "folds": fold_info,
+        "fine_tuned": summarize_folds(rows),
+        "zero_shot": summarize_folds(zero_rows) if zero_rows else None,
+    }
+    write_json(out_dir / "summary.json", summary)
+    write_summary_md(summary, out_dir / "summary.md")
+    return summary

@@ -1,0 +1,78 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the checkout; tests never copy it.
+
+Outside CI a missing shared folder skips the tests that need it; in CI (CI=true) it is a failure, because a
+green run without the real data would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NUCSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        msg = f"real test data missing: {path} (expected ../shared/data beside the checkout)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def he_sample(shared_data: Path) -> Path:
+    """76 real H&E tiles with instance labels, NuInsSeg layout (two organs)."""
+    return _require(shared_data / "he-nuclei-sample")
+
+
+@pytest.fixture(scope="session")
+def nuinsseg_gt(shared_data: Path) -> Path:
+    """Two real NuInsSeg ground-truth maps with ambiguous masks and published example predictions."""
+    return _require(shared_data / "nuinsseg-gt-examples")
+
+
+@pytest.fixture(scope="session")
+def cmu_svs(shared_data: Path) -> Path:
+    """A real Aperio .svs (2220 x 2967 px, 0.499 µm/px)."""
+    return _require(shared_data / "wsi" / "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def tiny_official_ckpt(tmp_path_factory) -> Path:
+    """A vit_tiny state dict built at SAM's official 1024 px geometry and saved like the official .pth files,
+    so loading it exercises the real key names and the position-table interpolation to 512 px."""
+    import torch
+
+    from nucseg.sam import build_sam
+
+    torch.manual_seed(123)
+    model = build_sam("vit_tiny", img_size=1024)
+    with torch.no_grad():  # official checkpoints have non-zero relative-position tables
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("ckpt") / "sam_vit_tiny_test.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_tiles(he_sample):
+    """Eight real tiles, four of each organ (deterministic choice)."""
+    from nucseg.data import load_dataset
+
+    tiles = load_dataset(he_sample)
+    by_organ: dict[str, list] = {}
+    for t in tiles:
+        by_organ.setdefault(t.organ, []).append(t)
+    return [t for organ in sorted(by_organ) for t in by_organ[organ][:4]]

@@ -1,0 +1,107 @@
+"""Cross-validation files and resume; the CLI's exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucseg.demo import make_demo_dataset
+from nucseg_cli.main import main
+
+TINY = ["--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--points-per-side", "8"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", tiles_per_organ=3, size=128)
+
+
+def test_cv_writes_every_file_and_resumes(demo, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert main(["-q", "cv", "--data", str(demo), "--out", str(out), "--folds", "2", "--zero-shot", *TINY]) == 0
+    for f in (1, 2):
+        d = out / f"fold_{f}"
+        for name in ("metrics.json", "zero_shot_metrics.json", "train/curves.png", "train/history.json",
+                     "train/adapter/nucseg.json", "train/adapter/adapter.safetensors"):
+            assert (d / name).is_file(), name
+        assert len(list((d / "overlays").glob("*.png"))) == 3
+        meta = json.loads((d / "train/adapter/nucseg.json").read_text())
+        assert meta["cv"]["fold"] == f and set(meta["metrics"]) >= {"dice", "aji", "pq"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["folds_total"] == 2 and len(summary["folds"]) == 2
+    for m in ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95"):
+        vals = [f["mean"][m] for f in summary["folds"]]
+        assert set(summary["fine_tuned"][m]) == {"mean", "std"}
+        if all(v is not None and np.isfinite(v) for v in vals):
+            assert summary["fine_tuned"][m]["mean"] == pytest.approx(np.mean(vals))
+    assert "| fine-tuned |" in (out / "summary.md").read_text() and "| zero-shot |" in (out / "summary.md").read_text()
+    # a rerun skips finished folds: nothing is retrained or rewritten
+    stamp = (out / "fold_1/metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["-q", "cv", "--data", str(demo), "--out", str(out), "--folds", "2", "--zero-shot", *TINY]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert (out / "fold_1/metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_eval_json_on_real_nuinsseg_examples(nuinsseg_gt, capsys):
+    assert main(["eval", "--gt", str(nuinsseg_gt), "--pred", str(nuinsseg_gt / "predictions"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"per_image", "mean"} and set(out["per_image"]) == {"human_bladder_01", "human_bladder_02"}
+    assert set(out["mean"]) >= {"dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95"}
+    from nucseg.io import read_label_map
+    from nucseg.metrics import score_image
+
+    gt = read_label_map(nuinsseg_gt / "label masks modify" / "human_bladder_01.tif")
+    pred = read_label_map(nuinsseg_gt / "predictions" / "human_bladder_01.npy")
+    amb = read_label_map(nuinsseg_gt / "vague areas" / "mask binary" / "human_bladder_01.png") > 0
+    direct = score_image(gt, pred, amb)  # the vague mask was found automatically from the NuInsSeg layout
+    assert out["per_image"]["human_bladder_01"]["pq"] == pytest.approx(direct["pq"])
+    assert direct["n_gt"] < len(np.unique(gt)) - 1  # and it did remove ambiguous nuclei
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["train", "--data", "/nonexistent/x", "--out", "{tmp}/o", "--model", "vit_tiny"], 2, "dataset folder not found"),
+    (["train", "--data", "{missing_label}", "--out", "{tmp}/o", "--model", "vit_tiny"], 3, "missing label file"),
+    (["train", "--data", "{demo}", "--out", "{tmp}/o", "--model", "vit_tiny", "--checkpoint", "{junk}"], 4,
+     "cannot read checkpoint"),
+    (["eval", "--gt", "{demo}", "--pred", "{tmp}"], 3, "no prediction"),
+    (["segment", "{tmp}/none.png", "-o", "{tmp}/s", "--model", "vit_tiny"], 2, "input not found"),
+    (["weights", "fetch", "vit_b", "--dest", "{tmp}/w"], 1, "--checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_code(args, code, needle, demo, tmp_path, capsys, monkeypatch):
+    import nucseg.weights as w
+
+    def offline(*a, **k):  # this workplace has no internet anyway; never try
+        raise OSError("network unreachable")
+
+    bad = tmp_path / "bad"
+    (bad / "organ" / "tissue images").mkdir(parents=True)
+    (bad / "organ" / "label masks modify").mkdir()
+    (bad / "organ" / "tissue images" / "a.png").write_bytes((demo / "demo organ a" / "tissue images" /
+                                                            "demo_organ_a_01.png").read_bytes())
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00" * 100)
+    fill = {"tmp": str(tmp_path), "demo": str(demo), "missing_label": str(bad), "junk": str(junk)}
+    argv = [a.format(**fill) for a in args]
+    if argv[0] == "weights":
+        monkeypatch.setattr(w, "fetch", lambda name, dest, progress=None, _f=w.fetch: _f(name, dest, progress,
+                                                                                         url_opener=offline))
+    rc = main(["-q", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code, err
+    assert err[-1].startswith("nucseg: error: ") and needle in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("nucseg")
+    r = subprocess.run([str(exe), "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"nucseg: error: dataset folder not found: {tmp_path / 'none'}"]
