@@ -1,0 +1,393 @@
+"""Whole-slide prediction: slide -> tissue tiles -> any TileSegmenter -> seam-correct stitch -> outputs.
+
+Memory stays flat in slide size: tiles go through the model ``batch_size`` at a time, per-tile predictions
+live in the zarr cache (which is also what makes reruns resume), and the outputs are streamed one nucleus
+(GeoJSON/CSV/preview) or one chunk (OME-Zarr labels) at a time. The only per-slide state in memory is a few
+integers per kept nucleus (for the label image) and a low-resolution overview.
+
+Target resolution: ``config.target_mpp`` if given, else the segmenter's training µm/px (``segmenter.mpp``),
+else the slide's own µm/px.
+
+Tissue selection only drops tiles with no (1-pixel-dilated, low-resolution) tissue anywhere in them; tile
+ownership is defined on the full grid, so a dropped tile can only lose nuclei lying outside detected tissue.
+Resume: reruns with the same ``work_dir`` reuse read tiles and finished predictions; segmenters should expose
+a ``fingerprint`` (str or callable) that changes with their weights/settings, else predictions are redone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import InputError, NucsegError, OutputError
+from .export import CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, write_ome_zarr_labels
+from .io import write_json
+from .segmenter import TileSegmenter
+from .slide import TargetView, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp, write_tissue_preview
+from .stitch import StitchedLabels, Stitcher
+from .tiling import TileCache, cache_dir_name, cache_key, make_grid, read_tiles_parallel, select_tissue_tiles
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+TISSUE_DETECTOR_VERSION = 1
+PREVIEW_MAX_SIDE = 2000
+
+
+@dataclass
+class PredictConfig:
+    """Settings of one whole-slide run (the CLI maps its options onto these fields).
+
+    target_mpp: µm/px to segment at (None: the segmenter's ``mpp``, else the slide's).
+    slide_mpp: override for slides whose metadata lacks µm/px (``--slide-mpp``).
+    tile_size: must match the segmenter's (None: take the segmenter's).
+    overlap: target pixels shared by neighbouring tiles; must exceed the largest nucleus diameter.
+    batch_size: tiles per segmenter call (and per parallel read).
+    tissue_mask: only segment tiles that intersect detected tissue.
+    work_dir: where the zarr resume cache lives (None: a temporary folder, removed afterwards).
+    csv / labels / preview / tissue_preview: optional extra outputs (None = not written).
+    model_fingerprint: identity of the model for the cache (None: ``segmenter.fingerprint`` if present).
+    """
+
+    target_mpp: float | None = None
+    slide_mpp: float | None = None
+    tile_size: int | None = None
+    overlap: int = 64
+    batch_size: int = 8
+    tissue_mask: bool = True
+    tissue_mpp: float = 8.0
+    work_dir: str | os.PathLike | None = None
+    cache_tiles: bool = True
+    read_workers: int = 4
+    csv: str | os.PathLike | None = None
+    labels: str | os.PathLike | None = None
+    preview: str | os.PathLike | None = None
+    tissue_preview: str | os.PathLike | None = None
+    model_fingerprint: str | None = None
+    simplify_tolerance: float = 0.25
+    label_chunk: int = 1024
+
+
+@dataclass
+class SlideSummary:
+    """What one slide run produced; ``to_dict`` is what the CLI prints and predict_slides stores.
+
+    tiles: tiles in the full grid; tissue_tiles: those segmented (all of them when tissue_mask is off, and
+    then tissue_area_mm2 is the whole slide's area). read_tiles / predicted_tiles: work done in *this* run
+    (0 when everything came from the resume cache). skipped: predict_slides found complete outputs.
+    """
+
+    slide: str
+    nuclei: int
+    tiles: int
+    tissue_tiles: int
+    tissue_area_mm2: float
+    seconds: float
+    output: str = ""
+    slide_mpp: float = float("nan")
+    target_mpp: float = float("nan")
+    read_tiles: int = 0
+    predicted_tiles: int = 0
+    skipped: bool = False
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def model_fingerprint(segmenter: TileSegmenter, override: str | None = None) -> str:
+    """The cache identity of a segmenter; without one, predictions are never reused (safe, not fast)."""
+    if override:
+        return str(override)
+    fp = getattr(segmenter, "fingerprint", None)
+    if callable(fp):
+        fp = fp()
+    if fp:
+        return str(fp)
+    return f"volatile:{type(segmenter).__qualname__}:{uuid.uuid4()}"
+
+
+def predict_slide(
+    slide_path: str | os.PathLike,
+    out_geojson: str | os.PathLike,
+    segmenter: TileSegmenter,
+    config: PredictConfig | None = None,
+    progress: Progress | None = None,
+) -> SlideSummary:
+    """Segment every nucleus of one slide and write ``out_geojson`` (``.geojson`` or ``.geojson.gz``).
+
+    Raises InputError (bad path/arguments), SlideError (unreadable slide, missing µm/px), OutputError
+    (unwritable output); a no-tissue slide writes an empty FeatureCollection and warns.
+    """
+    t0 = time.perf_counter()
+    cfg = config or PredictConfig()
+    slide_path = Path(slide_path)
+    out_geojson = Path(out_geojson)
+    tile_size = int(cfg.tile_size or segmenter.tile_size)
+    if tile_size != int(segmenter.tile_size):
+        raise InputError(f"tile size {tile_size} does not match the model's ({segmenter.tile_size})")
+    if cfg.batch_size < 1:
+        raise InputError(f"batch size must be >= 1, not {cfg.batch_size}")
+    if not 0 <= cfg.overlap < tile_size // 2:
+        raise InputError(f"overlap must be in [0, {tile_size // 2}) for tile size {tile_size}, not {cfg.overlap}")
+    outputs = [p for p in (out_geojson, cfg.csv, cfg.labels, cfg.preview, cfg.tissue_preview) if p is not None]
+    for p in outputs:
+        check_writable(p)
+
+    slide = open_slide(slide_path)
+    notes: list[str] = []
+    try:
+        mpp0 = slide_mpp(slide, cfg.slide_mpp, slide_path)
+        target = cfg.target_mpp or getattr(segmenter, "mpp", None) or mpp0
+        if not (target > 0 and math.isfinite(target)):
+            raise InputError(f"target µm/px must be a positive number, not {target}")
+        view = TargetView.create(slide, slide_path, mpp0, float(target))
+        grid = make_grid(view.width, view.height, tile_size, cfg.overlap)
+
+        tissue = None
+        if cfg.tissue_mask or cfg.tissue_preview:
+            tissue = detect_tissue(slide, slide_path, mpp0, cfg.tissue_mpp)
+        if cfg.tissue_mask and tissue is not None:
+            selected = select_tissue_tiles(grid, tissue.mask, tissue.mpp / view.target_mpp)
+            tissue_area = tissue.area_mm2
+        else:
+            selected = select_tissue_tiles(grid, None, 1.0)
+            tissue_area = view.width * view.height * (view.target_mpp / 1000.0) ** 2
+        if len(selected) == 0:
+            msg = f"no tissue found in {slide_path}; writing an empty FeatureCollection"
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
+            notes.append(msg)
+        if cfg.tissue_preview and tissue is not None:
+            boxes = _tile_boxes(grid, selected, view.target_mpp / tissue.mpp)
+            write_tissue_preview(cfg.tissue_preview, tissue, boxes)
+
+        identity = slide_identity(slide, slide_path)
+        key, digest = cache_key(
+            slide=identity, target_mpp=view.target_mpp, level=view.level, factor=view.factor,
+            width=view.width, height=view.height, tile_size=tile_size, overlap=cfg.overlap,
+            tissue_mask=bool(cfg.tissue_mask), tissue_mpp=float(cfg.tissue_mpp), tissue_version=TISSUE_DETECTOR_VERSION,
+        )
+        model = model_fingerprint(segmenter, cfg.model_fingerprint)
+        with _work_dir(cfg.work_dir) as work:
+            cache = TileCache(work / cache_dir_name(slide_path, digest), key, grid.origin(selected), tile_size,
+                              model, max_instances=tile_size * tile_size // 16)
+            read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress)
+            nuclei = _stitch_and_export(cache, grid, selected, view, out_geojson, cfg, identity, slide, slide_path, mpp0)
+    finally:
+        slide.close()
+    return SlideSummary(
+        slide=str(slide_path), nuclei=nuclei, tiles=grid.n, tissue_tiles=int(len(selected)),
+        tissue_area_mm2=float(tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
+        slide_mpp=mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n, warnings=notes,
+    )
+
+
+def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter, cfg: PredictConfig,
+                   progress: Progress | None) -> tuple[int, int]:
+    """Predict every tile not done yet, batch by batch, reading the next batch while the model runs."""
+    T = cache.tile_size
+    todo = np.flatnonzero(~cache.pred_done)
+    total = cache.n
+    done = total - len(todo)
+    if progress is not None:
+        progress(done, total)
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    read_n = 0
+
+    def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        have = cache.tiles_done[idx]
+        tiles = np.empty((len(idx), T, T, 3), dtype=np.uint8)
+        for j in np.flatnonzero(have):
+            tiles[j] = cache.get_tile(int(idx[j]))
+        fresh = np.flatnonzero(~have)
+        if len(fresh):
+            tiles[fresh] = read_tiles_parallel(view, cache.coords[idx[fresh]], T, cfg.read_workers)
+        return tiles, idx[fresh]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool:
+        future = pool.submit(load, batches[0]) if batches else None
+        for b, idx in enumerate(batches):
+            tiles, fresh = future.result()
+            future = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
+            if cfg.cache_tiles and len(fresh):
+                pos = np.searchsorted(idx, fresh)
+                cache.put_tiles(fresh, tiles[pos])
+            read_n += len(fresh)
+            result = segmenter(tiles)
+            labels = np.asarray(result.labels)
+            if labels.shape != (len(idx), T, T) or len(result.scores) != len(idx):
+                raise ValueError(f"segmenter returned labels {labels.shape} and {len(result.scores)} score arrays "
+                                 f"for a batch of {len(idx)} tiles of {T} px")
+            cache.put_predictions(idx, labels, result.scores)
+            done += len(idx)
+            if progress is not None:
+                progress(done, total)
+    return read_n, len(todo)
+
+
+def _stitch_and_export(cache: TileCache, grid, selected: np.ndarray, view: TargetView, out_geojson: Path,
+                       cfg: PredictConfig, identity: str, slide, slide_path: Path, mpp0: float) -> int:
+    """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer."""
+    stitcher = Stitcher(grid, selected)
+    scale = view.scale
+    area_um2_per_px = view.target_mpp**2
+    with contextlib.ExitStack() as stack:
+        writers: list = [stack.enter_context(GeoJSONWriter(out_geojson, slide_key=identity))]
+        if cfg.csv:
+            writers.append(stack.enter_context(CSVWriter(cfg.csv)))
+        if cfg.preview:
+            W0, H0 = slide.level_dimensions[0]
+            preview_mpp = max(mpp0, max(W0, H0) * mpp0 / PREVIEW_MAX_SIDE)
+            overview, ov_mpp = read_overview(slide, slide_path, mpp0, preview_mpp)
+            writers.append(stack.enter_context(PreviewWriter(cfg.preview, overview, ov_mpp / mpp0)))
+        for ci in range(cache.n):
+            labels, scores = cache.get_prediction(ci)
+            kept = stitcher.add(ci, labels, scores)
+            if not len(kept):
+                continue
+            x0, y0 = (int(v) for v in cache.coords[ci])
+            polys = instance_polygons(labels, kept.local_ids, x0, y0, scale, cfg.simplify_tolerance)
+            for k, poly in enumerate(polys):
+                rec = NucleusRecord(
+                    id=int(kept.global_ids[k]),
+                    polygon=poly,
+                    centroid_x=(float(kept.cx[k]) + 0.5) * scale,
+                    centroid_y=(float(kept.cy[k]) + 0.5) * scale,
+                    area_um2=float(kept.area_px[k]) * area_um2_per_px,
+                    perimeter_um=float(poly.length) * mpp0,
+                    score=float(kept.scores[k]),
+                )
+                for w in writers:
+                    w.write(rec)
+    if cfg.labels:
+        stitched = StitchedLabels(grid, selected, stitcher.kept, lambda ci: cache.get_prediction(ci)[0])
+        write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
+                              level0_scale=scale, chunk=cfg.label_chunk)
+    return stitcher.count
+
+
+def _tile_boxes(grid, selected: np.ndarray, factor: float) -> np.ndarray:
+    xy = grid.origin(selected).astype(np.float64)
+    return np.column_stack([xy * factor, (xy + grid.tile_size) * factor]) if len(xy) else np.zeros((0, 4))
+
+
+@contextlib.contextmanager
+def _work_dir(work_dir: str | os.PathLike | None):
+    if work_dir is not None:
+        path = Path(work_dir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create work dir {path}: {err.strerror or err}") from None
+        yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="nucseg-work-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before any work if an output cannot be created (missing permission, parent is a file...)."""
+    path = Path(path)
+    if path.is_dir() and path.suffix.lower() not in (".zarr",):
+        raise OutputError(f"output {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".nucseg-probe-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+# -------------------------------------------------------------------------------------------- many slides
+def slide_outputs(slide: str | os.PathLike, out_dir: Path, gz: bool = False, csv: bool = False,
+                  labels: bool = False, preview: bool = False) -> dict[str, Path]:
+    """The per-slide output paths predict_slides uses (``<out_dir>/<slide stem>.*``)."""
+    stem = Path(slide).stem
+    paths = {"geojson": out_dir / f"{stem}.geojson{'.gz' if gz else ''}", "summary": out_dir / f"{stem}.summary.json"}
+    if csv:
+        paths["csv"] = out_dir / f"{stem}.csv"
+    if labels:
+        paths["labels"] = out_dir / f"{stem}.labels.zarr"
+    if preview:
+        paths["preview"] = out_dir / f"{stem}.preview.png"
+    return paths
+
+
+def predict_slides(
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    segmenter: TileSegmenter,
+    config: PredictConfig | None = None,
+    progress: Progress | None = None,
+    *,
+    gz: bool = False,
+    csv: bool = False,
+    labels: bool = False,
+    preview: bool = False,
+    overwrite: bool = False,
+    stop_on_error: bool = False,
+) -> list[SlideSummary]:
+    """Run :func:`predict_slide` on many slides, one ``<stem>.geojson`` (and extras) per slide in ``out_dir``.
+
+    A slide whose outputs and ``<stem>.summary.json`` all exist is skipped (every output is written
+    atomically and the summary last, so existence means complete); ``overwrite`` redoes it. A slide that
+    fails with a user-facing error is recorded in its summary and the batch goes on (unless
+    ``stop_on_error``); bugs still raise.
+    """
+    cfg = config or PredictConfig()
+    out = Path(out_dir)
+    stems = [Path(p).stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise InputError(f"slides share output names in {out}: {', '.join(dup)} (rename or run separately)")
+    summaries: list[SlideSummary] = []
+    for p in paths:
+        outs = slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview)
+        if not overwrite and all(q.exists() for q in outs.values()):
+            try:
+                done = json.loads(outs["summary"].read_text())
+                if done.get("error") is None:
+                    fields = {f.name for f in dataclasses.fields(SlideSummary)}
+                    s = SlideSummary(**{k: v for k, v in done.items() if k in fields})
+                    s.skipped = True
+                    summaries.append(s)
+                    continue
+            except (ValueError, TypeError, OSError):
+                pass  # unreadable summary: redo the slide
+        slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"))
+        t0 = time.perf_counter()
+        try:
+            summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)
+        except NucsegError as err:
+            if stop_on_error:
+                raise
+            log.error("%s", err)
+            summary = SlideSummary(slide=str(p), nuclei=0, tiles=0, tissue_tiles=0, tissue_area_mm2=float("nan"),
+                                   seconds=time.perf_counter() - t0, error=str(err))
+            summaries.append(summary)
+            continue
+        write_json(outs["summary"], summary.to_dict())
+        summaries.append(summary)
+    return summaries

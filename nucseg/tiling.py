@@ -1,0 +1,272 @@
+"""The tile grid at target resolution, tissue-tile selection, and the zarr resume cache.
+
+Grid: tiles of ``tile_size`` start every ``stride = tile_size - overlap`` target pixels from (0, 0); the last
+row/column reaches past the slide edge and is padded white. The overlap must exceed the largest nucleus so
+that every nucleus lies whole in the tile that owns its centroid (see :mod:`nucseg.stitch`).
+
+Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings, under ``work_dir``)::
+
+    <stem>-<key16>.zarr/            attrs: key (the JSON the name hashes), slide path
+      coords       (n, 2) int64     tile origins (x, y) in target pixels, in processing order
+      tiles        (n, T, T, 3) u8  RGB tiles, chunk = one tile
+      tiles_done   (n,) bool        tile i was read and written completely
+      pred/<model16>/               attrs: model (the fingerprint string)
+        labels     (n, T, T) int32  raw per-tile instance labels, chunk = one tile
+        scores     (n, K) float32   scores[i, k-1] = score of label k (NaN past n_inst[i])
+        n_inst     (n,) int32
+        done       (n,) bool        prediction i was written completely
+
+Flags are written by the main thread only and after the data they describe (zarr's local store writes
+each chunk atomically), so a killed run leaves at worst un-flagged work that is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Regular overlapping tiles covering a ``width`` x ``height`` (target pixels) slide."""
+
+    width: int
+    height: int
+    tile_size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.tile_size <= 0:
+            raise ValueError(f"tile_size must be positive, not {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"overlap must be in [0, tile_size), not {self.overlap}")
+
+    @property
+    def stride(self) -> int:
+        return self.tile_size - self.overlap
+
+    @property
+    def nx(self) -> int:
+        return _n_tiles(self.width, self.tile_size, self.stride)
+
+    @property
+    def ny(self) -> int:
+        return _n_tiles(self.height, self.tile_size, self.stride)
+
+    @property
+    def n(self) -> int:
+        return self.nx * self.ny
+
+    def origin(self, index: np.ndarray | int) -> np.ndarray:
+        """(x, y) target-pixel origins of full-grid tile indices (row-major: index = iy * nx + ix)."""
+        index = np.asarray(index, dtype=np.int64)
+        return np.stack([(index % self.nx) * self.stride, (index // self.nx) * self.stride], axis=-1)
+
+    def owned(self, ix: int, iy: int) -> tuple[int, int, int, int]:
+        """Half-open owned box (x_lo, x_hi, y_lo, y_hi): the tile minus half the overlap toward each neighbour.
+
+        The boxes of all grid tiles partition the plane's slide area exactly (edges extend to infinity).
+        """
+        half = self.overlap // 2
+        s = self.stride
+        x_lo = ix * s + half if ix > 0 else -(2**40)
+        x_hi = (ix + 1) * s + half if ix < self.nx - 1 else 2**40
+        y_lo = iy * s + half if iy > 0 else -(2**40)
+        y_hi = (iy + 1) * s + half if iy < self.ny - 1 else 2**40
+        return x_lo, x_hi, y_lo, y_hi
+
+    def interior_sides(self, ix: int, iy: int) -> tuple[bool, bool, bool, bool]:
+        """(top, bottom, left, right): True where another tile lies beyond that side (not a slide border)."""
+        return iy > 0, iy < self.ny - 1, ix > 0, ix < self.nx - 1
+
+    def tiles_overlapping(self, x0: int, x1: int, y0: int, y1: int) -> np.ndarray:
+        """Full-grid indices of tiles intersecting the target box [x0, x1) x [y0, y1), row-major order."""
+        ix = _axis_range(x0, x1, self.tile_size, self.stride, self.nx)
+        iy = _axis_range(y0, y1, self.tile_size, self.stride, self.ny)
+        return (iy[:, None] * self.nx + ix[None, :]).ravel()
+
+
+def _n_tiles(extent: int, tile: int, stride: int) -> int:
+    if extent <= tile:
+        return 1
+    return int(math.ceil((extent - tile) / stride)) + 1
+
+
+def _axis_range(a0: int, a1: int, tile: int, stride: int, n: int) -> np.ndarray:
+    lo = max(0, -(-(a0 - tile + 1) // stride))  # first k with k*stride + tile > a0
+    hi = min(n - 1, (a1 - 1) // stride)  # last k with k*stride < a1
+    return np.arange(lo, hi + 1, dtype=np.int64) if hi >= lo else np.zeros(0, np.int64)
+
+
+def make_grid(width: int, height: int, tile_size: int = 512, overlap: int = 64) -> TileGrid:
+    return TileGrid(int(width), int(height), int(tile_size), int(overlap))
+
+
+def select_tissue_tiles(grid: TileGrid, mask: np.ndarray | None, mask_px: float) -> np.ndarray:
+    """Full-grid indices of tiles whose box intersects tissue, row-major.
+
+    mask: boolean tissue mask (or None = keep all); mask_px: target pixels per mask pixel. The mask is
+    dilated by one pixel so that nuclei on the tissue border are not lost to the coarse resolution. Counting
+    uses an integral image, so it is one array operation for all tiles.
+    """
+    if mask is None:
+        return np.arange(grid.n, dtype=np.int64)
+    from scipy import ndimage as ndi
+
+    m = ndi.binary_dilation(mask, iterations=1)
+    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = m.cumsum(0).cumsum(1)
+    idx = np.arange(grid.n, dtype=np.int64)
+    xy = grid.origin(idx).astype(np.float64)
+    x0 = np.clip(np.floor(xy[:, 0] / mask_px), 0, m.shape[1]).astype(np.int64)
+    y0 = np.clip(np.floor(xy[:, 1] / mask_px), 0, m.shape[0]).astype(np.int64)
+    x1 = np.clip(np.ceil((xy[:, 0] + grid.tile_size) / mask_px), 0, m.shape[1]).astype(np.int64)
+    y1 = np.clip(np.ceil((xy[:, 1] + grid.tile_size) / mask_px), 0, m.shape[0]).astype(np.int64)
+    count = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return idx[count > 0]
+
+
+def cache_key(**fields) -> tuple[dict, str]:
+    """The JSON-able key and its 16-hex-digit hash (stable: sorted keys, floats rounded)."""
+    norm = {k: (round(v, 9) if isinstance(v, float) else v) for k, v in fields.items()}
+    norm["cache_version"] = CACHE_VERSION
+    digest = hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()[:16]
+    return norm, digest
+
+
+class TileCache:
+    """Tiles and per-tile predictions of one slide in a zarr v3 group (see module docstring for layout)."""
+
+    def __init__(self, root: Path, key: dict, coords: np.ndarray, tile_size: int, model: str, max_instances: int):
+        import zarr
+
+        self.root = Path(root)
+        self.tile_size = int(tile_size)
+        self.max_instances = int(max_instances)
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        n = len(coords)
+        group = None
+        if self.root.exists():
+            try:
+                group = zarr.open_group(str(self.root), mode="r+")
+                same = group.attrs.get("key") == key and np.array_equal(group["coords"][:], coords)
+                if not same:
+                    group = None
+            except Exception:  # unreadable or foreign store: rebuild rather than trust it
+                group = None
+            if group is None:
+                shutil.rmtree(self.root, ignore_errors=True)
+        if group is None:
+            group = zarr.open_group(str(self.root), mode="w")
+            group.attrs["key"] = key
+            group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
+            if n:
+                group["coords"][:] = coords
+            T = self.tile_size
+            group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255)
+            group.create_array("tiles_done", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=False)
+        self.group = group
+        self.n = n
+        self.coords = coords
+        self.tiles = group["tiles"]
+        self._tiles_done = np.asarray(group["tiles_done"][:], dtype=bool)
+        self.pred = self._open_pred(model)
+
+    def _open_pred(self, model: str):
+        import zarr  # noqa: F401
+
+        # Segmenters without a fingerprint get a fresh "volatile" group each run: never reused, never piling up.
+        name = "volatile" if model.startswith("volatile:") else hashlib.sha256(model.encode()).hexdigest()[:16]
+        path = f"pred/{name}"
+        T, n, K = self.tile_size, self.n, self.max_instances
+        try:
+            pred = self.group[path]
+            if pred.attrs.get("model") != model or pred["scores"].shape != (n, K):
+                raise KeyError(path)
+        except KeyError:
+            pred = self.group.create_group(path, overwrite=True)
+            pred.attrs["model"] = model
+            pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0)
+            pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan)
+            pred.create_array("n_inst", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0)
+            pred.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=False)
+        self._pred_done = np.asarray(pred["done"][:], dtype=bool)
+        self._n_inst = np.asarray(pred["n_inst"][:], dtype=np.int32)
+        return pred
+
+    # ---- tiles -------------------------------------------------------------------------------------------
+    @property
+    def tiles_done(self) -> np.ndarray:
+        return self._tiles_done.copy()
+
+    def get_tile(self, i: int) -> np.ndarray:
+        return np.asarray(self.tiles[int(i)])
+
+    def put_tiles(self, indices: np.ndarray, tiles: np.ndarray) -> None:
+        """Write tiles, then mark them done (flag after data: a crash leaves them merely un-flagged)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return
+        for i, tile in zip(indices, tiles):
+            self.tiles[int(i)] = tile
+        self._tiles_done[indices] = True
+        self.group["tiles_done"][:] = self._tiles_done
+
+    # ---- predictions -------------------------------------------------------------------------------------
+    @property
+    def pred_done(self) -> np.ndarray:
+        return self._pred_done.copy()
+
+    def put_predictions(self, indices: np.ndarray, labels: np.ndarray, scores: list[np.ndarray]) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return
+        K = self.max_instances
+        for j, i in enumerate(indices):
+            sc = np.asarray(scores[j], dtype=np.float32).ravel()
+            n_inst = int(labels[j].max()) if labels[j].size else 0
+            if n_inst > K:
+                raise ValueError(f"tile {int(i)} has {n_inst} instances, more than the cache holds ({K})")
+            if len(sc) < n_inst:
+                raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst} instances in a tile")
+            row = np.full(K, np.nan, dtype=np.float32)
+            row[:n_inst] = sc[:n_inst]
+            self.pred["labels"][int(i)] = labels[j].astype(np.int32, copy=False)
+            self.pred["scores"][int(i)] = row
+            self._n_inst[i] = n_inst
+        self.pred["n_inst"][:] = self._n_inst
+        self._pred_done[indices] = True
+        self.pred["done"][:] = self._pred_done
+
+    def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i."""
+        n_inst = int(self._n_inst[i])
+        labels = np.asarray(self.pred["labels"][int(i)])
+        scores = np.asarray(self.pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
+        return labels, scores
+
+
+def cache_dir_name(slide_path: Path, digest: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem)[:60] or "slide"
+    return f"{stem}-{digest}.zarr"
+
+
+def read_tiles_parallel(view, coords: np.ndarray, tile_size: int, workers: int) -> np.ndarray:
+    """Read tiles (n, T, T, 3) from the slide with dask's threaded scheduler (OpenSlide reads are thread-safe)."""
+    import dask
+
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if not len(coords):
+        return np.zeros((0, tile_size, tile_size, 3), np.uint8)
+    tasks = [dask.delayed(view.read)(int(x), int(y), tile_size) for x, y in coords]
+    out = dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))
+    return np.stack(out)

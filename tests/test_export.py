@@ -1,0 +1,204 @@
+"""Outputs on the real Aperio slide: QuPath GeoJSON, CSV, preview, OME-Zarr labels; polygon fidelity."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import uuid
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+from scipy import ndimage as ndi
+from skimage.draw import polygon as draw_polygon
+from skimage.io import imread
+
+from nucseg.classical import ThresholdSegmenter
+from nucseg.export import GeoJSONWriter, NucleusRecord, instance_polygons
+from nucseg.predict import PredictConfig, predict_slide
+from nucseg.synthslide import make_synthetic_slide
+
+W0, H0 = 2220, 2967
+
+
+@pytest.fixture(scope="module")
+def cmu_run(cmu_svs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmu")
+    cfg = PredictConfig(work_dir=d / "work", csv=d / "cmu.csv", labels=d / "cmu.labels.zarr", preview=d / "cmu.png")
+    summary = predict_slide(cmu_svs, d / "cmu.geojson", ThresholdSegmenter(), cfg)
+    fc = json.loads((d / "cmu.geojson").read_text(encoding="utf-8"))
+    labels = np.asarray(zarr.open_group(str(d / "cmu.labels.zarr"), mode="r")["0"][:])
+    return d, summary, fc, labels
+
+
+def test_geojson_is_valid_qupath_detections_on_the_slide(cmu_run):
+    _, summary, fc, _ = cmu_run
+    assert fc["type"] == "FeatureCollection"
+    feats = fc["features"]
+    assert len(feats) == summary.nuclei > 500  # a real H&E region has thousands of nuclei
+    assert summary.tissue_tiles <= summary.tiles and summary.tissue_area_mm2 > 0.2
+    for f in feats:
+        assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+        uuid.UUID(f["id"])  # QuPath >= 0.4 keeps UUID ids as object ids
+        ring = f["geometry"]["coordinates"][0]
+        assert len(ring) >= 4 and ring[0] == ring[-1]  # closed
+        geom = shapely.geometry.shape(f["geometry"])
+        assert geom.is_valid and geom.area > 0
+        x0, y0, x1, y1 = geom.bounds
+        assert 0 <= x0 and 0 <= y0 and x1 <= W0 and y1 <= H0  # level-0 pixels, on the slide
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == "Nucleus" and len(props["classification"]["color"]) == 3
+        meas = {m["name"]: m["value"] for m in props["measurements"]}
+        assert set(meas) == {"Area µm^2", "Perimeter µm", "Score"}
+        assert meas["Area µm^2"] > 0 and meas["Perimeter µm"] > 0 and 0 <= meas["Score"] <= 1
+    assert len({f["id"] for f in feats}) == len(feats)
+
+
+def _raster_iou(ring: np.ndarray, labels: np.ndarray, gid: int, scale: float = 1.0) -> float:
+    """Rasterise a level-0 polygon at the label image's resolution (pixel centres inside) vs label == gid."""
+    c = ring[:, 0] / scale - 0.5
+    r = ring[:, 1] / scale - 0.5
+    H, W = labels.shape
+    r0, c0 = max(int(np.floor(r.min())) - 1, 0), max(int(np.floor(c.min())) - 1, 0)
+    r1, c1 = min(int(np.ceil(r.max())) + 2, H), min(int(np.ceil(c.max())) + 2, W)
+    rr, cc = draw_polygon(r - r0, c - c0, shape=(r1 - r0, c1 - c0))
+    mask = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+    mask[rr, cc] = True
+    inst = labels[r0:r1, c0:c1] == gid
+    return float((mask & inst).sum() / (mask | inst).sum())
+
+
+def test_polygons_cover_their_stitched_pixels(cmu_run):
+    _, summary, fc, labels = cmu_run
+    ious = np.array([_raster_iou(np.asarray(f["geometry"]["coordinates"][0]), labels, f["properties"]["nucleusId"])
+                     for f in fc["features"]])
+    assert ious.min() >= 0.9, f"{(ious < 0.9).sum()} polygons do not match their pixels"
+
+
+def test_ome_zarr_labels_are_the_stitched_ids(cmu_run):
+    d, summary, fc, labels = cmu_run
+    root = d / "cmu.labels.zarr"
+    zattrs = json.loads((root / ".zattrs").read_text())
+    assert json.loads((root / ".zgroup").read_text())["zarr_format"] == 2
+    ms = zattrs["multiscales"][0]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert "image-label" in zattrs
+    scales = [ds["coordinateTransformations"][0]["scale"] for ds in ms["datasets"]]
+    assert scales[0] == pytest.approx([0.499, 0.499]) and all(
+        s[0] == pytest.approx(scales[0][0] * 2**i) for i, s in enumerate(scales))
+    assert len(ms["datasets"]) >= 2 and labels.shape == (H0, W0)
+    group = zarr.open_group(str(root), mode="r")
+    lvl1 = np.asarray(group["1"][:])
+    np.testing.assert_array_equal(lvl1, labels[::2, ::2])
+    # level 0 holds exactly the exported nuclei, each with the area its Feature reports
+    ids = np.array([f["properties"]["nucleusId"] for f in fc["features"]])
+    present = np.unique(labels[labels > 0])
+    np.testing.assert_array_equal(np.sort(ids), present)
+    counts = np.bincount(labels.ravel())
+    for f in fc["features"][::25]:
+        area = {m["name"]: m["value"] for m in f["properties"]["measurements"]}["Area µm^2"]
+        assert counts[f["properties"]["nucleusId"]] * 0.499**2 == pytest.approx(area, abs=1e-3)
+    # every nucleus is one 8-connected region
+    objs = ndi.find_objects(labels)
+    for gid in ids[::50]:
+        sl = objs[gid - 1]
+        assert ndi.label(labels[sl] == gid, structure=np.ones((3, 3)))[1] == 1
+
+
+def test_csv_matches_features(cmu_run):
+    d, summary, fc, labels = cmu_run
+    with open(d / "cmu.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(fc["features"])
+    assert list(rows[0]) == ["id", "centroid_x", "centroid_y", "area_um2", "perimeter_um", "score"]
+    by_id = {f["properties"]["nucleusId"]: f for f in fc["features"]}
+    objs = ndi.find_objects(labels)
+    for row in rows[::10]:
+        f = by_id[int(row["id"])]
+        gid = int(row["id"])
+        sl = objs[gid - 1]
+        cy, cx = np.add(ndi.center_of_mass(labels[sl] == gid), (sl[0].start, sl[1].start))  # pixel centres
+        assert float(row["centroid_x"]) == pytest.approx(cx + 0.5, abs=0.01)  # level-0 pixel-edge coordinates
+        assert float(row["centroid_y"]) == pytest.approx(cy + 0.5, abs=0.01)
+        meas = {m["name"]: m["value"] for m in f["properties"]["measurements"]}
+        assert float(row["area_um2"]) == pytest.approx(meas["Area µm^2"], abs=1e-3)
+
+
+def test_preview_png(cmu_run):
+    d, *_ = cmu_run
+    img = imread(d / "cmu.png")
+    assert img.shape[:2] == (H0, W0)  # small slide: the preview is full resolution
+    green = (img[..., 0] == 0) & (img[..., 1] == 220) & (img[..., 2] == 0)
+    assert green.sum() > 10000  # outlines were drawn
+
+
+def test_target_mpp_one_lands_on_the_same_level0_pixels(cmu_run, cmu_svs, tmp_path):
+    """Segmenting at 1.0 µm/px on a 0.499 µm/px slide: coordinates are scaled back to level 0, so nuclei
+    found at both resolutions sit on the same slide pixels."""
+    d, _, fc_native, _ = cmu_run
+    out = tmp_path / "cmu1.geojson"
+    summary = predict_slide(cmu_svs, out, ThresholdSegmenter(min_size=6), PredictConfig(target_mpp=1.0))
+    assert summary.target_mpp == pytest.approx(1.0) and summary.slide_mpp == pytest.approx(0.499)
+    fc = json.loads(out.read_text())
+    assert len(fc["features"]) > 300
+    cents = []
+    for f in fc["features"]:
+        geom = shapely.geometry.shape(f["geometry"])
+        assert geom.is_valid
+        x0, y0, x1, y1 = geom.bounds
+        assert 0 <= x0 and 0 <= y0 and x1 <= W0 + 1e-6 and y1 <= H0 + 1e-6
+        cents.append((geom.centroid.x, geom.centroid.y))
+    native = shapely.STRtree([shapely.geometry.shape(f["geometry"]) for f in fc_native["features"]])
+    pts = shapely.points(np.asarray(cents))
+    hits = native.query(pts, predicate="within")
+    frac = len(np.unique(hits[0])) / len(pts)
+    assert frac > 0.8, f"only {frac:.0%} of 1.0 µm/px nuclei centres fall inside a native-resolution nucleus"
+
+
+# ---------------------------------------------------------------------------------------------- unit level
+def test_instance_polygons_on_awkward_shapes():
+    labels = np.zeros((40, 40), dtype=np.int32)
+    labels[5, 5] = 1  # single pixel
+    labels[10:30, 10] = 2  # one-pixel-wide line
+    for k in range(8):  # diagonal chain: 8-connected only
+        labels[20 + k, 20 + k] = 3
+    labels[2:12, 25:35] = 4
+    labels[5:8, 28:31] = 0  # ring with a hole (exported filled)
+    polys = instance_polygons(labels, np.array([1, 2, 3, 4]), x0=100, y0=200, scale=2.0)
+    for lid, poly in zip([1, 2, 3, 4], polys):
+        assert poly.is_valid and poly.geom_type == "Polygon"
+        rr, cc = np.nonzero(labels == lid)
+        centres = shapely.points((cc + 100 + 0.5) * 2.0, (rr + 200 + 0.5) * 2.0)
+        assert shapely.contains(poly, centres).all(), f"label {lid}: a pixel centre is outside its polygon"
+        assert len(poly.interiors) == 0
+
+
+def test_geojson_writer_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "x.geojson"
+    rec = NucleusRecord(1, shapely.box(0, 0, 3, 3), 1.5, 1.5, 2.25, 3.0, 0.9)
+    with pytest.raises(RuntimeError):
+        with GeoJSONWriter(out) as w:
+            w.write(rec)
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with GeoJSONWriter(out) as w:
+        w.write(rec)
+    assert len(json.loads(out.read_text())["features"]) == 1
+
+
+def test_gzip_output_is_the_same_collection(tmp_path):
+    slide = tmp_path / "s.tif"
+    make_synthetic_slide(slide, 900, 900, nuclei=150, tissue_fraction=1.0, pyramid=False, seed=4)
+    cfg = PredictConfig(work_dir=tmp_path / "work")
+    plain = predict_slide(slide, tmp_path / "a.geojson", ThresholdSegmenter(), cfg)
+    gz = predict_slide(slide, tmp_path / "a.geojson.gz", ThresholdSegmenter(), cfg)
+    assert plain.nuclei == gz.nuclei > 100
+    raw = (tmp_path / "a.geojson.gz").read_bytes()
+    assert raw[:2] == b"\x1f\x8b"
+    assert gzip.decompress(raw) == (tmp_path / "a.geojson").read_bytes()
+    # gzip header carries no timestamp: a rerun is byte-identical
+    predict_slide(slide, tmp_path / "b.geojson.gz", ThresholdSegmenter(), cfg)
+    assert (tmp_path / "b.geojson.gz").read_bytes() == raw
