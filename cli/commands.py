@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from nucseg.errors import InputError
 
+EXIT_SOME_FAILED = 9  # predict on several slides: the others finished, the failed ones are listed
+
 
 def _bar(args: argparse.Namespace, **kw) -> tqdm:
     return tqdm(disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True, **kw)
@@ -154,11 +156,14 @@ def _segmenter(args: argparse.Namespace):
         model, info = load_adapter(args.adapter, args.checkpoint)
         if args.model and args.model != info.model_type:
             raise InputError(f"--model {args.model} but adapter {args.adapter} is for {info.model_type}")
-        return SamTileSegmenter(model, _infer_cfg(args), device=pick_device(args.device), mpp=info.mpp)
+        identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
+        return SamTileSegmenter(model, _infer_cfg(args), device=pick_device(args.device), mpp=info.mpp,
+                                identity=identity)
     if not args.model:
         raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
-    model, _ = load_sam(args.model, args.checkpoint)
-    return SamTileSegmenter(model, _infer_cfg(args, multimask=True), device=pick_device(args.device))
+    model, fingerprint = load_sam(args.model, args.checkpoint)
+    return SamTileSegmenter(model, _infer_cfg(args, multimask=True), device=pick_device(args.device),
+                            identity=fingerprint)
 
 
 def segment(args: argparse.Namespace) -> int:
@@ -196,8 +201,86 @@ def segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slide_list(args: argparse.Namespace) -> list[Path]:
+    """Positional slides + --input-list, then this job's shard (--shard i/n, or the SLURM array task)."""
+    import os
+
+    slides = list(args.slides)
+    if args.input_list:
+        if not args.input_list.is_file():
+            raise InputError(f"input list not found: {args.input_list}")
+        for line in args.input_list.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                slides.append(Path(line))
+    if not slides:
+        raise InputError("no slides given (positional paths or --input-list FILE)")
+    shard = args.shard
+    if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        shard = f"{int(os.environ['SLURM_ARRAY_TASK_ID']) - first}/{os.environ['SLURM_ARRAY_TASK_COUNT']}"
+    if shard:
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
+        slides = slides[i::n]
+    return slides
+
+
 def predict(args: argparse.Namespace) -> int:
-    raise InputError("predict is not wired yet")
+    from nucseg.predict import PredictConfig, predict_slide, predict_slides
+
+    slides = _slide_list(args)
+    if not args.out:
+        raise InputError("give -o OUT.geojson (one slide) or -o FOLDER (several)")
+    if args.segmenter == "threshold":
+        from nucseg.classical import ThresholdSegmenter
+
+        seg = ThresholdSegmenter(tile_size=args.tile_size or 512, mpp=args.mpp)
+    else:
+        seg = _segmenter(args)
+    cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
+                        overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
+                        work_dir=args.work_dir)
+    bar = _bar(args, unit="tile", desc="tiles")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))
+    try:
+        if single:
+            base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json")
+            cfg.csv = Path(base + ".csv") if args.csv else None
+            cfg.preview = Path(base + ".preview.png") if args.preview else None
+            cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
+            cfg.labels = args.labels
+            summaries = [predict_slide(slides[0], args.out, seg, cfg, progress)]
+        else:
+            if args.labels:
+                raise InputError("--labels PATH is for one slide; with several, use --labels-all")
+            summaries = predict_slides(slides, args.out, seg, cfg, progress, gz=args.gz, csv=args.csv,
+                                       preview=args.preview, labels=args.labels_all)
+    finally:
+        bar.close()
+    failed = 0
+    for s in summaries:
+        d = s.to_dict()
+        if d.get("error"):
+            failed += 1
+            print(f"nucseg: error: {d['slide']}: {d['error']}", file=sys.stderr)
+            continue
+        state = "skipped (done)" if d.get("skipped") else f"{d['seconds']:.1f} s"
+        print(f"{d['slide']}: {d['nuclei']} nuclei, {d['tissue_tiles']}/{d['tiles']} tissue tiles, "
+              f"{d['tissue_area_mm2']:.2f} mm² tissue, {state} -> {d['output']}")
+    if failed:
+        print(f"nucseg: {failed} of {len(summaries)} slides failed; rerun to retry them", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
 
 
 def weights(args: argparse.Namespace) -> int:

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background included")
     p.add_argument("--tissue-preview", action="store_true", help="write <out>.tissue.png")
     p.add_argument("--labels", type=Path, help="also write an OME-Zarr label image (one slide)")
+    p.add_argument("--labels-all", action="store_true", help="several slides: an OME-Zarr label image each")
+    p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="process every N-th slide starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
     _add_model(p, model_default=None)

@@ -17,6 +17,8 @@ Everything per tile is array arithmetic; there is no Python loop over nuclei.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -89,7 +91,9 @@ class SamTileSegmenter:
     """A :class:`nucseg.segmenter.TileSegmenter` backed by a (fine-tuned) SAM."""
 
     def __init__(self, model: Sam, cfg: InferConfig | None = None, device: str | torch.device = "cpu",
-                 mpp: float | None = None):
+                 mpp: float | None = None, identity: str = ""):
+        """``identity`` names the weights (base fingerprint + adapter hash); with the settings it forms
+        ``fingerprint``, which keys the whole-slide prediction cache so that stale predictions are never reused."""
         self.cfg = (cfg or InferConfig()).validate()
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -97,6 +101,8 @@ class SamTileSegmenter:
         self.mpp = mpp
         self.grid = grid_points(self.tile_size, self.cfg.points_per_side).to(self.device)
         self.stats = {"tiles": 0, "prompts_grid": 0, "prompts_decoded": 0}
+        settings = json.dumps(self.cfg.to_dict(), sort_keys=True)
+        self.fingerprint = hashlib.sha256(f"{identity}|{self.tile_size}|{settings}".encode()).hexdigest()
 
     @property
     def autocast(self) -> bool:

@@ -19,6 +19,8 @@ import numpy as np
 from .errors import InputError, OutputError
 
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -40,6 +42,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.tmp-", suffix="".join(path.suffixes[-2:]))
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs on shared storage must be readable
     if is_dir:
         tmp.unlink()
         tmp.mkdir()

@@ -77,6 +77,7 @@ class EpochLog:
     mask_loss: float
     iou_loss: float
     fg_loss: float
+    train_iou: float  # mean IoU of the masks predicted for positive prompts (is it segmenting at all?)
     lr: float
     seconds: float
 
@@ -240,15 +241,17 @@ class Trainer:
         dev = self.device
         img, lab, amb, valid, pts, tgt, idx = (t.to(dev) for t in self._batch(tiles, rng))
         full = (lab[idx] == tgt[:, None, None]) & (tgt[:, None, None] > 0)  # (N, H, W)
-        boxes = None
+        coords, labels = pts[:, None, :], torch.ones(len(tgt), 1, dtype=torch.long, device=dev)
         if self.cfg.box_fraction > 0:
+            # SAM embeds a box as two corner points labelled 2 and 3; prompts without a box get padding
+            # points (label -1), so boxed and unboxed prompts share one decoder call.
             use = torch.from_numpy(rng.random(len(tgt)) < self.cfg.box_fraction).to(dev) & (tgt > 0)
-            boxes = torch.where(use[:, None], _boxes(full), torch.tensor([-1.0] * 4, device=dev))
-            boxes = None if not use.any() else boxes
+            corners = _boxes(full).reshape(-1, 2, 2)
+            coords = torch.cat([coords, corners], 1)
+            labels = torch.cat([labels, torch.where(use[:, None], torch.tensor([2, 3], device=dev), -1)], 1)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             emb = encode(self.model, img)
-            logits, iou_pred = decode(self.model, emb, pts[:, None, :], torch.ones_like(tgt)[:, None], idx,
-                                      boxes=boxes)
+            logits, iou_pred = decode(self.model, emb, coords, labels, idx)
             fg_logits = self.model.fg_head(emb) if self.cfg.foreground_head else None
         logits, iou_pred = logits[:, 0].float(), iou_pred[:, 0].float()
         low = logits.shape[-1]
@@ -271,10 +274,14 @@ class Trainer:
             fg_target = F.avg_pool2d((lab > 0)[:, None].float(), fg_factor)
             fg_loss = F.binary_cross_entropy_with_logits(fg_logits.float(), fg_target)
             loss = loss + self.cfg.fg_weight * fg_loss
-        return {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_loss, "fg_loss": fg_loss}
+        pos = tgt > 0
+        train_iou = real_iou[pos].mean() if pos.any() else torch.zeros((), device=dev)
+        return {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_loss, "fg_loss": fg_loss,
+                "train_iou": train_iou}
 
     def step(self, tiles: list[Tile], rng: np.random.Generator) -> dict[str, float]:
         out = self.losses(tiles, rng)
+        out = {k: v if k == "loss" else v.detach() for k, v in out.items()}
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()
@@ -290,7 +297,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed * 1000 + epoch)
             order = rng.permutation(len(self.tiles))
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "mask_loss": 0.0, "iou_loss": 0.0, "fg_loss": 0.0}
+            sums = {"loss": 0.0, "mask_loss": 0.0, "iou_loss": 0.0, "fg_loss": 0.0, "train_iou": 0.0}
             for s in range(self.steps_per_epoch):
                 batch = [self.tiles[i] for i in order[s * self.cfg.batch_size : (s + 1) * self.cfg.batch_size]]
                 out = self.step(batch, rng)
@@ -298,9 +305,9 @@ class Trainer:
                     sums[k] += out[k] / self.steps_per_epoch
                 if on_step:
                     on_step(epoch, s, self.steps_per_epoch, out["loss"])
-            self.history.append(EpochLog(epoch, sums["loss"], sums["mask_loss"], sums["iou_loss"], sums["fg_loss"],
-                                         self.scheduler.get_last_lr()[0], time.perf_counter() - t0))
-            log.info("epoch %d/%d loss %.4f", epoch + 1, self.cfg.epochs, sums["loss"])
+            self.history.append(EpochLog(epoch, **sums, lr=self.scheduler.get_last_lr()[0],
+                                         seconds=time.perf_counter() - t0))
+            log.info("epoch %d/%d loss %.4f train IoU %.3f", epoch + 1, self.cfg.epochs, sums["loss"], sums["train_iou"])
             self.save_checkpoint(epoch, fingerprint)
             plot_curves(self.history, self.out_dir / "curves.png")
         self.model.eval()
@@ -315,12 +322,16 @@ def plot_curves(history: list[EpochLog], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h.epoch + 1 for h in history]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(12, 3.2))
     for key in ("loss", "mask_loss", "iou_loss", "fg_loss"):
         ax.plot(epochs, [getattr(h, key) for h in history], marker="o", ms=3, label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
+    ax3.plot(epochs, [h.train_iou for h in history], marker="o", ms=3)
+    ax3.set_xlabel("epoch")
+    ax3.set_ylabel("train IoU (positive prompts)")
+    ax3.set_ylim(0, 1)
     ax2.plot(epochs, [h.lr for h in history])
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("learning rate")

@@ -105,3 +105,38 @@ def test_console_script_has_no_traceback(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"nucseg: error: dataset folder not found: {tmp_path / 'none'}"]
+
+
+def test_outputs_respect_umask(tmp_path):
+    from nucseg.io import atomic_path, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": float("nan")})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": None}  # strict JSON: NaN -> null
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.json"]  # nothing half-written left behind
+
+
+def test_predict_cli_on_real_svs_and_shards(cmu_svs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cmu.geojson"
+    assert main(["-q", "predict", str(cmu_svs), "-o", str(out), "--segmenter", "threshold", "--csv"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) > 1000
+    assert (tmp_path / "cmu.csv").is_file()
+    assert "nuclei" in capsys.readouterr().out
+    # shards split a list between array jobs; SLURM's variables pick the shard when --shard is absent
+    lst = tmp_path / "slides.txt"
+    lst.write_text(f"# slides\n{cmu_svs}\n{tmp_path / 'missing.svs'}\n")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    rc = main(["-q", "predict", "--input-list", str(lst), "-o", str(tmp_path / "batch"), "--segmenter", "threshold"])
+    err = capsys.readouterr().err
+    assert rc == 9 and "missing.svs" in err and not (tmp_path / "batch" / "CMU-1-Small-Region.geojson").exists()
+    assert main(["-q", "predict", str(cmu_svs), "-o", str(out), "--shard", "3/2"]) == 2
