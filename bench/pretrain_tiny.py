@@ -32,13 +32,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tile-size", type=int, default=256, help="cut tiles to this size (4x cheaper than 512)")
     ap.add_argument("--box-fraction", type=float, default=0.5, help="prompts that also get their box")
+    ap.add_argument("--no-balance-ce", action="store_true",
+                    help="plain CE; from scratch it collapses to empty masks (train IoU 0), see docs/BENCHMARKS.md")
     args = ap.parse_args()
     out = Path(args.out)
     tiles = load_dataset(args.data, tile_size=args.tile_size, drop_empty=True)
     t0 = time.time()
     res = finetune(tiles, out / "train", "vit_tiny", None, MethodConfig(method="full"),
                    TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=0,
-                                                          box_fraction=args.box_fraction))
+                                                          box_fraction=args.box_fraction,
+                                                          balance_ce=not args.no_balance_ce))
     model, _ = load_adapter(res.adapter)
     ckpt = export_merged(model, out / "sam_vit_tiny_he.pth")
     info = {"checkpoint": str(ckpt), "tiles": len(tiles), "tile_size": args.tile_size, "epochs": args.epochs,

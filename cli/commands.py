@@ -34,7 +34,8 @@ def _train_cfg(args: argparse.Namespace):
     aug = AugmentConfig(flip=False, rot90=False, stain_jitter=0, brightness=0, contrast=0, saturation=0) \
         if args.no_augment else AugmentConfig()
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       dice_weight=args.dice_weight, positive_prompts=args.prompts_per_tile,
+                       dice_weight=args.dice_weight, balance_ce=args.balance_ce,
+                       positive_prompts=args.prompts_per_tile,
                        box_fraction=args.box_fraction, seed=args.seed, device=args.device,
                        bf16=not args.no_bf16, augment=aug).validate()
 

@@ -44,6 +44,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--dice-weight", type=float, default=0.8, help="λ in CE + λ·Dice")
+    t.add_argument("--balance-ce", action="store_true",
+                   help="class-balanced CE (nucleus pixels weigh as much as background); for models trained "
+                        "from scratch, which otherwise settle on empty masks")
     t.add_argument("--prompts-per-tile", type=int, default=16, help="nuclei prompted per tile and step")
     t.add_argument("--box-fraction", type=float, default=0.0, help="share of prompts that also get their box")
     t.add_argument("--seed", type=int, default=42)

@@ -47,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     dice_weight: float = 0.8
+    balance_ce: bool = False  # weight nucleus pixels by background/nucleus ratio (helps models trained from scratch)
     iou_weight: float = 1.0
     fg_weight: float = 1.0
     positive_prompts: int = 16  # nuclei prompted per tile per step
@@ -258,7 +259,14 @@ class Trainer:
         factor = full.shape[-1] // low
         target = F.avg_pool2d(full[:, None].float(), factor)[:, 0]  # soft low-res target
         weight = 1.0 - F.avg_pool2d((amb[idx] | ~valid[idx])[:, None].float(), factor)[:, 0]
-        bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+        pix_weight = weight
+        if self.cfg.balance_ce:  # per prompt: nucleus pixels weigh as much, in total, as background pixels
+            fg = (target * weight).flatten(1).sum(1)
+            bg = ((1 - target) * weight).flatten(1).sum(1)
+            ratio = torch.where(fg > 0, bg / fg.clamp(min=1e-6), torch.ones_like(fg))[:, None, None]
+            pix_weight = weight * (1 + (ratio - 1) * target)
+        bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * pix_weight).sum() \
+            / pix_weight.sum().clamp(min=1)
         mask_loss = bce + self.cfg.dice_weight * dice_loss(logits, target, weight)
         with torch.no_grad():
             pred = logits > 0
@@ -308,8 +316,10 @@ class Trainer:
             self.history.append(EpochLog(epoch, **sums, lr=self.scheduler.get_last_lr()[0],
                                          seconds=time.perf_counter() - t0))
             log.info("epoch %d/%d loss %.4f train IoU %.3f", epoch + 1, self.cfg.epochs, sums["loss"], sums["train_iou"])
-            self.save_checkpoint(epoch, fingerprint)
+            # The checkpoint is the commit point of an epoch: what derives from it is written first, so a run
+            # killed in between redoes the epoch and rewrites both (a resumed run never replots).
             plot_curves(self.history, self.out_dir / "curves.png")
+            self.save_checkpoint(epoch, fingerprint)
         self.model.eval()
         return self.history
 

@@ -33,7 +33,7 @@ from nucseg.train import TrainConfig
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=60, help="a from-scratch decoder needs ~150 steps to start")
     ap.add_argument("--folds", type=int, default=3)
     args = ap.parse_args()
     out = args.out.resolve()
@@ -51,8 +51,9 @@ def main() -> int:
     say(f"2/4 cross-validation: vit_tiny, {args.folds} folds, {args.epochs} epochs per fold")
     tiles = load_dataset(data)
     method = MethodConfig(method="full")  # a random-init base has nothing for LoRA to adapt
-    train = TrainConfig(epochs=args.epochs, batch_size=4, lr=1e-3, box_fraction=0.5, device="cpu",
-                        augment=AugmentConfig())
+    # From scratch, plain CE settles on empty masks; class-balanced CE and boxed prompts get it going.
+    train = TrainConfig(epochs=args.epochs, batch_size=4, lr=1e-3, box_fraction=0.5, balance_ce=True,
+                        device="cpu", augment=AugmentConfig())
     infer = InferConfig(points_per_side=16)
     summary = run_cv(tiles, out / "cv", "vit_tiny", None, method, train, infer,
                      CVConfig(folds=args.folds, seed=0, zero_shot=True), mpp=0.5,
