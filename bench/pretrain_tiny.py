@@ -34,8 +34,12 @@ def main() -> None:
     ap.add_argument("--box-fraction", type=float, default=0.5, help="prompts that also get their box")
     ap.add_argument("--no-balance-ce", action="store_true",
                     help="plain CE; from scratch it collapses to empty masks (train IoU 0), see docs/BENCHMARKS.md")
+    ap.add_argument("--export-checkpoint", action="store_true",
+                    help="export the base from the last finished epoch of an interrupted run (out/train/checkpoint.pt)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.export_checkpoint:
+        return export_from_checkpoint(out, args.tile_size)
     tiles = load_dataset(args.data, tile_size=args.tile_size, drop_empty=True)
     t0 = time.time()
     res = finetune(tiles, out / "train", "vit_tiny", None, MethodConfig(method="full"),
@@ -47,6 +51,29 @@ def main() -> None:
     info = {"checkpoint": str(ckpt), "tiles": len(tiles), "tile_size": args.tile_size, "epochs": args.epochs,
             "seconds": time.time() - t0, "losses": [h.loss for h in res.history],
             "train_iou": [h.train_iou for h in res.history]}
+    (out / "pretrain.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))
+
+
+def export_from_checkpoint(out: Path, tile_size: int) -> None:
+    """The base as it was after the last finished epoch (when a run is stopped early for time)."""
+    import torch
+
+    from nucseg.lora import apply_method
+    from nucseg.sam import attach_foreground_head, load_sam
+
+    state = torch.load(out / "train" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model, _ = load_sam("vit_tiny", img_size=tile_size, seed=0)
+    apply_method(model, MethodConfig(method="full"))
+    attach_foreground_head(model)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            own[name].copy_(value)
+    ckpt = export_merged(model, out / "sam_vit_tiny_he.pth")
+    info = {"checkpoint": str(ckpt), "stopped_after_epoch": state["epoch"] + 1,
+            "losses": [h["loss"] for h in state["history"]], "train_iou": [h["train_iou"] for h in state["history"]],
+            "seconds": sum(h["seconds"] for h in state["history"])}
     (out / "pretrain.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))
 

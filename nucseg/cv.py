@@ -41,6 +41,9 @@ class CVConfig:
     group_by: str = "image"  # image | organ
     overlays_per_fold: int = 3
     zero_shot: bool = False
+    # Official SAM answers a point with 3 ambiguity masks (SAM's automatic generator uses them all); a base
+    # trained by nucseg only ever trained output 0, so its other heads are untrained.
+    zero_shot_multimask: bool = True
 
 
 def make_folds(tiles: list[Tile], k: int, seed: int, group_by: str) -> list[np.ndarray]:
@@ -178,7 +181,7 @@ def run_cv(
             else:
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)
-                zcfg = InferConfig(**{**asdict(infer_cfg), "multimask": True})
+                zcfg = InferConfig(**{**asdict(infer_cfg), "multimask": cv_cfg.zero_shot_multimask})
                 zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
                 write_json(zpath, zres)
             zero_rows.append(zres["mean"])
