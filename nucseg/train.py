@@ -28,6 +28,7 @@ from segment_anything.modeling import Sam
 from .augment import AugmentConfig, augment
 from .data import Tile
 from .errors import CheckpointError, InputError
+from .infer import mask_boxes
 from .lora import MethodConfig
 from .io import atomic_path, write_json
 from .sam import attach_foreground_head, decode, encode
@@ -119,19 +120,6 @@ def sample_prompts(
         points.append(np.stack([pix % labels.shape[1], pix // labels.shape[1]], 1))
         targets.append(np.zeros(n_neg, np.int64))
     return np.concatenate(points).astype(np.float32) + 0.5, np.concatenate(targets).astype(np.int64)
-
-
-def _boxes(masks: torch.Tensor) -> torch.Tensor:
-    """xyxy boxes of (N, H, W) boolean masks; empty masks give a degenerate box at 0."""
-    rows, cols = masks.any(2), masks.any(1)
-    h, w = masks.shape[1:]
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
-    y0 = torch.where(rows, ar_h, h).min(1).values.clamp(max=h - 1)
-    y1 = torch.where(rows, ar_h, -1).max(1).values.clamp(min=0)
-    x0 = torch.where(cols, ar_w, w).min(1).values.clamp(max=w - 1)
-    x1 = torch.where(cols, ar_w, -1).max(1).values.clamp(min=0)
-    return torch.stack([x0, y0, x1 + 1, y1 + 1], 1).float()
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -247,7 +235,7 @@ class Trainer:
             # SAM embeds a box as two corner points labelled 2 and 3; prompts without a box get padding
             # points (label -1), so boxed and unboxed prompts share one decoder call.
             use = torch.from_numpy(rng.random(len(tgt)) < self.cfg.box_fraction).to(dev) & (tgt > 0)
-            corners = _boxes(full).reshape(-1, 2, 2)
+            corners = mask_boxes(full).reshape(-1, 2, 2)  # unboxed prompts ignore these coordinates
             coords = torch.cat([coords, corners], 1)
             labels = torch.cat([labels, torch.where(use[:, None], torch.tensor([2, 3], device=dev), -1)], 1)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):

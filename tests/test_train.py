@@ -102,3 +102,21 @@ def _swallow_interrupt(monkeypatch):
             return self.history
 
     monkeypatch.setattr(train_mod.Trainer, "fit", fit)
+
+
+def test_boxes_and_balanced_ce_reach_the_loss(real_tiles, tmp_path):
+    """Same batch and prompts (drawn before the box coin flips): boxes change the decoder's answer, and
+    class-balanced CE changes the mask loss; neither breaks the loss."""
+    tiles = _small(real_tiles[:1], 128)
+    model, _ = load_sam("vit_tiny", img_size=128, seed=0)
+    apply_method(model, MethodConfig())
+    trainer = Trainer(model, tiles, TrainConfig(epochs=1, **FAST), tmp_path)
+    with torch.no_grad():
+        plain = trainer.losses(tiles, np.random.default_rng(5))
+        trainer.cfg.box_fraction = 1.0
+        boxed = trainer.losses(tiles, np.random.default_rng(5))
+        trainer.cfg.box_fraction, trainer.cfg.balance_ce = 0.0, True
+        balanced = trainer.losses(tiles, np.random.default_rng(5))
+    assert torch.isfinite(boxed["loss"]) and torch.isfinite(balanced["loss"])
+    assert boxed["mask_loss"] != plain["mask_loss"]
+    assert balanced["mask_loss"] != plain["mask_loss"] and balanced["iou_loss"] == plain["iou_loss"]
