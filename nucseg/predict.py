@@ -12,6 +12,12 @@ Tissue selection only drops tiles with no (1-pixel-dilated, low-resolution) tiss
 ownership is defined on the full grid, so a dropped tile can only lose nuclei lying outside detected tissue.
 Resume: reruns with the same ``work_dir`` reuse read tiles and finished predictions; segmenters should expose
 a ``fingerprint`` (str or callable) that changes with their weights/settings, else predictions are redone.
+
+Overlap: three things run at once. A reader thread reads the next batch of tiles while the segmenter runs on
+the current one (into pinned host memory when the segmenter is on CUDA, so the upload is asynchronous), and
+the stitch/export pass runs in its own thread, following the inference tile by tile in cache order as
+predictions land in the zarr cache, instead of starting after the last tile (stitching and writing polygons
+cost about as much CPU time as the model on small tiles).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -189,8 +196,16 @@ def predict_slide(
         with _work_dir(cfg.work_dir) as work:
             cache = TileCache(work / cache_dir_name(slide_path, digest), key, grid.origin(selected), tile_size,
                               model, max_instances=tile_size * tile_size // 16)
-            read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress)
-            nuclei = _stitch_and_export(cache, grid, selected, view, out_geojson, cfg, identity, slide, slide_path, mpp0)
+            ready = _Ready(cache.pred_done)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
+                export = pool.submit(_stitch_and_export, cache, grid, selected, view, out_geojson, cfg, identity,
+                                     slide, slide_path, mpp0, ready.wait)
+                try:
+                    read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress, ready, export.done)
+                except BaseException:
+                    ready.abort()  # the export thread stops waiting and discards its partial outputs
+                    raise
+                nuclei = export.result()
     finally:
         slide.close()
     return SlideSummary(
@@ -200,9 +215,51 @@ def predict_slide(
     )
 
 
+class _Aborted(Exception):
+    """Inference failed; the export thread gives up (its atomic outputs are discarded)."""
+
+
+class _Ready:
+    """Which cache tiles have predictions; the export pass waits on it while inference is still running."""
+
+    def __init__(self, done: np.ndarray):
+        self._done = np.array(done, dtype=bool)
+        self._cond = threading.Condition()
+        self._aborted = False
+
+    def mark(self, idx: np.ndarray) -> None:
+        with self._cond:
+            self._done[idx] = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def wait(self, ci: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._done[ci] or self._aborted)
+            if not self._done[ci]:
+                raise _Aborted()
+
+
+def _host_buffer(shape: tuple[int, ...], segmenter: TileSegmenter) -> np.ndarray:
+    """Tile buffer for one batch: page-locked when the segmenter runs on CUDA (asynchronous upload)."""
+    if getattr(getattr(segmenter, "device", None), "type", None) == "cuda":
+        import torch
+
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
+    return np.empty(shape, dtype=np.uint8)
+
+
 def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter, cfg: PredictConfig,
-                   progress: Progress | None) -> tuple[int, int]:
-    """Predict every tile not done yet, batch by batch, reading the next batch while the model runs."""
+                   progress: Progress | None, ready: _Ready | None = None,
+                   stopped: Callable[[], bool] = lambda: False) -> tuple[int, int]:
+    """Predict every tile not done yet, batch by batch, reading the next batch while the model runs.
+
+    ``ready`` is told about every finished batch; ``stopped()`` true (the export thread failed) ends early.
+    """
     T = cache.tile_size
     todo = np.flatnonzero(~cache.pred_done)
     total = cache.n
@@ -214,7 +271,7 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
 
     def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         have = cache.tiles_done[idx]
-        tiles = np.empty((len(idx), T, T, 3), dtype=np.uint8)
+        tiles = _host_buffer((len(idx), T, T, 3), segmenter)
         for j in np.flatnonzero(have):
             tiles[j] = cache.get_tile(int(idx[j]))
         fresh = np.flatnonzero(~have)
@@ -225,6 +282,8 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool:
         future = pool.submit(load, batches[0]) if batches else None
         for b, idx in enumerate(batches):
+            if stopped():
+                break
             tiles, fresh = future.result()
             future = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
             if cfg.cache_tiles and len(fresh):
@@ -237,6 +296,8 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
                 raise ValueError(f"segmenter returned labels {labels.shape} and {len(result.scores)} score arrays "
                                  f"for a batch of {len(idx)} tiles of {T} px")
             cache.put_predictions(idx, labels, result.scores)
+            if ready is not None:
+                ready.mark(idx)
             done += len(idx)
             if progress is not None:
                 progress(done, total)
@@ -244,8 +305,12 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
 
 
 def _stitch_and_export(cache: TileCache, grid, selected: np.ndarray, view: TargetView, out_geojson: Path,
-                       cfg: PredictConfig, identity: str, slide, slide_path: Path, mpp0: float) -> int:
-    """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer."""
+                       cfg: PredictConfig, identity: str, slide, slide_path: Path, mpp0: float,
+                       wait: Callable[[int], None] = lambda ci: None) -> int:
+    """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer.
+
+    ``wait(ci)`` returns once tile ci's prediction is in the cache (so the pass can follow a running inference).
+    """
     stitcher = Stitcher(grid, selected)
     scale = view.scale
     area_um2_per_px = view.target_mpp**2
@@ -259,6 +324,7 @@ def _stitch_and_export(cache: TileCache, grid, selected: np.ndarray, view: Targe
             overview, ov_mpp = read_overview(slide, slide_path, mpp0, preview_mpp)
             writers.append(stack.enter_context(PreviewWriter(cfg.preview, overview, ov_mpp / mpp0)))
         for ci in range(cache.n):
+            wait(ci)
             labels, scores = cache.get_prediction(ci)
             kept = stitcher.add(ci, labels, scores)
             if not len(kept):

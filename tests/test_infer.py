@@ -65,3 +65,137 @@ def test_segmenter_contract_and_pruning_counts():
         grid(np.zeros((2, 64, 64), np.uint8))
     with pytest.raises(InputError):
         InferConfig(prompts="dense").validate()
+
+
+def _blobs(n: int, low: int = 128, seed: int = 0) -> torch.Tensor:
+    """Smooth low-res logits of n blobs of various sizes, some touching the tile border, one very large."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(low).float(), torch.arange(low).float(), indexing="ij")
+    cy, cx = torch.rand(n, generator=g) * low, torch.rand(n, generator=g) * low
+    r = 1 + torch.rand(n, generator=g) * 6
+    r[0] = 40.0
+    cy[1], cx[2] = 0.0, low - 1.0
+    d = ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2).sqrt()
+    return (r[:, None, None] - d) * 3
+
+
+def test_window_painting_matches_full_upsampling():
+    """Painting inside box windows gives the same claims and areas as upsampling every mask to the full tile
+    (the definition), also for a tile cropped smaller than the model input and masks on the border."""
+    from nucseg.infer import paint_claims
+
+    logits = _blobs(40)
+    index = torch.tensor([0, 1] * 20)
+    for h, w in ((512, 512), (500, 437)):
+        claim, area = paint_claims(logits, mask_boxes(logits > 0), index, 2, h, w, 4)
+        up = torch.nn.functional.interpolate(logits[:, None], size=(512, 512), mode="bilinear", align_corners=False)
+        masks = up[:, 0, :h, :w] > 0
+        torch.testing.assert_close(area, masks.flatten(1).sum(1))
+        for t in range(2):
+            sel = (index == t).nonzero()[:, 0]
+            m = masks[sel]
+            ref = torch.where(m.any(0), sel[m.to(torch.uint8).argmax(0)], len(index))
+            assert torch.equal(claim.view(2, h, w)[t], ref)
+
+
+class _OOMDecode:
+    """Stands in for the decoder: raises out-of-memory for chunks above ``limit`` prompts."""
+
+    def __init__(self, real, limit: int, error: type[Exception] = torch.cuda.OutOfMemoryError):
+        self.real, self.limit, self.error, self.sizes = real, limit, error, []
+
+    def __call__(self, model, ctx, points, index, multimask=False):
+        self.sizes.append(len(points))
+        if len(points) > self.limit:
+            msg = "CUDA out of memory. Tried to allocate 2.00 GiB" if self.error is not RuntimeError else \
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes"
+            raise self.error(msg)
+        return self.real(model, ctx, points, index, multimask)
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])
+def test_decoder_out_of_memory_halves_the_chunk_and_continues(monkeypatch, error):
+    import nucseg.infer as infer
+
+    model, _ = load_sam("vit_tiny", seed=0)
+    tiles = np.random.default_rng(1).integers(0, 255, (2, 128, 128, 3), dtype=np.uint8)
+    cfg = dict(points_per_side=8, prompts="grid", pred_iou_thresh=-1e9, stability_thresh=0.0, min_area=1)
+    expected = SamTileSegmenter(model, InferConfig(decoder_batch=4, **cfg))(tiles)
+    fake = _OOMDecode(infer.decode_points, limit=5, error=error)
+    monkeypatch.setattr(infer, "decode_points", fake)
+    seg = SamTileSegmenter(model, InferConfig(decoder_batch=128, **cfg))
+    with pytest.warns(RuntimeWarning, match="out of memory") as caught:
+        res = seg(tiles)
+        seg(tiles)  # the smaller chunk is kept: no second warning
+    assert len([w for w in caught if "out of memory" in str(w.message)]) == 1
+    assert seg.decoder_chunk == 4 and max(fake.sizes[-4:]) == 4  # 16 (cache-sized on CPU) -> 8 -> 4
+    assert seg.stats["prompts_decoded"] == 2 * 2 * 64  # every prompt decoded once per call, none lost or repeated
+    np.testing.assert_array_equal(res.labels, expected.labels)
+    assert all(np.array_equal(a, b) for a, b in zip(res.scores, expected.scores))
+
+
+def test_encoder_out_of_memory_splits_the_tile_batch(monkeypatch):
+    import nucseg.infer as infer
+
+    model, _ = load_sam("vit_tiny", seed=0)
+    tiles = np.random.default_rng(2).integers(0, 255, (4, 128, 128, 3), dtype=np.uint8)
+    cfg = InferConfig(points_per_side=4, prompts="grid", pred_iou_thresh=-1e9, stability_thresh=0.0, min_area=1)
+    expected = SamTileSegmenter(model, cfg)(tiles)
+    real, sizes = infer.encode, []
+
+    def encode(m, x):
+        sizes.append(len(x))
+        if len(x) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(m, x)
+
+    monkeypatch.setattr(infer, "encode", encode)
+    seg = SamTileSegmenter(model, cfg)
+    with pytest.warns(RuntimeWarning, match="encoder batch"):
+        res = seg(tiles)
+    assert seg.encoder_chunk == 1 and sizes == [4, 2, 1, 1, 1, 1]
+    np.testing.assert_array_equal(res.labels, expected.labels)
+
+
+def test_other_runtime_errors_are_not_swallowed(monkeypatch):
+    import nucseg.infer as infer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(infer, "decode_points", broken)
+    model, _ = load_sam("vit_tiny", seed=0)
+    seg = SamTileSegmenter(model, InferConfig(points_per_side=4, prompts="grid"))
+    with pytest.raises(RuntimeError, match="shapes"):
+        seg(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_segment_tiles_batches_mixed_sizes_by_shape():
+    """Tiles of different sizes come back in input order with their own shapes, as one call per tile gives."""
+    from nucseg.infer import segment_tiles
+
+    model, _ = load_sam("vit_tiny", seed=0)
+    seg = SamTileSegmenter(model, InferConfig(points_per_side=4, prompts="grid", pred_iou_thresh=-1e9,
+                                              stability_thresh=0.0, min_area=1))
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in
+              [(96, 96, 3), (64, 80, 3), (96, 96, 3), (64, 80, 3), (96, 96, 3)]]
+    out = segment_tiles(seg, images, batch_size=2)
+    assert [o.shape for o in out] == [im.shape[:2] for im in images]
+    for im, lab in zip(images, out):
+        np.testing.assert_array_equal(lab, seg(im[None]).labels[0])
+
+
+def test_upsampled_counts_match_full_upsampling():
+    """Stability and area at tile resolution, measured in windows, equal those of whole upsampled masks."""
+    from nucseg.infer import upsampled_counts
+
+    logits = _blobs(30, seed=1)
+    up = torch.nn.functional.interpolate(logits[:, None], size=(512, 512), mode="bilinear", align_corners=False)
+    for h, w in ((512, 512), (480, 300)):
+        counts = upsampled_counts(logits, (1.0, 0.0, -1.0), 4, h, w)
+        ref = torch.stack([(up[:, 0, :h, :w] > t).flatten(1).sum(1) for t in (1.0, 0.0, -1.0)], 1)
+        assert torch.equal(counts, ref)
+    full = stability_score(up[:, 0], 0.0, 1.0)
+    counts = upsampled_counts(logits, (1.0, 0.0, -1.0), 4, 512, 512)
+    torch.testing.assert_close(counts[:, 0] / counts[:, 2], full)

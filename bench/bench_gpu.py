@@ -1,0 +1,150 @@
+"""GPU throughput: vit_b at 512 px in bf16, tiles/s for the image encoder alone and end to end.
+
+End to end is SamTileSegmenter on a batch of real 512 px tiles handed over as numpy arrays from pinned
+buffers (as nucseg.predict does): upload, encoder, prompt pruning, decoder, NMS, painting, label maps back on
+the host. Batch sizes 1..32; each point is warmed up, bracketed by torch.cuda.synchronize, and reports peak
+GPU memory. Random vit_b weights are fine for the encoder; end to end they decode the whole grid (no
+foreground head, few accepted masks to skip prompts with), i.e. the worst case of ``--prompts auto``. Pass
+``--adapter`` (and ``--checkpoint``) for a trained model. ``--slide-side`` also times ``predict_slide`` on a
+generated slide (reading, inference, stitching, GeoJSON).
+
+Needs a CUDA GPU; on a machine without one it exits with a message and status 2.
+
+    .venv/bin/python bench/bench_gpu.py --out bench/results/gpu_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, SAMPLE, load_model, provenance  # noqa: E402
+
+
+def real_tiles(n: int) -> np.ndarray:
+    """``n`` real 512 px H&E tiles (the sample's 76, repeated as needed) in a pinned host buffer."""
+    from nucseg.io import read_rgb
+
+    files = sorted(SAMPLE.glob("*/tissue images/*.png"))
+    if not files:
+        raise SystemExit(f"no tiles under {SAMPLE}")
+    buf = torch.empty((n, 512, 512, 3), dtype=torch.uint8, pin_memory=True).numpy()
+    for i in range(n):
+        buf[i] = read_rgb(files[i % len(files)])[:512, :512]
+    return buf
+
+
+def rate(fn, batch: int, seconds: float, warmup: int = 2) -> tuple[float, float]:
+    """(tiles/s, peak GiB) of ``fn`` on ``batch`` tiles, repeated for at least ``seconds``."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            break
+    elapsed = time.perf_counter() - t0
+    return calls * batch / elapsed, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_b")
+    ap.add_argument("--adapter", type=Path)
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    ap.add_argument("--prompts", default="auto,grid", help="prompt modes timed end to end")
+    ap.add_argument("--points-per-side", type=int, default=32)
+    ap.add_argument("--decoder-batch", type=int, default=1024, help="prompts per decoder call")
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed duration per point")
+    ap.add_argument("--slide-side", type=int, default=8192, help="0: skip the whole-slide timing")
+    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA GPU and torch.cuda.is_available() is False here: nothing measured. "
+              "Run it on a GPU node (docs/PERFORMANCE.md).", file=sys.stderr)
+        return 2
+
+    from nucseg.infer import InferConfig, SamTileSegmenter
+    from nucseg.sam import encode
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    mut = load_model(args.adapter, args.checkpoint, args.model, 512)
+    model = mut.model.cuda().eval()
+    bf16 = not args.no_bf16
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    host = real_tiles(max(sizes))
+    device_tiles = torch.from_numpy(host).cuda()
+    encoder, end_to_end = [], []
+    with torch.inference_mode():
+        for b in sizes:
+            x = device_tiles[:b]
+
+            def enc():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    encode(model, x)
+
+            tps, peak = rate(enc, b, args.seconds)
+            encoder.append({"batch": b, "tiles_per_s": round(tps, 1), "peak_gib": round(peak, 2)})
+            print(json.dumps({"encoder": encoder[-1]}), file=sys.stderr, flush=True)
+        for mode in args.prompts.split(","):
+            cfg = InferConfig(prompts=mode, points_per_side=args.points_per_side, decoder_batch=args.decoder_batch,
+                              bf16=bf16)
+            seg = SamTileSegmenter(model, cfg, device="cuda")
+            for b in sizes:
+                seg.stats.update(tiles=0, prompts_grid=0, prompts_decoded=0)
+                tps, peak = rate(lambda: seg(host[:b]), b, args.seconds)
+                row = {"prompts": mode, "batch": b, "tiles_per_s": round(tps, 1), "peak_gib": round(peak, 2),
+                       "prompts_decoded_per_tile": round(seg.stats["prompts_decoded"] / max(seg.stats["tiles"], 1), 1),
+                       "decoder_chunk": seg.decoder_chunk}
+                end_to_end.append(row)
+                print(json.dumps({"end_to_end": row}), file=sys.stderr, flush=True)
+    report = {"benchmark": "GPU throughput, 512 px tiles", **provenance(), "model": mut.name,
+              "settings": {"bf16": bf16, "points_per_side": args.points_per_side, "decoder_batch": args.decoder_batch,
+                           "timing": f">= {args.seconds} s per point after 2 warm-up calls, cuda.synchronize"},
+              "encoder": encoder, "end_to_end": end_to_end}
+    if args.slide_side:
+        report["slide"] = time_slide(model, mut, args, bf16)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def time_slide(model, mut, args, bf16: bool) -> dict:
+    """predict_slide on a generated slide: the whole pipeline, reading and stitching included."""
+    from nucseg.infer import InferConfig, SamTileSegmenter
+    from nucseg.predict import PredictConfig, predict_slide
+    from nucseg.synthslide import make_synthetic_slide
+
+    with tempfile.TemporaryDirectory(prefix="nucseg-gpu-") as tmp:
+        slide = Path(tmp) / "slide.tif"
+        make_synthetic_slide(slide, args.slide_side, args.slide_side, mpp=0.5, tissue_fraction=0.7, seed=1)
+        seg = SamTileSegmenter(model, InferConfig(decoder_batch=args.decoder_batch, bf16=bf16), device="cuda",
+                               mpp=0.5, identity=mut.identity)
+        cfg = PredictConfig(batch_size=16, work_dir=Path(tmp) / "work")
+        t0 = time.perf_counter()
+        summary = predict_slide(slide, Path(tmp) / "out.geojson", seg, cfg)
+        wall = time.perf_counter() - t0
+    return {"side_px": args.slide_side, "mpp": 0.5, "tissue_tiles": summary.tissue_tiles, "wall_s": round(wall, 2),
+            "tiles_per_s": round(summary.tissue_tiles / wall, 1), "tissue_mm2": round(summary.tissue_area_mm2, 3),
+            "s_per_mm2": round(wall / summary.tissue_area_mm2, 3), "nuclei": summary.nuclei}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`make bench`: the CPU benchmarks with modest defaults, then a summary table; the GPU one only with CUDA.
+
+Each benchmark is its own script (run in a fresh process, results with machine, date and command in
+bench/results/*.json); this only runs them in turn and prints the headline figures.
+
+* bench_amg.py: nucseg vs SamAutomaticMaskGenerator on 8 held-out real tiles. Weights: the bench adapter
+  (bench/make_bench_adapter.py) on the tiny base (bench/pretrain_tiny.py) when both exist, else the tiny base
+  alone, else a seeded random vit_tiny (then only the timings mean something);
+* bench_decoder.py: mask decoder cost per prompt, segment-anything's vs nucseg's fast path;
+* bench_native_vs_1024.py: encoder at 512 px vs 1024 px, vit_tiny and vit_b (one tile each);
+* bench_slide_scaling.py: slides of area A and 4A, wall time and peak RSS;
+* bench_gpu.py: only when torch sees a CUDA device.
+
+    .venv/bin/python bench/run_all.py [--only amg,decoder,native,slide,gpu] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import BENCH_ADAPTER, TINY_BASE  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+# The tiny model predicts IoU ~0.45 and stability ~0.65 for good nuclei masks, so SAM's vit_b-level filters
+# (0.5 / 0.8) reject almost everything; both methods get the same, looser filters.
+TINY_FILTERS = ["--pred-iou-thresh", "0.3", "--stability-thresh", "0.6"]
+
+
+def amg_model_args() -> list[str]:
+    if BENCH_ADAPTER.is_dir() and TINY_BASE.is_file():
+        return ["--adapter", str(BENCH_ADAPTER), "--checkpoint", str(TINY_BASE), *TINY_FILTERS]
+    if TINY_BASE.is_file():
+        return ["--model", "vit_tiny", "--checkpoint", str(TINY_BASE), "--img-size", "256", *TINY_FILTERS]
+    print("no trained tiny model (bench/pretrain_tiny.py, bench/make_bench_adapter.py): AMG comparison on a "
+          "random vit_tiny, timings only", file=sys.stderr)
+    return ["--model", "vit_tiny"]
+
+
+def run(script: str, *args: str) -> None:
+    cmd = [sys.executable, str(HERE / script), *args]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def summary() -> None:
+    """The headline figures of whatever results exist."""
+    amg = RESULTS / "amg_cpu.json"
+    if amg.is_file():
+        r = json.loads(amg.read_text())
+        print(f"\nnucseg vs SamAutomaticMaskGenerator ({r['model']}, {r['tiles']['n']} tiles of {r['tiles']['size']} px, "
+              f"{r['machine']['cpu']}):")
+        print("| method | s/tile | vs AMG | prompts/tile | PQ | AJI | Dice |\n|---|---|---|---|---|---|---|")
+        for name, row in r["results"].items():
+            up = r["speedup_vs_amg"].get(name, 1.0)
+            print(f"| {name} | {row['s_per_tile']:.3f} | {up:.1f}x | {row['prompts_decoded_per_tile']:.0f} | "
+                  f"{row['pq']:.3f} | {row['aji']:.3f} | {row['dice']:.3f} |")
+    native = RESULTS / "native_vs_1024_cpu.json"
+    if native.is_file():
+        r = json.loads(native.read_text())
+        print("\nencoder at 512 px vs 1024 px (tile upsampled 2x), one tile:")
+        for row in r["results"]:
+            e = row["encoder_s"]
+            line = f"  {row['model']}: {e['native_512']:.2f} s vs {e['upsampled_1024']:.2f} s ({row['encoder_ratio_1024_over_512']:.1f}x)"
+            if "end_to_end_s" in row:
+                line += f"; end to end {row['end_to_end_ratio_1024_over_512']:.1f}x"
+            print(line)
+    scaling = RESULTS / "slide_scaling_cpu.json"
+    if scaling.is_file():
+        r = json.loads(scaling.read_text())
+        q = r["ratios_4A_over_A"]
+        print(f"\nslide scaling 4A/A: tiles x{q['tissue_tiles']}, wall x{q['wall']}, peak RSS x{q['peak_rss']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="amg,decoder,native,slide,gpu")
+    ap.add_argument("--threads", type=int, help="torch CPU threads for the CPU benchmarks (1 on a shared machine)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    if "amg" in only:
+        run("bench_amg.py", *amg_model_args(), *threads)
+    if "decoder" in only:
+        run("bench_decoder.py", *threads)
+    if "native" in only:
+        run("bench_native_vs_1024.py", "--models", "vit_tiny,vit_b", "--e2e-models", "vit_tiny", *threads)
+    if "slide" in only:
+        run("bench_slide_scaling.py", "--side", "3072")
+    if "gpu" in only:
+        if torch.cuda.is_available():
+            run("bench_gpu.py", "--out", str(RESULTS / "gpu.json"))
+        else:
+            print("\nbench_gpu.py skipped: no CUDA device", file=sys.stderr)
+    summary()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
