@@ -40,13 +40,12 @@ def _train_cfg(args: argparse.Namespace):
                        bf16=not args.no_bf16, augment=aug).validate()
 
 
-def _infer_cfg(args: argparse.Namespace, multimask: bool = False):
+def _infer_cfg(args: argparse.Namespace):
     from nucseg.infer import InferConfig
 
     return InferConfig(points_per_side=args.points_per_side, prompts=args.prompts,
                        pred_iou_thresh=args.pred_iou_thresh, stability_thresh=args.stability_thresh,
-                       nms_iou=args.nms_iou, min_area=args.min_area, decoder_batch=args.decoder_batch,
-                       multimask=multimask).validate()
+                       nms_iou=args.nms_iou, min_area=args.min_area, decoder_batch=args.decoder_batch).validate()
 
 
 def _tiles(args: argparse.Namespace, input_size: int = 512):
@@ -84,12 +83,14 @@ def _training_callbacks(args: argparse.Namespace, total_epochs: int):
 
 
 def train(args: argparse.Namespace) -> int:
+    from nucseg.io import writable_dir
     from nucseg.train import CHECKPOINT, finetune
 
     method, cfg = _method(args), _train_cfg(args)
     if (args.out / CHECKPOINT).is_file() and not args.resume:
         raise InputError(f"{args.out} already holds a training run; pass --resume to continue it or use another --out")
     tiles = _tiles(args)
+    writable_dir(args.out)  # after the data checks (a bad dataset leaves no folder), before any training
     print(f"data: {len(tiles)} tiles from {args.data}", file=sys.stderr)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
     try:
@@ -109,9 +110,11 @@ def train(args: argparse.Namespace) -> int:
 
 def cv(args: argparse.Namespace) -> int:
     from nucseg.cv import CVConfig, run_cv
+    from nucseg.io import writable_dir
 
     method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
     tiles = _tiles(args)
+    writable_dir(args.out)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
 
     def on_fold(fold: int, folds: int, what: str) -> None:
@@ -121,7 +124,8 @@ def cv(args: argparse.Namespace) -> int:
     try:
         summary = run_cv(tiles, args.out, args.model, args.checkpoint, method, cfg, icfg,
                          CVConfig(folds=args.folds, seed=args.seed, group_by=args.group_by,
-                                  overlays_per_fold=args.overlays, zero_shot=args.zero_shot),
+                                  overlays_per_fold=args.overlays, zero_shot=args.zero_shot,
+                                  zero_shot_multimask=not args.zero_shot_single_mask),
                          mpp=args.mpp, on_fold=on_fold, on_start=on_start, on_step=on_step)
     finally:
         close()
@@ -146,32 +150,28 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segmenter_spec(args: argparse.Namespace):
+    """What builds the segmenter, from the CLI flags; small and picklable, so dask workers build their own."""
+    from nucseg.distributed import SegmenterSpec
+
+    kind = getattr(args, "segmenter", "sam")
+    if kind == "threshold":
+        return SegmenterSpec(kind="threshold", tile_size=args.tile_size, mpp=args.mpp)
+    return SegmenterSpec(kind="sam", adapter=None if args.adapter is None else str(args.adapter),
+                         checkpoint=None if args.checkpoint is None else str(args.checkpoint), model=args.model,
+                         device=args.device, infer=tuple(sorted(_infer_cfg(args).to_dict().items())))
+
+
 def _segmenter(args: argparse.Namespace):
     """SAM segmenter from --adapter (or the base model zero-shot) and the inference flags."""
-    from nucseg.adapter import load_adapter
-    from nucseg.infer import SamTileSegmenter
-    from nucseg.sam import load_sam
-    from nucseg.train import pick_device
-
-    if args.adapter:
-        model, info = load_adapter(args.adapter, args.checkpoint)
-        if args.model and args.model != info.model_type:
-            raise InputError(f"--model {args.model} but adapter {args.adapter} is for {info.model_type}")
-        identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
-        return SamTileSegmenter(model, _infer_cfg(args), device=pick_device(args.device), mpp=info.mpp,
-                                identity=identity)
-    if not args.model:
-        raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
-    model, fingerprint = load_sam(args.model, args.checkpoint)
-    return SamTileSegmenter(model, _infer_cfg(args, multimask=True), device=pick_device(args.device),
-                            identity=fingerprint)
+    return _segmenter_spec(args).build()
 
 
 def segment(args: argparse.Namespace) -> int:
     import numpy as np
     import tifffile
 
-    from nucseg.io import IMAGE_SUFFIXES, atomic_path, read_rgb
+    from nucseg.io import IMAGE_SUFFIXES, atomic_path, read_rgb, writable_dir
 
     files: list[Path] = []
     for path in args.inputs:
@@ -185,7 +185,7 @@ def segment(args: argparse.Namespace) -> int:
         raise InputError("no images to segment")
     seg = _segmenter(args)
     size = seg.tile_size
-    args.out.mkdir(parents=True, exist_ok=True)
+    writable_dir(args.out)
     for path in _bar(args, iterable=files, desc="segment", unit="image"):
         image = read_rgb(path)
         h, w = image.shape[:2]
@@ -202,7 +202,7 @@ def segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slide_list(args: argparse.Namespace) -> list[Path]:
+def _slide_list(args: argparse.Namespace) -> tuple[list[Path], tuple[int, int] | None]:
     """Positional slides + --input-list, then this job's shard (--shard i/n, or the SLURM array task)."""
     import os
 
@@ -220,54 +220,126 @@ def _slide_list(args: argparse.Namespace) -> list[Path]:
     if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
         first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
         shard = f"{int(os.environ['SLURM_ARRAY_TASK_ID']) - first}/{os.environ['SLURM_ARRAY_TASK_COUNT']}"
-    if shard:
-        try:
-            i, n = (int(v) for v in shard.split("/"))
-            assert 0 <= i < n
-        except (ValueError, AssertionError):
-            raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
-        slides = slides[i::n]
-    return slides
+    if not shard:
+        return slides, None
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
+    return slides[i::n], (i, n)
 
 
 def predict(args: argparse.Namespace) -> int:
-    from nucseg.predict import PredictConfig, predict_slide, predict_slides
+    from nucseg.predict import PredictConfig, predict_slide
 
-    slides = _slide_list(args)
+    slides, shard = _slide_list(args)
     if not args.out:
-        raise InputError("give -o OUT.geojson (one slide) or -o FOLDER (several)")
-    if args.segmenter == "threshold":
-        from nucseg.classical import ThresholdSegmenter
-
-        seg = ThresholdSegmenter(tile_size=args.tile_size or 512, mpp=args.mpp)
-    else:
-        seg = _segmenter(args)
+        raise InputError("give -o OUT.geojson (one slide) or --out-dir FOLDER (several)")
+    spec = _segmenter_spec(args)
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
                         work_dir=args.work_dir)
-    bar = _bar(args, unit="tile", desc="tiles")
+    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))
+    if single and not args.scheduler:
+        base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json")
+        cfg.csv = Path(base + ".csv") if args.csv else None
+        cfg.preview = Path(base + ".preview.png") if args.preview else None
+        cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
+        cfg.labels = args.labels
+        seg = spec.build()
+        bar = _bar(args, unit="tile", desc="tiles")
+        try:
+            summaries = [predict_slide(slides[0], args.out, seg, cfg, _tile_progress(bar))]
+        finally:
+            bar.close()
+        return _report(summaries)
+    if single or args.out.suffix in (".geojson", ".gz", ".json"):
+        raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
+    if args.labels:
+        raise InputError("--labels PATH is for one slide; with several, use --labels-all")
+    return _predict_batch(args, slides, shard, spec, cfg)
 
+
+def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[int, int] | None, spec, cfg) -> int:
+    """Many slides into --out-dir: skip finished ones, log every slide (JSON lines), write a run summary."""
+    import contextlib
+
+    from nucseg.distributed import check_output_names
+    from nucseg.io import writable_dir
+    from nucseg.predict import predict_slides
+    from nucseg.runlog import RunLog
+
+    check_output_names(slides, args.out)
+    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview}
+    # Everything that would fail every slide fails here, before anything is written.
+    if args.scheduler:
+        spec.check()  # the workers load the weights; the client only checks what it cheaply can
+        client, seg = _connect(args.scheduler), None
+    else:
+        client, seg = None, spec.build()
+    with client or contextlib.nullcontext():
+        out = writable_dir(args.out)
+        summaries = []
+        with RunLog(out, len(slides), shard) as runlog:
+            if client is not None:
+                summaries = _predict_on_cluster(args, client, slides, spec, cfg, extras, runlog)
+            else:
+                bar = _bar(args, unit="tile", desc="tiles")
+                try:
+                    for p in slides:
+                        runlog.start(p)
+                        [s] = predict_slides([p], out, seg, cfg, _tile_progress(bar), **extras)
+                        runlog.finish(s.to_dict())
+                        summaries.append(s)
+                finally:
+                    bar.close()
+    print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
+    return _report(summaries)
+
+
+def _connect(scheduler: str):
+    """A dask client for --scheduler: an address (tcp://host:8786) or a scheduler file."""
+    from dask.distributed import Client
+
+    target = {"scheduler_file": scheduler} if Path(scheduler).is_file() else {"address": scheduler}
+    try:
+        return Client(**target, timeout="30s")
+    except (OSError, TimeoutError, ValueError) as err:
+        raise InputError(f"cannot reach the dask scheduler {scheduler}: {' '.join(str(err).split())}") from None
+
+
+def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], spec, cfg, extras: dict,
+                        runlog) -> list:
+    """--scheduler: one task per slide on the dask cluster, logged as each finishes."""
+    from nucseg.distributed import predict_distributed
+
+    bar = _bar(args, total=len(slides), unit="slide", desc="slides")
+
+    def done(summary: dict) -> None:
+        runlog.finish(summary)
+        bar.update(1)
+        for note in summary.get("warnings") or []:  # raised on a worker: its log is not this terminal
+            print(f"nucseg: warning: {note}", file=sys.stderr)
+
+    try:
+        return predict_distributed(client, slides, args.out, spec, cfg, on_start=runlog.start, on_result=done,
+                                   **extras)
+    finally:
+        bar.close()
+
+
+def _tile_progress(bar):
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))
-    try:
-        if single:
-            base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json")
-            cfg.csv = Path(base + ".csv") if args.csv else None
-            cfg.preview = Path(base + ".preview.png") if args.preview else None
-            cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
-            cfg.labels = args.labels
-            summaries = [predict_slide(slides[0], args.out, seg, cfg, progress)]
-        else:
-            if args.labels:
-                raise InputError("--labels PATH is for one slide; with several, use --labels-all")
-            summaries = predict_slides(slides, args.out, seg, cfg, progress, gz=args.gz, csv=args.csv,
-                                       preview=args.preview, labels=args.labels_all)
-    finally:
-        bar.close()
+    return progress
+
+
+def _report(summaries: list) -> int:
+    """One line per slide on stdout, failures on stderr; exit 9 when some slides of a batch failed."""
     failed = 0
     for s in summaries:
         d = s.to_dict()

@@ -1,7 +1,9 @@
 """``nucseg`` command line: argument parsing, progress bars and exit codes. All work happens in the library.
 
 Every user-caused failure is a :class:`nucseg.errors.NucsegError`: it prints one line ``nucseg: error: ...``
-and exits with the error's code (README, "Exit codes"); ``--debug`` shows the traceback instead.
+and exits with the error's code (docs/CLI.md, "Exit codes"); ``--debug`` shows the traceback instead.
+SIGTERM (what SLURM sends at the time limit or on preemption) is handled like Ctrl-C, so temporaries are
+removed and the run log is closed before exiting with 130.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from . import commands
 
 EXIT_INTERRUPTED = 130
+EXIT_OUT_OF_MEMORY = 7
+
+
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
@@ -97,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--group-by", default="image", choices=["image", "organ"])
     p.add_argument("--zero-shot", action="store_true", help="also score the base model, same inference path")
+    p.add_argument("--zero-shot-single-mask", action="store_true",
+                   help="zero-shot with output 0 only (bases trained by nucseg); default: SAM's 3 ambiguity masks")
     p.add_argument("--overlays", type=int, default=3, help="overlay pictures per fold")
     _add_model(p)
     _add_training(p)
@@ -121,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment every nucleus of whole-slide images into GeoJSON")
     p.add_argument("slides", nargs="*", type=Path, help="slides (.svs, .ndpi, .mrxs, .scn, tiled .tif, ...)")
-    p.add_argument("-o", "--out", type=Path, help="output .geojson[.gz] (one slide) or folder (several)")
+    p.add_argument("-o", "--out", "--out-dir", dest="out", type=Path,
+                   help="output .geojson[.gz] (one slide) or folder (several slides, --input-list, --scheduler)")
     p.add_argument("--input-list", type=Path, help="text file with one slide path per line")
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
     p.add_argument("--segmenter", default="sam", choices=["sam", "threshold"],
@@ -139,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process every N-th slide starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on a dask cluster: scheduler address (tcp://host:8786) or scheduler file; one task "
+                   "per slide, the model built on each worker (docs/HPC.md)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
     _add_model(p, model_default=None)
@@ -179,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"nucseg: warning: {msg}\n"
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except NucsegError as err:
@@ -188,13 +205,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nucseg: error: {lines[0]}", file=sys.stderr)  # one line, always
         return err.exit_code
     except KeyboardInterrupt:
+        # zarr's I/O runs on an asyncio loop; an interrupted write leaves tasks that asyncio reports as
+        # "destroyed but pending" at exit: noise after an interrupt (the cache never trusts unflagged data)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print("nucseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        if args.debug:
+    except (MemoryError, RuntimeError) as err:
+        if args.debug or not (isinstance(err, MemoryError) or _is_out_of_memory(err)):
             raise
         print("nucseg: error: out of memory; lower --batch-size or --decoder-batch", file=sys.stderr)
-        return 7
+        return EXIT_OUT_OF_MEMORY
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA) or a RuntimeError saying so; torch is loaded by then if it matters."""
+    if "torch" not in sys.modules:
+        return False
+    from nucseg.infer import is_out_of_memory
+
+    return is_out_of_memory(err)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One exception family for every failure a user can cause.
 
 The CLI turns a :class:`NucsegError` into one line on stderr and the class's exit code; anything else is a
-bug and keeps its traceback. Exit codes are documented in README.md ("Exit codes").
+bug and keeps its traceback. Exit codes are documented in docs/CLI.md ("Exit codes").
 """
 
 from __future__ import annotations

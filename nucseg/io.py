@@ -2,15 +2,23 @@
 
 Every output goes through :func:`atomic_path` so that a killed job never leaves a partial file behind: the
 content is written to a temporary name in the same folder and renamed (atomic on POSIX) when complete.
+
+A job killed with SIGKILL cannot remove its temporary, so the next writer of the same output does: every
+temporary is held under an exclusive ``flock`` by the process writing it, and a temporary nobody holds is
+a leftover of a dead writer. Shards writing other outputs into the same folder are never touched, and a
+second live writer of the same output keeps its temporary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
-import tempfile
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,44 +27,124 @@ import numpy as np
 from .errors import InputError, OutputError
 
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_ID_LEN = 12  # hex digits of a temporary's id: ".<name>.tmp-<id><suffix>"
+_LOCK = ".lock"  # a temporary folder is guarded by the sibling file ".<name>.tmp-<id>.lock"
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name every temporary of ``path`` starts with (``.<name>.tmp-``)."""
+    return f".{Path(path).name}.tmp-"
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``, on failure remove it.
 
-    The temporary name keeps the final suffix (``.x.tmp-123.geojson``) so writers that look at the suffix
-    (gzip, zarr, PIL) behave as for the final name.
+    The temporary name keeps the final suffix (``.x.geojson.tmp-<id>.geojson``) so writers that look at the
+    suffix (gzip, zarr, PIL) behave as for the final name. Leftover temporaries of ``path`` from killed
+    writers are removed first. A folder output replaces the previous folder of that name.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    token = uuid.uuid4().hex[:_ID_LEN]
+    base = parent / f"{temp_prefix(path)}{token}"
+    tmp = Path(f"{base}{''.join(path.suffixes[-2:])}")
+    guard = Path(f"{base}{_LOCK}") if is_dir else tmp
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".nucseg-probe-", delete=True)
-        probe.close()
+        remove_stale_temps(path)
+        fd = os.open(guard, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any output
     except OSError as err:
         raise OutputError(f"cannot write to {parent}: {err.strerror or err}") from None
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.tmp-", suffix="".join(path.suffixes[-2:]))
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs on shared storage must be readable
-    if is_dir:
-        tmp.unlink()
-        tmp.mkdir()
+    old = Path(f"{base}.old")
     try:
+        _try_lock(fd)  # where the filesystem cannot lock, leftovers are merely kept, never wrongly removed
+        if is_dir:
+            tmp.mkdir()
         yield tmp
         if is_dir and path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            os.replace(path, old)  # folders cannot be renamed over: move the old one aside under our lock
         os.replace(tmp, path)
+        _remove(old)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # failed after moving the previous output aside: put it back
         raise
+    finally:
+        if is_dir:
+            Path(guard).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` whose writer is gone (their lock is free); returns what was removed."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    prefix = temp_prefix(path)
+    groups: dict[str, list[Path]] = {}
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        groups.setdefault(name[len(prefix) : len(prefix) + _ID_LEN], []).append(parent / name)
+    removed: list[Path] = []
+    for token, entries in groups.items():
+        base = f"{prefix}{token}"
+        guard = next((e for e in entries if e.name == base + _LOCK), None)
+        if guard is None:
+            guard = next((e for e in entries if e.is_file() and not e.is_symlink()), None)
+        fd = None
+        if guard is not None:
+            try:
+                fd = os.open(guard, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # its writer just finished
+            if not _try_lock(fd):
+                os.close(fd)
+                continue  # a live writer holds it (or locking is unsupported here: leave it alone)
+        try:
+            for e in sorted(entries, key=lambda e: e == guard):  # the guard goes last
+                _remove(e)
+                removed.append(e)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def _try_lock(fd: int) -> bool:
+    """Exclusive, non-blocking flock; False when another process holds it or the filesystem cannot lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.ENOLCK, errno.EOPNOTSUPP,
+                             errno.EBADF, errno.EINVAL):
+            raise
+        return False
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it can take new files, before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".nucseg-probe-{uuid.uuid4().hex[:_ID_LEN]}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -99,7 +187,9 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
         else:
             from skimage.io import imread
 
-            arr = imread(path)
+            with warnings.catch_warnings():  # imageio's plugin chatter about a bad file is not for users
+                warnings.simplefilter("ignore")
+                arr = imread(path)
     except Exception as err:  # any decoder failure is a bad file, not a bug
         raise InputError(f"cannot read label map {path}: {err}") from None
     arr = np.asarray(arr)
@@ -119,7 +209,9 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     try:
         from skimage.io import imread
 
-        img = np.asarray(imread(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = np.asarray(imread(path))
     except Exception as err:
         raise InputError(f"cannot read image {path}: {err}") from None
     if img.ndim == 2:

@@ -167,13 +167,13 @@ class TileCache:
                 shutil.rmtree(self.root, ignore_errors=True)
         if group is None:
             group = zarr.open_group(str(self.root), mode="w")
-            group.attrs["key"] = key
             group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
             if n:
                 group["coords"][:] = coords
             T = self.tile_size
             group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255)
             group.create_array("tiles_done", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=False)
+            group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
         self.group = group
         self.n = n
         self.coords = coords
@@ -194,11 +194,11 @@ class TileCache:
                 raise KeyError(path)
         except KeyError:
             pred = self.group.create_group(path, overwrite=True)
-            pred.attrs["model"] = model
             pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0)
             pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan)
             pred.create_array("n_inst", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0)
             pred.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=False)
+            pred.attrs["model"] = model  # last, as the group's key: a half-created group is recreated
         self._pred_done = np.asarray(pred["done"][:], dtype=bool)
         self._n_inst = np.asarray(pred["n_inst"][:], dtype=np.int32)
         return pred

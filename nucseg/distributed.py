@@ -1,0 +1,183 @@
+"""Scale-out on Dask distributed: one task per slide, the segmenter built on each worker from a small spec.
+
+The client sends each worker a :class:`SegmenterSpec` (paths and settings, a few hundred bytes), never model
+weights: the worker builds the segmenter once (cached per process) and reuses it for every slide it is given.
+Each worker runs on the GPU its environment shows it (``CUDA_VISIBLE_DEVICES``, which dask-cuda's
+``LocalCUDACluster``, dask-jobqueue with ``--gres=gpu:1`` or SLURM set per worker), so one GPU per worker.
+
+A task is :func:`nucseg.predict.predict_slides` on one slide, so finished slides are skipped and failures
+recorded exactly as in a single-process run, and a slide's outputs are identical whichever worker makes
+them. Outputs and ``--work-dir`` must be on storage every worker sees. If a worker dies mid-slide, dask
+reschedules the task on another worker, which resumes from the zarr cache in the work dir.
+
+Not done here: the tiles of one slide are not split across workers. That needs the prediction cache to take
+concurrent writers (per-tile completion flags instead of one flag array rewritten whole) and a way to run
+the inference on a subset of a slide's tiles followed by one stitching pass; see docs/HPC.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import CheckpointError, InputError, NucsegError
+from .predict import PredictConfig, SlideSummary, predict_slides
+from .segmenter import TileSegmenter
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """How to build a segmenter: ``kind`` "sam" (``adapter`` and/or ``model`` + ``checkpoint``) or "threshold".
+
+    infer: :class:`nucseg.infer.InferConfig` fields as sorted (name, value) pairs (hashable, picklable).
+    tile_size / mpp: the threshold segmenter's tile side and µm/px.
+    """
+
+    kind: str = "sam"
+    adapter: str | None = None
+    checkpoint: str | None = None
+    model: str | None = None
+    device: str = "auto"
+    infer: tuple[tuple[str, Any], ...] = ()
+    tile_size: int | None = None
+    mpp: float | None = None
+
+    def check(self) -> None:
+        """Cheap checks the client can make before sending work out (no weights are loaded)."""
+        if self.kind not in ("sam", "threshold"):
+            raise InputError(f"unknown segmenter {self.kind!r}; choose 'sam' or 'threshold'")
+        if self.kind == "threshold":
+            return
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise CheckpointError(f"checkpoint not found: {self.checkpoint}")
+        if self.adapter:
+            from .adapter import read_adapter
+
+            info = read_adapter(self.adapter)
+            if self.model and self.model != info.model_type:
+                raise CheckpointError(f"--model {self.model} but adapter {self.adapter} is for {info.model_type}")
+        elif not self.model:
+            raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
+
+    def build(self) -> TileSegmenter:
+        """The segmenter itself; checkpoint and adapter problems raise CheckpointError, bad settings InputError."""
+        self.check()
+        if self.kind == "threshold":
+            from .classical import ThresholdSegmenter
+
+            return ThresholdSegmenter(tile_size=self.tile_size or 512, mpp=self.mpp)
+        from .infer import InferConfig, SamTileSegmenter
+        from .train import pick_device
+
+        settings = dict(self.infer)
+        if self.adapter:
+            from .adapter import load_adapter
+
+            model, info = load_adapter(self.adapter, self.checkpoint)
+            identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
+            return SamTileSegmenter(model, InferConfig(**settings), device=pick_device(self.device), mpp=info.mpp,
+                                    identity=identity)
+        from .sam import load_sam
+
+        model, fingerprint = load_sam(self.model, self.checkpoint)
+        cfg = InferConfig(**{**settings, "multimask": True})  # the base model needs SAM's 3 ambiguity masks
+        return SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
+
+
+@functools.lru_cache(maxsize=2)
+def worker_segmenter(spec: SegmenterSpec) -> TileSegmenter:
+    """The segmenter of ``spec``, built once per worker process and reused for every slide it gets."""
+    return spec.build()
+
+
+def check_output_names(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
+    """Two slides with the same file stem would write the same outputs: refuse before any work starts."""
+    stems = [Path(p).stem for p in slides]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise InputError(f"slides share output names in {out_dir}: {', '.join(dup)} (rename or run separately)")
+
+
+def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
+                       extras: dict[str, bool]) -> dict:
+    """One slide on a worker: skip if finished, else predict; user-facing errors come back in the summary.
+
+    Returns ``SlideSummary.to_dict()`` plus ``worker`` (the worker's address), which the run log records.
+    """
+    try:
+        segmenter = worker_segmenter(spec)
+    except NucsegError as err:  # e.g. a corrupt checkpoint: every slide on this worker fails the same way
+        return {**SlideSummary(slide=slide, nuclei=0, tiles=0, tissue_tiles=0, tissue_area_mm2=float("nan"),
+                               seconds=0.0, error=str(err)).to_dict(), "worker": _worker_name()}
+    [summary] = predict_slides([slide], out_dir, segmenter, config, **extras)
+    return {**summary.to_dict(), "worker": _worker_name()}
+
+
+def _worker_name() -> str:
+    """Which worker did the slide (for the run log): its address, which names the host."""
+    from dask.distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:  # called outside a worker (tests, a synchronous scheduler)
+        return "local"
+
+
+def predict_distributed(
+    client,
+    slides: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    spec: SegmenterSpec,
+    config: PredictConfig | None = None,
+    *,
+    gz: bool = False,
+    csv: bool = False,
+    labels: bool = False,
+    preview: bool = False,
+    on_start: Callable[[str], None] | None = None,
+    on_result: Callable[[dict], None] | None = None,
+) -> list[SlideSummary]:
+    """Predict ``slides`` on the workers of ``client`` (a ``dask.distributed.Client``), one task per slide.
+
+    Same outputs and skipping as :func:`nucseg.predict.predict_slides`; results are returned in input order.
+    ``on_start(slide)`` is called as each task is sent to the cluster (in list order) and ``on_result(summary
+    dict)`` as each finishes (in the order they finish).
+    Bugs on a worker (not user-facing errors) are re-raised here after the other slides have finished.
+    """
+    from dask.distributed import as_completed
+
+    cfg = config or PredictConfig()
+    if cfg.work_dir is None:
+        raise InputError("--scheduler needs --work-dir on storage every worker sees (the resume cache)")
+    out = Path(out_dir)
+    check_output_names(slides, out)
+    extras = {"gz": gz, "csv": csv, "labels": labels, "preview": preview}
+    futures = {}
+    for p in slides:
+        if on_start:
+            on_start(str(p))
+        # A fresh key per submission: a rerun (or another shard's client on the same cluster) must really run
+        # the task (the worker decides whether the slide is done), never get a result dask still remembers.
+        fut = client.submit(_predict_on_worker, str(p), str(out), spec, cfg, extras,
+                            key=f"nucseg-{Path(p).stem}-{uuid.uuid4().hex[:12]}")
+        futures[fut] = len(futures)
+    results: list[dict | None] = [None] * len(futures)
+    bug: BaseException | None = None
+    for fut in as_completed(futures):
+        try:
+            d = fut.result()
+        except Exception as err:  # a bug on the worker: keep collecting the others, then raise it
+            bug = bug or err
+            continue
+        results[futures[fut]] = d
+        if on_result:
+            on_result(d)
+    if bug is not None:
+        raise bug
+    fields = {f.name for f in dataclasses.fields(SlideSummary)}
+    return [SlideSummary(**{k: v for k, v in d.items() if k in fields}) for d in results]

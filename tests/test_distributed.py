@@ -1,0 +1,103 @@
+"""Dask distributed scale-out on a local cluster of two worker processes (CPU, threshold segmenter):
+identical outputs to the single-process run, failures recorded without stopping, finished slides skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nucseg.distributed import SegmenterSpec, predict_distributed, worker_segmenter
+from nucseg.errors import CheckpointError, InputError
+from nucseg.predict import PredictConfig, predict_slides
+from nucseg.runlog import read_runlog
+from nucseg.synthslide import make_synthetic_slide
+from nucseg_cli.main import main
+
+THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "48"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("slides")
+    paths = [root / "a.tif", root / "b.tif", root / "c.tif"]
+    for i, p in enumerate(paths):
+        make_synthetic_slide(p, 900 + 100 * i, 800, mpp=0.5, nuclei=120, tissue_fraction=0.9, pyramid=False, seed=i)
+    broken = root / "broken.svs"
+    broken.write_text("not a slide")
+    return [*paths, broken]
+
+
+def test_cli_on_a_dask_cluster_matches_one_process(cluster, slides, tmp_path, capsys):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(["-q", "predict", *map(str, slides), "--out-dir", str(local), "--work-dir", str(tmp_path / "w1"),
+                 *THRESHOLD]) == 9
+    capsys.readouterr()
+    argv = ["-q", "predict", *map(str, slides), "--out-dir", str(remote), "--work-dir", str(tmp_path / "w2"),
+            "--scheduler", cluster.scheduler_address, *THRESHOLD]
+    assert main(argv) == 9  # the broken slide fails, the others are done
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("nucseg: error: ")] == [
+        f"nucseg: error: {slides[3]}: cannot open slide {slides[3]}: not a supported whole-slide format, or "
+        "truncated/corrupt"]
+    for s in slides[:3]:
+        assert (remote / f"{s.stem}.geojson").read_bytes() == (local / f"{s.stem}.geojson").read_bytes()
+        assert json.loads((remote / f"{s.stem}.summary.json").read_text())["nuclei"] > 50
+    done = [e for e in read_runlog(remote / "nucseg-run.jsonl") if e["event"] == "done"]
+    assert sorted(Path(e["slide"]).stem for e in done) == ["a", "b", "c"]
+    assert {e["worker"] for e in done} == set(cluster.scheduler_info["workers"])  # both workers took part
+    summary = json.loads((remote / "run-summary.json").read_text())
+    assert (summary["slides"], summary["done"], summary["failed"], summary["skipped"]) == (4, 3, 1, 0)
+    assert summary["nuclei"] == sum(e["nuclei"] for e in done)
+    # a rerun skips the finished slides (on the workers, as predict_slides does) and retries the broken one
+    stamp = (remote / "a.geojson").stat().st_mtime_ns
+    assert main(argv) == 9
+    summary = json.loads((remote / "run-summary.json").read_text())
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 3, 1)
+    assert (remote / "a.geojson").stat().st_mtime_ns == stamp
+    assert [e["event"] for e in read_runlog(remote / "nucseg-run.jsonl")].count("run-end") == 2
+
+
+def test_workers_build_the_segmenter_once_and_spread_the_slides(cluster, slides, tmp_path):
+    from dask.distributed import Client
+
+    spec = SegmenterSpec(kind="threshold", tile_size=256)
+    cfg = PredictConfig(tile_size=256, overlap=48, work_dir=tmp_path / "work")
+    started, finished = [], []
+    with Client(cluster) as client:
+        sums = predict_distributed(client, slides[:3], tmp_path / "out", spec, cfg, csv=True,
+                                   on_start=started.append, on_result=finished.append)
+        cache = client.run(lambda: worker_segmenter.cache_info()._asdict())
+    assert [s.slide for s in sums] == [str(p) for p in slides[:3]]  # input order, whatever order they finished in
+    assert started == [str(p) for p in slides[:3]] and len(finished) == 3
+    assert all(s.error is None and s.nuclei > 50 for s in sums)
+    assert all((tmp_path / "out" / f"{p.stem}.csv").is_file() for p in slides[:3])
+    # two worker processes, each built the segmenter once and reused it for its later slides
+    assert len(cache) == 2 and all(c["misses"] == 1 for c in cache.values())
+    assert sum(c["hits"] for c in cache.values()) >= 1
+    ref = predict_slides(slides[:3], tmp_path / "ref", spec.build(), cfg, csv=True)
+    assert [s.nuclei for s in sums] == [s.nuclei for s in ref]
+
+
+def test_client_side_checks(cluster, slides, tmp_path):
+    from dask.distributed import Client
+
+    with Client(cluster) as client:
+        with pytest.raises(InputError, match="--work-dir"):
+            predict_distributed(client, slides[:1], tmp_path / "o", SegmenterSpec(kind="threshold"), PredictConfig())
+        with pytest.raises(InputError, match="share output names"):
+            predict_distributed(client, [slides[0], slides[0]], tmp_path / "o", SegmenterSpec(kind="threshold"),
+                                PredictConfig(work_dir=tmp_path / "w"))
+    with pytest.raises(CheckpointError, match="not a nucseg adapter"):
+        SegmenterSpec(adapter=str(tmp_path)).check()
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        SegmenterSpec(model="vit_tiny", checkpoint=str(tmp_path / "none.pth")).check()
