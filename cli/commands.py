@@ -311,7 +311,7 @@ def _connect(scheduler: str):
 
 def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], spec, cfg, extras: dict,
                         runlog) -> list:
-    """--scheduler: one task per slide on the dask cluster, logged as each finishes."""
+    """--scheduler: slides (large ones in tile ranges) on the dask cluster, logged as each finishes."""
     from nucseg.distributed import predict_distributed
 
     bar = _bar(args, total=len(slides), unit="slide", desc="slides")
@@ -323,8 +323,9 @@ def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], sp
             print(f"nucseg: warning: {note}", file=sys.stderr)
 
     try:
+        split = {} if args.tiles_per_task is None else {"tiles_per_task": args.tiles_per_task}
         return predict_distributed(client, slides, args.out, spec, cfg, on_start=runlog.start, on_result=done,
-                                   **extras)
+                                   **split, **extras)
     finally:
         bar.close()
 

@@ -152,8 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process every N-th slide starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run on a dask cluster: scheduler address (tcp://host:8786) or scheduler file; one task "
-                   "per slide, the model built on each worker (docs/HPC.md)")
+                   help="run on a dask cluster: scheduler address (tcp://host:8786) or scheduler file; slides "
+                   "go to the workers, each builds the model once (docs/HPC.md)")
+    p.add_argument("--tiles-per-task", type=int, default=None, metavar="N",
+                   help="with --scheduler: spread a slide with more than N tissue tiles over the workers in "
+                   "ranges of N tiles, then stitch once (0: each slide whole on one worker; default 2048)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
     _add_model(p, model_default=None)

@@ -5,14 +5,15 @@ weights: the worker builds the segmenter once (cached per process) and reuses it
 Each worker runs on the GPU its environment shows it (``CUDA_VISIBLE_DEVICES``, which dask-cuda's
 ``LocalCUDACluster``, dask-jobqueue with ``--gres=gpu:1`` or SLURM set per worker), so one GPU per worker.
 
-A task is :func:`nucseg.predict.predict_slides` on one slide, so finished slides are skipped and failures
-recorded exactly as in a single-process run, and a slide's outputs are identical whichever worker makes
-them. Outputs and ``--work-dir`` must be on storage every worker sees. If a worker dies mid-slide, dask
-reschedules the task on another worker, which resumes from the zarr cache in the work dir.
+A slide's last task is :func:`nucseg.predict.predict_slides` on that slide, so finished slides are skipped
+and failures recorded exactly as in a single-process run, and a slide's outputs are identical whichever
+workers make them. Outputs and ``--work-dir`` must be on storage every worker sees. If a worker dies
+mid-slide, dask reschedules its task on another worker, which resumes from the zarr cache in the work dir.
 
-Not done here: the tiles of one slide are not split across workers. That needs the prediction cache to take
-concurrent writers (per-tile completion flags instead of one flag array rewritten whole) and a way to run
-the inference on a subset of a slide's tiles followed by one stitching pass; see docs/HPC.md.
+Large slides (more than ``tiles_per_task`` tissue tiles) are split: a small planning task counts the tissue
+tiles and creates the slide's cache, then one task per range of ``tiles_per_task`` tiles fills the cache
+(:func:`nucseg.predict.predict_tile_range`, on as many workers as are free), and a last task, which dask
+starts when every range is done, stitches and writes the outputs, predicting any tile a failed range left.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import CheckpointError, InputError, NucsegError
-from .predict import PredictConfig, SlideSummary, predict_slides
+from .predict import (PredictConfig, SlideSummary, finished_summary, predict_slides, predict_tile_range,
+                      slide_outputs)
 from .segmenter import TileSegmenter
+from .tiling import FLAG_CHUNK
+
+DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 40x slide has ~10-20k tiles
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,35 @@ def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: Pr
     return {**summary.to_dict(), "worker": _worker_name()}
 
 
+def _plan_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
+                    extras: dict[str, bool]) -> int:
+    """Tissue tiles of ``slide`` (creating its cache), or 0 if its outputs are complete or it cannot be read
+    (then the slide's own task skips it, or records the error, exactly as without splitting)."""
+    if finished_summary(slide_outputs(slide, Path(out_dir), **extras)) is not None:
+        return 0
+    try:
+        n, _ = predict_tile_range(slide, worker_segmenter(spec), config, 0, 0)
+    except NucsegError:
+        return 0
+    return n
+
+
+def _predict_part_on_worker(slide: str, spec: SegmenterSpec, config: PredictConfig, start: int, stop: int) -> dict:
+    """Tiles [start, stop) of ``slide`` into the shared cache. A user-facing error is returned, not raised:
+    the slide's last task predicts whatever this range left, and reports the error if it recurs."""
+    try:
+        _, predicted = predict_tile_range(slide, worker_segmenter(spec), config, start, stop)
+    except NucsegError as err:
+        return {"start": start, "stop": stop, "predicted": 0, "error": str(err), "worker": _worker_name()}
+    return {"start": start, "stop": stop, "predicted": predicted, "worker": _worker_name()}
+
+
+def _finish_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
+                      extras: dict[str, bool], parts: list[dict]) -> dict:
+    """The slide's last task, after its ranges (dask passes their results in ``parts``): stitch and write."""
+    return {**_predict_on_worker(slide, out_dir, spec, config, extras), "parts": parts}
+
+
 def _worker_name() -> str:
     """Which worker did the slide (for the run log): its address, which names the host."""
     from dask.distributed import get_worker
@@ -139,13 +173,17 @@ def predict_distributed(
     csv: bool = False,
     labels: bool = False,
     preview: bool = False,
+    tiles_per_task: int = DEFAULT_TILES_PER_TASK,
     on_start: Callable[[str], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
 ) -> list[SlideSummary]:
-    """Predict ``slides`` on the workers of ``client`` (a ``dask.distributed.Client``), one task per slide.
+    """Predict ``slides`` on the workers of ``client`` (a ``dask.distributed.Client``).
 
     Same outputs and skipping as :func:`nucseg.predict.predict_slides`; results are returned in input order.
-    ``on_start(slide)`` is called as each task is sent to the cluster (in list order) and ``on_result(summary
+    A slide with more than ``tiles_per_task`` tissue tiles is spread over the workers in ranges of that many
+    tiles (rounded up to a multiple of ``FLAG_CHUNK``); 0 sends each slide whole to one worker. The result
+    dicts of split slides carry ``parts``: each range's tiles, tiles predicted and worker.
+    ``on_start(slide)`` is called as each slide is sent to the cluster (in list order) and ``on_result(summary
     dict)`` as each finishes (in the order they finish).
     Bugs on a worker (not user-facing errors) are re-raised here after the other slides have finished.
     """
@@ -154,29 +192,53 @@ def predict_distributed(
     cfg = config or PredictConfig()
     if cfg.work_dir is None:
         raise InputError("--scheduler needs --work-dir on storage every worker sees (the resume cache)")
+    if tiles_per_task < 0:
+        raise InputError(f"--tiles-per-task must be >= 0, not {tiles_per_task}")
+    per = -(-tiles_per_task // FLAG_CHUNK) * FLAG_CHUNK
     out = Path(out_dir)
     check_output_names(slides, out)
     extras = {"gz": gz, "csv": csv, "labels": labels, "preview": preview}
-    futures = {}
-    for p in slides:
-        if on_start:
-            on_start(str(p))
+    stage: dict = {}  # future -> ("plan" | "slide", index into slides)
+    pending = as_completed()
+
+    def submit(kind: str, i: int, fn, *args) -> None:
         # A fresh key per submission: a rerun (or another shard's client on the same cluster) must really run
         # the task (the worker decides whether the slide is done), never get a result dask still remembers.
-        fut = client.submit(_predict_on_worker, str(p), str(out), spec, cfg, extras,
-                            key=f"nucseg-{Path(p).stem}-{uuid.uuid4().hex[:12]}")
-        futures[fut] = len(futures)
-    results: list[dict | None] = [None] * len(futures)
+        fut = client.submit(fn, *args, key=f"nucseg-{kind}-{Path(slides[i]).stem}-{uuid.uuid4().hex[:12]}")
+        stage[fut] = (kind, i)
+        pending.add(fut)
+
+    for i, p in enumerate(slides):
+        if on_start:
+            on_start(str(p))
+        if per:
+            submit("plan", i, _plan_on_worker, str(p), str(out), spec, cfg, extras)
+        else:
+            submit("slide", i, _predict_on_worker, str(p), str(out), spec, cfg, extras)
+    results: list[dict | None] = [None] * len(slides)
     bug: BaseException | None = None
-    for fut in as_completed(futures):
+    for fut in pending:
+        kind, i = stage.pop(fut)
         try:
-            d = fut.result()
+            value = fut.result()
         except Exception as err:  # a bug on the worker: keep collecting the others, then raise it
             bug = bug or err
             continue
-        results[futures[fut]] = d
+        if kind == "plan":
+            p = str(slides[i])
+            if value <= per:
+                submit("slide", i, _predict_on_worker, p, str(out), spec, cfg, extras)
+                continue
+            parts = []
+            for start in range(0, value, per):  # futures of the ranges; the last task waits for all of them
+                key = f"nucseg-part-{Path(p).stem}-{start}-{uuid.uuid4().hex[:12]}"
+                parts.append(client.submit(_predict_part_on_worker, p, spec, cfg, start, min(start + per, value),
+                                           key=key))
+            submit("slide", i, _finish_on_worker, p, str(out), spec, cfg, extras, parts)
+            continue
+        results[i] = value
         if on_result:
-            on_result(d)
+            on_result(value)
     if bug is not None:
         raise bug
     fields = {f.name for f in dataclasses.fields(SlideSummary)}

@@ -47,7 +47,7 @@ from .io import write_json
 from .segmenter import TileSegmenter
 from .slide import TargetView, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp, write_tissue_preview
 from .stitch import StitchedLabels, Stitcher
-from .tiling import TileCache, cache_dir_name, cache_key, make_grid, read_tiles_parallel, select_tissue_tiles
+from .tiling import FLAG_CHUNK, TileCache, cache_dir_name, cache_key, make_grid, read_tiles_parallel, select_tissue_tiles
 
 log = logging.getLogger(__name__)
 
@@ -147,55 +147,22 @@ def predict_slide(
     cfg = config or PredictConfig()
     slide_path = Path(slide_path)
     out_geojson = Path(out_geojson)
-    tile_size = int(cfg.tile_size or segmenter.tile_size)
-    if tile_size != int(segmenter.tile_size):
-        raise InputError(f"tile size {tile_size} does not match the model's ({segmenter.tile_size})")
-    if cfg.batch_size < 1:
-        raise InputError(f"batch size must be >= 1, not {cfg.batch_size}")
-    if not 0 <= cfg.overlap < tile_size // 2:
-        raise InputError(f"overlap must be in [0, {tile_size // 2}) for tile size {tile_size}, not {cfg.overlap}")
+    tile_size = _check_settings(segmenter, cfg)
     outputs = [p for p in (out_geojson, cfg.csv, cfg.labels, cfg.preview, cfg.tissue_preview) if p is not None]
     for p in outputs:
         check_writable(p)
 
     slide = open_slide(slide_path)
-    notes: list[str] = []
     try:
-        mpp0 = slide_mpp(slide, cfg.slide_mpp, slide_path)
-        target = cfg.target_mpp or getattr(segmenter, "mpp", None) or mpp0
-        if not (target > 0 and math.isfinite(target)):
-            raise InputError(f"target µm/px must be a positive number, not {target}")
-        view = TargetView.create(slide, slide_path, mpp0, float(target))
-        grid = make_grid(view.width, view.height, tile_size, cfg.overlap)
-
-        tissue = None
-        if cfg.tissue_mask or cfg.tissue_preview:
-            tissue = detect_tissue(slide, slide_path, mpp0, cfg.tissue_mpp)
-        if cfg.tissue_mask and tissue is not None:
-            selected = select_tissue_tiles(grid, tissue.mask, tissue.mpp / view.target_mpp)
-            tissue_area = tissue.area_mm2
-        else:
-            selected = select_tissue_tiles(grid, None, 1.0)
-            tissue_area = view.width * view.height * (view.target_mpp / 1000.0) ** 2
-        if len(selected) == 0:
-            msg = f"no tissue found in {slide_path}; writing an empty FeatureCollection"
-            warnings.warn(msg, UserWarning, stacklevel=2)
-            log.warning(msg)
-            notes.append(msg)
-        if cfg.tissue_preview and tissue is not None:
-            boxes = _tile_boxes(grid, selected, view.target_mpp / tissue.mpp)
-            write_tissue_preview(cfg.tissue_preview, tissue, boxes)
-
-        identity = slide_identity(slide, slide_path)
-        key, digest = cache_key(
-            slide=identity, target_mpp=view.target_mpp, level=view.level, factor=view.factor,
-            width=view.width, height=view.height, tile_size=tile_size, overlap=cfg.overlap,
-            tissue_mask=bool(cfg.tissue_mask), tissue_mpp=float(cfg.tissue_mpp), tissue_version=TISSUE_DETECTOR_VERSION,
-        )
-        model = model_fingerprint(segmenter, cfg.model_fingerprint)
+        plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
+        view, grid, selected, mpp0, notes = plan.view, plan.grid, plan.selected, plan.mpp0, plan.notes
+        tissue_area = plan.tissue_area
+        if cfg.tissue_preview and plan.tissue is not None:
+            boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
+            write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
+        identity = plan.identity
         with _work_dir(cfg.work_dir) as work:
-            cache = TileCache(work / cache_dir_name(slide_path, digest), key, grid.origin(selected), tile_size,
-                              model, max_instances=tile_size * tile_size // 16)
+            cache = plan.open_cache(work)
             ready = _Ready(cache.pred_done)
             with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
                 export = pool.submit(_stitch_and_export, cache, grid, selected, view, out_geojson, cfg, identity,
@@ -213,6 +180,111 @@ def predict_slide(
         tissue_area_mm2=float(tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
         slide_mpp=mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n, warnings=notes,
     )
+
+
+def _check_settings(segmenter: TileSegmenter, cfg: PredictConfig) -> int:
+    """The tile size, after checking the settings that do not need the slide."""
+    tile_size = int(cfg.tile_size or segmenter.tile_size)
+    if tile_size != int(segmenter.tile_size):
+        raise InputError(f"tile size {tile_size} does not match the model's ({segmenter.tile_size})")
+    if cfg.batch_size < 1:
+        raise InputError(f"batch size must be >= 1, not {cfg.batch_size}")
+    if not 0 <= cfg.overlap < tile_size // 2:
+        raise InputError(f"overlap must be in [0, {tile_size // 2}) for tile size {tile_size}, not {cfg.overlap}")
+    return tile_size
+
+
+@dataclass
+class _Plan:
+    """What a slide run works on: the target-resolution view, the grid, the tissue tiles and the cache key."""
+
+    view: TargetView
+    grid: object
+    selected: np.ndarray
+    tissue: object
+    tissue_area: float
+    mpp0: float
+    identity: str
+    key: dict
+    digest: str
+    model: str
+    tile_size: int
+    slide_path: Path
+    notes: list[str]
+
+    def open_cache(self, work: Path) -> TileCache:
+        return TileCache(work / cache_dir_name(self.slide_path, self.digest), self.key, self.grid.origin(self.selected),
+                         self.tile_size, self.model, max_instances=self.tile_size * self.tile_size // 16)
+
+
+def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig, tile_size: int,
+          warn_empty: bool = False) -> _Plan:
+    mpp0 = slide_mpp(slide, cfg.slide_mpp, slide_path)
+    target = cfg.target_mpp or getattr(segmenter, "mpp", None) or mpp0
+    if not (target > 0 and math.isfinite(target)):
+        raise InputError(f"target µm/px must be a positive number, not {target}")
+    view = TargetView.create(slide, slide_path, mpp0, float(target))
+    grid = make_grid(view.width, view.height, tile_size, cfg.overlap)
+    notes: list[str] = []
+    tissue = None
+    if cfg.tissue_mask or cfg.tissue_preview:
+        tissue = detect_tissue(slide, slide_path, mpp0, cfg.tissue_mpp)
+    if cfg.tissue_mask and tissue is not None:
+        selected = select_tissue_tiles(grid, tissue.mask, tissue.mpp / view.target_mpp)
+        tissue_area = tissue.area_mm2
+    else:
+        selected = select_tissue_tiles(grid, None, 1.0)
+        tissue_area = view.width * view.height * (view.target_mpp / 1000.0) ** 2
+    if len(selected) == 0 and warn_empty:
+        msg = f"no tissue found in {slide_path}; writing an empty FeatureCollection"
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning(msg)
+        notes.append(msg)
+    identity = slide_identity(slide, slide_path)
+    key, digest = cache_key(
+        slide=identity, target_mpp=view.target_mpp, level=view.level, factor=view.factor,
+        width=view.width, height=view.height, tile_size=tile_size, overlap=cfg.overlap,
+        tissue_mask=bool(cfg.tissue_mask), tissue_mpp=float(cfg.tissue_mpp), tissue_version=TISSUE_DETECTOR_VERSION,
+    )
+    model = model_fingerprint(segmenter, cfg.model_fingerprint)
+    return _Plan(view, grid, selected, tissue, tissue_area, mpp0, identity, key, digest, model, tile_size, slide_path,
+                 notes)
+
+
+def predict_tile_range(
+    slide_path: str | os.PathLike,
+    segmenter: TileSegmenter,
+    config: PredictConfig,
+    start: int = 0,
+    stop: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, int]:
+    """Predict tissue tiles [start, stop) of a slide into the ``work_dir`` cache; write no outputs.
+
+    For spreading the tiles of one large slide over several processes (:mod:`nucseg.distributed`): each fills
+    its range, then :func:`predict_slide` with the same settings finds those predictions and only stitches
+    (and predicts whatever is still missing). Ranges must start on a multiple of ``FLAG_CHUNK`` tiles (and
+    end on one, or at the last tile) so that concurrent processes never share a flag chunk.
+    ``stop=start`` only creates the cache. Returns (tissue tiles of the slide, tiles predicted now).
+    """
+    cfg = config
+    if cfg.work_dir is None:
+        raise InputError("predicting part of a slide needs a work dir (the cache the parts share)")
+    tile_size = _check_settings(segmenter, cfg)
+    slide_path = Path(slide_path)
+    slide = open_slide(slide_path)
+    try:
+        plan = _plan(slide, slide_path, segmenter, cfg, tile_size)
+        n = len(plan.selected)
+        stop = n if stop is None else min(int(stop), n)
+        if start < 0 or start % FLAG_CHUNK or (stop % FLAG_CHUNK and stop != n) or stop < min(start, n):
+            raise InputError(f"tile range [{start}, {stop}) must be aligned to {FLAG_CHUNK} tiles")
+        with _work_dir(cfg.work_dir) as work:
+            cache = plan.open_cache(work)
+            _, predicted = _run_segmenter(cache, plan.view, segmenter, cfg, progress, tiles=(start, stop))
+    finally:
+        slide.close()
+    return n, predicted
 
 
 class _Aborted(Exception):
@@ -255,14 +327,18 @@ def _host_buffer(shape: tuple[int, ...], segmenter: TileSegmenter) -> np.ndarray
 
 def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter, cfg: PredictConfig,
                    progress: Progress | None, ready: _Ready | None = None,
-                   stopped: Callable[[], bool] = lambda: False) -> tuple[int, int]:
-    """Predict every tile not done yet, batch by batch, reading the next batch while the model runs.
+                   stopped: Callable[[], bool] = lambda: False,
+                   tiles: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading the next
+    batch while the model runs.
 
     ``ready`` is told about every finished batch; ``stopped()`` true (the export thread failed) ends early.
     """
     T = cache.tile_size
     todo = np.flatnonzero(~cache.pred_done)
-    total = cache.n
+    if tiles is not None:
+        todo = todo[(todo >= tiles[0]) & (todo < tiles[1])]
+    total = cache.n if tiles is None else tiles[1] - tiles[0]
     done = total - len(todo)
     if progress is not None:
         progress(done, total)
@@ -401,6 +477,25 @@ def slide_outputs(slide: str | os.PathLike, out_dir: Path, gz: bool = False, csv
     return paths
 
 
+def finished_summary(outputs: dict[str, Path]) -> SlideSummary | None:
+    """The stored summary (marked skipped) if every output of a slide exists and it records no error, else None.
+
+    Every output is written atomically and the summary last, so existence means complete.
+    """
+    if not all(q.exists() for q in outputs.values()):
+        return None
+    try:
+        done = json.loads(outputs["summary"].read_text())
+        if done.get("error") is not None:
+            return None
+        fields = {f.name for f in dataclasses.fields(SlideSummary)}
+        summary = SlideSummary(**{k: v for k, v in done.items() if k in fields})
+    except (ValueError, TypeError, OSError, AttributeError):
+        return None  # unreadable summary: redo the slide
+    summary.skipped = True
+    return summary
+
+
 def predict_slides(
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -431,17 +526,10 @@ def predict_slides(
     summaries: list[SlideSummary] = []
     for p in paths:
         outs = slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview)
-        if not overwrite and all(q.exists() for q in outs.values()):
-            try:
-                done = json.loads(outs["summary"].read_text())
-                if done.get("error") is None:
-                    fields = {f.name for f in dataclasses.fields(SlideSummary)}
-                    s = SlideSummary(**{k: v for k, v in done.items() if k in fields})
-                    s.skipped = True
-                    summaries.append(s)
-                    continue
-            except (ValueError, TypeError, OSError):
-                pass  # unreadable summary: redo the slide
+        finished = None if overwrite else finished_summary(outs)
+        if finished is not None:
+            summaries.append(finished)
+            continue
         slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"))
         t0 = time.perf_counter()
         try:

@@ -9,22 +9,33 @@ Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings,
     <stem>-<key16>.zarr/            attrs: key (the JSON the name hashes), slide path
       coords       (n, 2) int64     tile origins (x, y) in target pixels, in processing order
       tiles        (n, T, T, 3) u8  RGB tiles, chunk = one tile
-      tiles_done   (n,) bool        tile i was read and written completely
+      tiles_done   (n,) bool        tile i was read and written completely, chunk = FLAG_CHUNK tiles
       pred/<model16>/               attrs: model (the fingerprint string)
         labels     (n, T, T) int32  raw per-tile instance labels, chunk = one tile
         scores     (n, K) float32   scores[i, k-1] = score of label k (NaN past n_inst[i])
-        n_inst     (n,) int32
-        done       (n,) bool        prediction i was written completely
+        n_inst     (n,) int32       chunk = FLAG_CHUNK tiles
+        done       (n,) bool        prediction i was written completely, chunk = FLAG_CHUNK tiles
 
-Flags are written by the main thread only and after the data they describe (zarr's local store writes
-each chunk atomically), so a killed run leaves at worst un-flagged work that is redone.
+Flags are written after the data they describe (zarr's local store writes each chunk atomically), so a
+killed run leaves at worst un-flagged work that is redone.
+
+Several processes may fill one cache at once if each owns whole flag chunks (tile ranges aligned to
+``FLAG_CHUNK``): tiles and predictions have one chunk per tile, and a process only ever writes the flag chunks
+of the tiles it fills, from its own copy. ``nucseg.distributed`` spreads the tiles of a large slide over
+workers that way. Flags are chunked by ``FLAG_CHUNK`` rather than per tile because zarr reads ~0.2 ms per
+chunk: per-tile flags would cost seconds to open a 20,000-tile slide. Creating the group and a model's
+prediction group happens under an exclusive ``flock`` on ``<cache>.lock`` beside it, so two processes
+opening a new cache do not both create it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -32,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges)
+FLAG_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -143,17 +155,42 @@ def cache_key(**fields) -> tuple[dict, str]:
     return norm, digest
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive flock on ``path`` (created if missing) for the duration; a no-op where locks are unsupported."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: single-process use is still safe
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class TileCache:
     """Tiles and per-tile predictions of one slide in a zarr v3 group (see module docstring for layout)."""
 
     def __init__(self, root: Path, key: dict, coords: np.ndarray, tile_size: int, model: str, max_instances: int):
-        import zarr
-
         self.root = Path(root)
         self.tile_size = int(tile_size)
         self.max_instances = int(max_instances)
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-        n = len(coords)
+        self.n = len(coords)
+        self.coords = coords
+        with _locked(self.root.with_name(self.root.name + ".lock")):
+            self.group = self._open_group(key, coords)
+            self.pred = self._open_pred(model)
+        self.tiles = self.group["tiles"]
+        self._tiles_done = np.asarray(self.group["tiles_done"][:], dtype=bool)
+        self._pred_done = np.asarray(self.pred["done"][:], dtype=bool)
+        self._n_inst = np.asarray(self.pred["n_inst"][:], dtype=np.int32)
+
+    def _open_group(self, key: dict, coords: np.ndarray):
+        import zarr
+
         group = None
         if self.root.exists():
             try:
@@ -166,24 +203,17 @@ class TileCache:
             if group is None:
                 shutil.rmtree(self.root, ignore_errors=True)
         if group is None:
+            n, T = self.n, self.tile_size
             group = zarr.open_group(str(self.root), mode="w")
             group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
             if n:
                 group["coords"][:] = coords
-            T = self.tile_size
             group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255)
-            group.create_array("tiles_done", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=False)
+            group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
             group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
-        self.group = group
-        self.n = n
-        self.coords = coords
-        self.tiles = group["tiles"]
-        self._tiles_done = np.asarray(group["tiles_done"][:], dtype=bool)
-        self.pred = self._open_pred(model)
+        return group
 
     def _open_pred(self, model: str):
-        import zarr  # noqa: F401
-
         # Segmenters without a fingerprint get a fresh "volatile" group each run: never reused, never piling up.
         name = "volatile" if model.startswith("volatile:") else hashlib.sha256(model.encode()).hexdigest()[:16]
         path = f"pred/{name}"
@@ -196,11 +226,9 @@ class TileCache:
             pred = self.group.create_group(path, overwrite=True)
             pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0)
             pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan)
-            pred.create_array("n_inst", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0)
-            pred.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=False)
+            pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0)
+            pred.create_array("done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
             pred.attrs["model"] = model  # last, as the group's key: a half-created group is recreated
-        self._pred_done = np.asarray(pred["done"][:], dtype=bool)
-        self._n_inst = np.asarray(pred["n_inst"][:], dtype=np.int32)
         return pred
 
     # ---- tiles -------------------------------------------------------------------------------------------
@@ -219,7 +247,7 @@ class TileCache:
         for i, tile in zip(indices, tiles):
             self.tiles[int(i)] = tile
         self._tiles_done[indices] = True
-        self.group["tiles_done"][:] = self._tiles_done
+        _write_chunks(self.group["tiles_done"], self._tiles_done, indices)
 
     # ---- predictions -------------------------------------------------------------------------------------
     @property
@@ -231,21 +259,22 @@ class TileCache:
         if not len(indices):
             return
         K = self.max_instances
+        n_inst = np.zeros(len(indices), np.int32)
         for j, i in enumerate(indices):
             sc = np.asarray(scores[j], dtype=np.float32).ravel()
-            n_inst = int(labels[j].max()) if labels[j].size else 0
-            if n_inst > K:
-                raise ValueError(f"tile {int(i)} has {n_inst} instances, more than the cache holds ({K})")
-            if len(sc) < n_inst:
-                raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst} instances in a tile")
+            n_inst[j] = int(labels[j].max()) if labels[j].size else 0
+            if n_inst[j] > K:
+                raise ValueError(f"tile {int(i)} has {n_inst[j]} instances, more than the cache holds ({K})")
+            if len(sc) < n_inst[j]:
+                raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst[j]} instances in a tile")
             row = np.full(K, np.nan, dtype=np.float32)
-            row[:n_inst] = sc[:n_inst]
+            row[: n_inst[j]] = sc[: n_inst[j]]
             self.pred["labels"][int(i)] = labels[j].astype(np.int32, copy=False)
             self.pred["scores"][int(i)] = row
-            self._n_inst[i] = n_inst
-        self.pred["n_inst"][:] = self._n_inst
+        self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
-        self.pred["done"][:] = self._pred_done
+        _write_chunks(self.pred["n_inst"], self._n_inst, indices)
+        _write_chunks(self.pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
 
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i."""
@@ -253,6 +282,13 @@ class TileCache:
         labels = np.asarray(self.pred["labels"][int(i)])
         scores = np.asarray(self.pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
         return labels, scores
+
+
+def _write_chunks(array, values: np.ndarray, indices: np.ndarray) -> None:
+    """Write the flag chunks holding ``indices`` (only those) from this process's copy ``values``."""
+    for c in np.unique(indices // FLAG_CHUNK):
+        lo, hi = int(c) * FLAG_CHUNK, min((int(c) + 1) * FLAG_CHUNK, len(values))
+        array[lo:hi] = values[lo:hi]
 
 
 def cache_dir_name(slide_path: Path, digest: str) -> str:

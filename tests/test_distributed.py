@@ -101,3 +101,54 @@ def test_client_side_checks(cluster, slides, tmp_path):
         SegmenterSpec(adapter=str(tmp_path)).check()
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         SegmenterSpec(model="vit_tiny", checkpoint=str(tmp_path / "none.pth")).check()
+
+
+def test_a_large_slide_is_split_over_the_workers(cluster, tmp_path):
+    """One slide's tiles in ranges on both workers, then one stitching task: the single-process outputs."""
+    import dataclasses
+
+    from dask.distributed import Client
+
+    slide = tmp_path / "big.tif"
+    make_synthetic_slide(slide, 1400, 1400, mpp=0.5, nuclei=300, tissue_fraction=0.9, pyramid=False, seed=5)
+    spec = SegmenterSpec(kind="threshold", tile_size=128)
+    cfg = PredictConfig(tile_size=128, overlap=24, work_dir=tmp_path / "work")
+    finished = []
+    with Client(cluster) as client:
+        [s] = predict_distributed(client, [slide], tmp_path / "out", spec, cfg, csv=True, tiles_per_task=50,
+                                  on_result=finished.append)
+    [ref] = predict_slides([slide], tmp_path / "ref", spec.build(), dataclasses.replace(cfg, work_dir=tmp_path / "w"),
+                           csv=True)
+    for name in ("big.geojson", "big.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert s.error is None and s.nuclei == ref.nuclei > 100
+    parts = finished[0]["parts"]
+    assert [(p["start"], p["stop"]) for p in parts] == [(a, min(a + 64, s.tissue_tiles))
+                                                       for a in range(0, s.tissue_tiles, 64)]  # 50 -> 64 (flag chunk)
+    assert len(parts) >= 3 and all("error" not in p for p in parts)
+    assert sum(p["predicted"] for p in parts) == s.tissue_tiles and s.predicted_tiles == 0  # stitch task: no model
+    assert {p["worker"] for p in parts} == set(cluster.scheduler_info["workers"])  # both workers took ranges
+    # rerun: complete outputs are skipped (the planning task sees them and no range is sent)
+    again = []
+    with Client(cluster) as client:
+        [s2] = predict_distributed(client, [slide], tmp_path / "out", spec, cfg, csv=True, tiles_per_task=50,
+                                   on_result=again.append)
+    assert s2.skipped and "parts" not in again[0]
+
+
+def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
+    from nucseg.predict import predict_tile_range
+    from nucseg.tiling import FLAG_CHUNK
+
+    slide = tmp_path / "s.tif"
+    make_synthetic_slide(slide, 600, 600, mpp=0.5, nuclei=40, pyramid=False, seed=1)
+    seg = SegmenterSpec(kind="threshold", tile_size=128).build()
+    cfg = PredictConfig(tile_size=128, overlap=24, work_dir=tmp_path / "w")
+    with pytest.raises(InputError, match="aligned"):
+        predict_tile_range(slide, seg, cfg, 1, FLAG_CHUNK)
+    with pytest.raises(InputError, match="work dir"):
+        predict_tile_range(slide, seg, PredictConfig(tile_size=128, overlap=24), 0, 0)
+    n, predicted = predict_tile_range(slide, seg, cfg, 0, 0)  # creates the cache only
+    assert n > 0 and predicted == 0
+    assert predict_tile_range(slide, seg, cfg) == (n, n)  # then all of it
+    assert predict_tile_range(slide, seg, cfg) == (n, 0)  # and nothing twice
