@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 # The torch/torchvision pair that installs on CPU-only CI machines and GPU nodes alike (CUDA build).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= demo_out
+# make bench BENCH_ARGS='--train' builds the benchmark weights first; '--only amg --threads 1' runs one
+BENCH_ARGS ?=
 
 .PHONY: install test demo bench clean
 
@@ -23,7 +25,7 @@ demo: install
 	$(PY) scripts/demo.py --out $(DEMO)
 
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info .pytest_cache

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,23 +27,15 @@ from nucseg.infer import InferConfig
 from nucseg.lora import MethodConfig
 from nucseg.train import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from common import REPO, SAMPLE, TINY_BASE, cpu_name  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/he-nuclei-sample/human glioma")
-    ap.add_argument("--base", type=Path, default=REPO / "runs/tiny-base/sam_vit_tiny_he.pth")
+    ap.add_argument("--data", type=Path, default=SAMPLE / "human glioma")
+    ap.add_argument("--base", type=Path, default=TINY_BASE)
     ap.add_argument("--out", type=Path, default=REPO / "runs/learning")
     ap.add_argument("--tile-size", type=int, default=256, help="the size the tiny base was trained at")
     ap.add_argument("--folds", type=int, default=5)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "he-nuclei-sample"
+SHARED = Path(os.environ.get("NUCSEG_SHARED_DATA", REPO.parent / "shared" / "data"))  # as tests/conftest.py
+SAMPLE = SHARED / "he-nuclei-sample"
 BENCH_ORGAN = "human glioma"
 # The first images of BENCH_ORGAN (sorted) are what the speed benchmarks segment; make_bench_adapter.py
 # trains only on the others, so the benchmark tiles are never training data.

@@ -240,6 +240,8 @@ def predict(args: argparse.Namespace) -> int:
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
                         work_dir=args.work_dir)
+    if args.tiles_per_task is not None and (not args.scheduler or args.tiles_per_task < 0):
+        raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
     single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))
     if single and not args.scheduler:
         base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json")

@@ -13,7 +13,11 @@ mid-slide, dask reschedules its task on another worker, which resumes from the z
 Large slides (more than ``tiles_per_task`` tissue tiles) are split: a small planning task counts the tissue
 tiles and creates the slide's cache, then one task per range of ``tiles_per_task`` tiles fills the cache
 (:func:`nucseg.predict.predict_tile_range`, on as many workers as are free), and a last task, which dask
-starts when every range is done, stitches and writes the outputs, predicting any tile a failed range left.
+starts when every range is done, stitches and writes the outputs. A range that fails with a user-facing
+error (an unreadable region, say) leaves its tiles to that last task, which predicts whatever is missing; a
+bug in a range fails the slide and is re-raised like any other bug. A split slide's ``summary.json`` is
+that of its last task; the result dict (and the run log) add the ranges: ``parts``, and ``predicted_tiles``
+and ``seconds`` summed over all of the slide's tasks.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,17 +144,23 @@ def _plan_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: Predi
 def _predict_part_on_worker(slide: str, spec: SegmenterSpec, config: PredictConfig, start: int, stop: int) -> dict:
     """Tiles [start, stop) of ``slide`` into the shared cache. A user-facing error is returned, not raised:
     the slide's last task predicts whatever this range left, and reports the error if it recurs."""
+    t0 = time.perf_counter()
     try:
-        _, predicted = predict_tile_range(slide, worker_segmenter(spec), config, start, stop)
+        _, predicted = predict_tile_range(slide, worker_segmenter(spec), config, start, stop, create=False)
     except NucsegError as err:
-        return {"start": start, "stop": stop, "predicted": 0, "error": str(err), "worker": _worker_name()}
-    return {"start": start, "stop": stop, "predicted": predicted, "worker": _worker_name()}
+        return {"start": start, "stop": stop, "predicted": 0, "seconds": time.perf_counter() - t0,
+                "error": str(err), "worker": _worker_name()}
+    return {"start": start, "stop": stop, "predicted": predicted, "seconds": time.perf_counter() - t0,
+            "worker": _worker_name()}
 
 
 def _finish_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
                       extras: dict[str, bool], parts: list[dict]) -> dict:
     """The slide's last task, after its ranges (dask passes their results in ``parts``): stitch and write."""
-    return {**_predict_on_worker(slide, out_dir, spec, config, extras), "parts": parts}
+    d = _predict_on_worker(slide, out_dir, spec, config, extras)
+    d["predicted_tiles"] = int(d.get("predicted_tiles") or 0) + sum(p["predicted"] for p in parts)
+    d["seconds"] = float(d.get("seconds") or 0.0) + sum(p["seconds"] for p in parts)
+    return {**d, "parts": parts}
 
 
 def _worker_name() -> str:

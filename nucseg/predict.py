@@ -212,9 +212,10 @@ class _Plan:
     slide_path: Path
     notes: list[str]
 
-    def open_cache(self, work: Path) -> TileCache:
+    def open_cache(self, work: Path, create: bool = True) -> TileCache:
         return TileCache(work / cache_dir_name(self.slide_path, self.digest), self.key, self.grid.origin(self.selected),
-                         self.tile_size, self.model, max_instances=self.tile_size * self.tile_size // 16)
+                         self.tile_size, self.model, max_instances=self.tile_size * self.tile_size // 16,
+                         create=create)
 
 
 def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig, tile_size: int,
@@ -258,6 +259,7 @@ def predict_tile_range(
     start: int = 0,
     stop: int | None = None,
     progress: Progress | None = None,
+    create: bool = True,
 ) -> tuple[int, int]:
     """Predict tissue tiles [start, stop) of a slide into the ``work_dir`` cache; write no outputs.
 
@@ -265,11 +267,16 @@ def predict_tile_range(
     its range, then :func:`predict_slide` with the same settings finds those predictions and only stitches
     (and predicts whatever is still missing). Ranges must start on a multiple of ``FLAG_CHUNK`` tiles (and
     end on one, or at the last tile) so that concurrent processes never share a flag chunk.
-    ``stop=start`` only creates the cache. Returns (tissue tiles of the slide, tiles predicted now).
+    ``stop=start`` only creates the cache; ``create=False`` (what concurrent range tasks use) refuses to create
+    or rebuild it, so a process that sees a different cache never wipes the others' work.
+    Returns (tissue tiles of the slide, tiles predicted now).
     """
     cfg = config
     if cfg.work_dir is None:
         raise InputError("predicting part of a slide needs a work dir (the cache the parts share)")
+    if model_fingerprint(segmenter, cfg.model_fingerprint).startswith("volatile:"):
+        raise InputError("predicting part of a slide needs a segmenter with a fingerprint (or "
+                         "config.model_fingerprint): without one, each part would start a fresh cache")
     tile_size = _check_settings(segmenter, cfg)
     slide_path = Path(slide_path)
     slide = open_slide(slide_path)
@@ -280,7 +287,7 @@ def predict_tile_range(
         if start < 0 or start % FLAG_CHUNK or (stop % FLAG_CHUNK and stop != n) or stop < min(start, n):
             raise InputError(f"tile range [{start}, {stop}) must be aligned to {FLAG_CHUNK} tiles")
         with _work_dir(cfg.work_dir) as work:
-            cache = plan.open_cache(work)
+            cache = plan.open_cache(work, create=create)
             _, predicted = _run_segmenter(cache, plan.view, segmenter, cfg, progress, tiles=(start, stop))
     finally:
         slide.close()

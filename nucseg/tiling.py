@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+
 CACHE_VERSION = 2  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges)
 FLAG_CHUNK = 64
 
@@ -173,7 +175,10 @@ def _locked(path: Path):
 class TileCache:
     """Tiles and per-tile predictions of one slide in a zarr v3 group (see module docstring for layout)."""
 
-    def __init__(self, root: Path, key: dict, coords: np.ndarray, tile_size: int, model: str, max_instances: int):
+    def __init__(self, root: Path, key: dict, coords: np.ndarray, tile_size: int, model: str, max_instances: int,
+                 create: bool = True):
+        """``create=False``: the cache and the model's prediction group must already exist and match (a
+        process filling one range of a shared cache must never rebuild it under the others)."""
         self.root = Path(root)
         self.tile_size = int(tile_size)
         self.max_instances = int(max_instances)
@@ -181,14 +186,14 @@ class TileCache:
         self.n = len(coords)
         self.coords = coords
         with _locked(self.root.with_name(self.root.name + ".lock")):
-            self.group = self._open_group(key, coords)
-            self.pred = self._open_pred(model)
+            self.group = self._open_group(key, coords, create)
+            self.pred = self._open_pred(model, create)
         self.tiles = self.group["tiles"]
         self._tiles_done = np.asarray(self.group["tiles_done"][:], dtype=bool)
         self._pred_done = np.asarray(self.pred["done"][:], dtype=bool)
         self._n_inst = np.asarray(self.pred["n_inst"][:], dtype=np.int32)
 
-    def _open_group(self, key: dict, coords: np.ndarray):
+    def _open_group(self, key: dict, coords: np.ndarray, create: bool):
         import zarr
 
         group = None
@@ -200,8 +205,10 @@ class TileCache:
                     group = None
             except Exception:  # unreadable or foreign store: rebuild rather than trust it
                 group = None
-            if group is None:
+            if group is None and create:
                 shutil.rmtree(self.root, ignore_errors=True)
+        if group is None and not create:
+            raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
         if group is None:
             n, T = self.n, self.tile_size
             group = zarr.open_group(str(self.root), mode="w")
@@ -213,7 +220,7 @@ class TileCache:
             group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
         return group
 
-    def _open_pred(self, model: str):
+    def _open_pred(self, model: str, create: bool):
         # Segmenters without a fingerprint get a fresh "volatile" group each run: never reused, never piling up.
         name = "volatile" if model.startswith("volatile:") else hashlib.sha256(model.encode()).hexdigest()[:16]
         path = f"pred/{name}"
@@ -223,6 +230,8 @@ class TileCache:
             if pred.attrs.get("model") != model or pred["scores"].shape != (n, K):
                 raise KeyError(path)
         except KeyError:
+            if not create:
+                raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
             pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0)
             pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan)

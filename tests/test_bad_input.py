@@ -71,7 +71,9 @@ def _dataset_variant(src: Path, dst: Path, kind: str) -> Path:
     organ = sorted(p for p in dst.iterdir() if p.is_dir())[0]
     images, labels = organ / "tissue images", organ / "label masks modify"
     first = sorted(images.glob("*.png"))[0]
-    if kind == "size":
+    if kind == "no-label":
+        (labels / f"{first.stem}.tif").unlink()
+    elif kind == "size":
         tifffile.imwrite(labels / f"{first.stem}.tif", np.zeros((64, 100), np.uint16))
     elif kind == "not-image":
         first.write_text("not a PNG at all")
@@ -117,6 +119,8 @@ SLIDE_CASES = [
     ("bad-scheduler", lambda p, o: ["predict", str(p["slide"]), str(p["nompp"]), "--out-dir", str(o),
                                     "--work-dir", str(o / "w"), "--scheduler", "nowhere", *THRESHOLD], 2,
      "cannot reach the dask scheduler nowhere"),
+    ("tiles-per-task-alone", lambda p, o: ["predict", str(p["slide"]), "-o", str(o / "x.geojson"),
+                                           "--tiles-per-task", "64", *THRESHOLD], 2, "--tiles-per-task N (N >= 0) goes with"),
     ("unwritable-geojson", lambda p, o: ["predict", str(p["slide"]), "-o", str(p["blocker"] / "x.geojson"),
                                          *THRESHOLD], 6, "{blocker}"),
     ("unwritable-out-dir", lambda p, o: ["predict", str(p["slide"]), str(p["nompp"]), "--out-dir",
@@ -153,6 +157,7 @@ def test_truncated_svs(cmu_svs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind,needle", [
+    ("no-label", "missing label file"),
     ("size", "size mismatch"),
     ("not-image", "cannot read image"),
     ("no-images", "no images in"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nucseg.distributed import SegmenterSpec, predict_distributed, worker_segmenter
-from nucseg.errors import CheckpointError, InputError
+from nucseg.errors import CheckpointError, DataError, InputError
 from nucseg.predict import PredictConfig, predict_slides
 from nucseg.runlog import read_runlog
 from nucseg.synthslide import make_synthetic_slide
@@ -126,7 +126,8 @@ def test_a_large_slide_is_split_over_the_workers(cluster, tmp_path):
     assert [(p["start"], p["stop"]) for p in parts] == [(a, min(a + 64, s.tissue_tiles))
                                                        for a in range(0, s.tissue_tiles, 64)]  # 50 -> 64 (flag chunk)
     assert len(parts) >= 3 and all("error" not in p for p in parts)
-    assert sum(p["predicted"] for p in parts) == s.tissue_tiles and s.predicted_tiles == 0  # stitch task: no model
+    assert sum(p["predicted"] for p in parts) == s.tissue_tiles == s.predicted_tiles  # the stitch task: no model
+    assert json.loads((tmp_path / "out" / "big.summary.json").read_text())["predicted_tiles"] == 0
     assert {p["worker"] for p in parts} == set(cluster.scheduler_info["workers"])  # both workers took ranges
     # rerun: complete outputs are skipped (the planning task sees them and no range is sent)
     again = []
@@ -148,6 +149,17 @@ def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
         predict_tile_range(slide, seg, cfg, 1, FLAG_CHUNK)
     with pytest.raises(InputError, match="work dir"):
         predict_tile_range(slide, seg, PredictConfig(tile_size=128, overlap=24), 0, 0)
+    with pytest.raises(DataError, match="missing"):  # what range tasks use: never create the shared cache
+        predict_tile_range(slide, seg, cfg, 0, FLAG_CHUNK, create=False)
+    class NoFingerprint:  # a segmenter without an identity: its predictions can never be shared
+        tile_size, mpp = seg.tile_size, seg.mpp
+
+        def __call__(self, tiles):
+            return seg(tiles)
+
+    volatile = NoFingerprint()
+    with pytest.raises(InputError, match="fingerprint"):
+        predict_tile_range(slide, volatile, cfg, 0, 0)
     n, predicted = predict_tile_range(slide, seg, cfg, 0, 0)  # creates the cache only
     assert n > 0 and predicted == 0
     assert predict_tile_range(slide, seg, cfg) == (n, n)  # then all of it
