@@ -8,7 +8,8 @@ foreground head, few accepted masks to skip prompts with), i.e. the worst case o
 ``--adapter`` (and ``--checkpoint``) for a trained model. ``--slide-side`` also times ``predict_slide`` on a
 generated slide (reading, inference, stitching, GeoJSON).
 
-Needs a CUDA GPU; on a machine without one it exits with a message and status 2.
+Needs a CUDA GPU; on a machine without one it exits with a message and status 2. ``--device cpu`` runs the
+same code on the CPU as a smoke test (tests/test_bench_scripts.py), not as a measurement.
 
     .venv/bin/python bench/bench_gpu.py --out bench/results/gpu_h100.json
 """
@@ -30,34 +31,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SAMPLE, load_model, provenance  # noqa: E402
 
 
-def real_tiles(n: int) -> np.ndarray:
+def real_tiles(n: int, pinned: bool = True) -> np.ndarray:
     """``n`` real 512 px H&E tiles (the sample's 76, repeated as needed) in a pinned host buffer."""
     from nucseg.io import read_rgb
 
     files = sorted(SAMPLE.glob("*/tissue images/*.png"))
     if not files:
         raise SystemExit(f"no tiles under {SAMPLE}")
-    buf = torch.empty((n, 512, 512, 3), dtype=torch.uint8, pin_memory=True).numpy()
+    buf = torch.empty((n, 512, 512, 3), dtype=torch.uint8, pin_memory=pinned).numpy()
     for i in range(n):
         buf[i] = read_rgb(files[i % len(files)])[:512, :512]
     return buf
 
 
-def rate(fn, batch: int, seconds: float, warmup: int = 2) -> tuple[float, float]:
-    """(tiles/s, peak GiB) of ``fn`` on ``batch`` tiles, repeated for at least ``seconds``."""
+def rate(fn, batch: int, seconds: float, cuda: bool = True, warmup: int = 2) -> tuple[float, float | None]:
+    """(tiles/s, peak GiB on the GPU; None on CPU) of ``fn`` on ``batch`` tiles, repeated for >= ``seconds``."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     calls, t0 = 0, time.perf_counter()
     while True:
         fn()
         calls += 1
-        torch.cuda.synchronize()
+        sync()
         if time.perf_counter() - t0 >= seconds:
             break
     elapsed = time.perf_counter() - t0
-    return calls * batch / elapsed, torch.cuda.max_memory_allocated() / 2**30
+    return calls * batch / elapsed, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
 def main() -> int:
@@ -73,8 +76,9 @@ def main() -> int:
     ap.add_argument("--slide-side", type=int, default=8192, help="0: skip the whole-slide timing")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test, not a figure")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA GPU and torch.cuda.is_available() is False here: nothing measured. "
               "Run it on a GPU node (docs/PERFORMANCE.md).", file=sys.stderr)
         return 2
@@ -82,40 +86,41 @@ def main() -> int:
     from nucseg.infer import InferConfig, SamTileSegmenter
     from nucseg.sam import encode
 
+    dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     mut = load_model(args.adapter, args.checkpoint, args.model, 512)
-    model = mut.model.cuda().eval()
+    model = mut.model.to(dev).eval()
     bf16 = not args.no_bf16
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    host = real_tiles(max(sizes))
-    device_tiles = torch.from_numpy(host).cuda()
+    host = real_tiles(max(sizes), pinned=dev == "cuda")
+    device_tiles = torch.from_numpy(host).to(dev)
     encoder, end_to_end = [], []
     with torch.inference_mode():
         for b in sizes:
             x = device_tiles[:b]
 
             def enc():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16 and dev == "cuda"):
                     encode(model, x)
 
-            tps, peak = rate(enc, b, args.seconds)
-            encoder.append({"batch": b, "tiles_per_s": round(tps, 1), "peak_gib": round(peak, 2)})
+            tps, peak = rate(enc, b, args.seconds, dev == "cuda")
+            encoder.append({"batch": b, "tiles_per_s": round(tps, 1), "peak_gib": peak and round(peak, 2)})
             print(json.dumps({"encoder": encoder[-1]}), file=sys.stderr, flush=True)
         for mode in args.prompts.split(","):
             cfg = InferConfig(prompts=mode, points_per_side=args.points_per_side, decoder_batch=args.decoder_batch,
                               bf16=bf16)
-            seg = SamTileSegmenter(model, cfg, device="cuda")
+            seg = SamTileSegmenter(model, cfg, device=dev)
             for b in sizes:
                 seg.stats.update(tiles=0, prompts_grid=0, prompts_decoded=0)
-                tps, peak = rate(lambda: seg(host[:b]), b, args.seconds)
-                row = {"prompts": mode, "batch": b, "tiles_per_s": round(tps, 1), "peak_gib": round(peak, 2),
+                tps, peak = rate(lambda: seg(host[:b]), b, args.seconds, dev == "cuda")
+                row = {"prompts": mode, "batch": b, "tiles_per_s": round(tps, 1), "peak_gib": peak and round(peak, 2),
                        "prompts_decoded_per_tile": round(seg.stats["prompts_decoded"] / max(seg.stats["tiles"], 1), 1),
                        "decoder_chunk": seg.decoder_chunk}
                 end_to_end.append(row)
                 print(json.dumps({"end_to_end": row}), file=sys.stderr, flush=True)
-    report = {"benchmark": "GPU throughput, 512 px tiles", **provenance(), "model": mut.name,
-              "settings": {"bf16": bf16, "points_per_side": args.points_per_side, "decoder_batch": args.decoder_batch,
+    report = {"benchmark": "GPU throughput, 512 px tiles", **provenance(), "model": mut.name, "device": dev,
+              "settings": {"bf16": bf16 and dev == "cuda", "points_per_side": args.points_per_side, "decoder_batch": args.decoder_batch,
                            "timing": f">= {args.seconds} s per point after 2 warm-up calls, cuda.synchronize"},
               "encoder": encoder, "end_to_end": end_to_end}
     if args.slide_side:
@@ -135,8 +140,8 @@ def time_slide(model, mut, args, bf16: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="nucseg-gpu-") as tmp:
         slide = Path(tmp) / "slide.tif"
         make_synthetic_slide(slide, args.slide_side, args.slide_side, mpp=0.5, tissue_fraction=0.7, seed=1)
-        seg = SamTileSegmenter(model, InferConfig(decoder_batch=args.decoder_batch, bf16=bf16), device="cuda",
-                               mpp=0.5, identity=mut.identity)
+        seg = SamTileSegmenter(model, InferConfig(points_per_side=args.points_per_side, decoder_batch=args.decoder_batch,
+                                                  bf16=bf16), device=args.device, mpp=0.5, identity=mut.identity)
         cfg = PredictConfig(batch_size=16, work_dir=Path(tmp) / "work")
         t0 = time.perf_counter()
         summary = predict_slide(slide, Path(tmp) / "out.geojson", seg, cfg)

@@ -107,6 +107,7 @@ def test_predict_one_slide_survives_random_kills(slides, tmp_path):
     (tmp_path / "kill").mkdir()
     duration = _run(argv, tmp_path / "ref")
     hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.predict, nucseg.classical"), 6, 1)
+    print(f"{hits} SIGKILLs landed before the run finished")  # shown by pytest -rP
     assert hits >= 3, f"only {hits} kills landed before the run finished"
     ref, got = _files(tmp_path / "ref" / "out"), _files(tmp_path / "kill" / "out")
     assert {"alpha.geojson", "alpha.csv", "alpha.labels.zarr/.zattrs"} <= set(ref)
@@ -122,6 +123,7 @@ def test_predict_input_list_batch_survives_random_kills(slides, tmp_path):
     argv = ["predict", "--input-list", "slides.txt", "--out-dir", "out", "--work-dir", "work", *PREDICT]
     duration = _run(argv, tmp_path / "ref")
     hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.predict, nucseg.classical"), 6, 2)
+    print(f"{hits} SIGKILLs landed before the run finished")  # shown by pytest -rP
     assert hits >= 3, f"only {hits} kills landed before the run finished"
     ref_dir, got_dir = tmp_path / "ref" / "out", tmp_path / "kill" / "out"
     assert sorted(_files(got_dir)) == sorted(_files(ref_dir))
@@ -156,6 +158,7 @@ def test_cv_survives_random_kills(tmp_path):
     env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     duration = _run(argv, tmp_path / "ref", env)
     hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.cv, nucseg.data", env), 5, 3, env)
+    print(f"{hits} SIGKILLs landed before the run finished")  # shown by pytest -rP
     assert hits >= 3, f"only {hits} kills landed before the run finished"
     ref, got = _files(tmp_path / "ref" / "cv"), _files(tmp_path / "kill" / "cv")
     assert got.keys() == ref.keys()

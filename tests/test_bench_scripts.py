@@ -1,0 +1,31 @@
+"""The GPU benchmark cannot run here (no GPU on CI); its --device cpu mode runs the same code path on a tiny
+model, so a lent GPU finds a script that works. The figures of this run are not measurements."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_runs_end_to_end_on_cpu(shared_data: Path, tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--device", "cpu", "--model", "vit_tiny",
+           "--batch-sizes", "1,2", "--prompts", "auto,grid", "--points-per-side", "4", "--seconds", "0.1",
+           "--slide-side", "900", "--out", str(out)]
+    env = {**os.environ, "NUCSEG_SHARED_DATA": str(shared_data)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["machine"]["torch"] == __import__("torch").__version__
+    assert [row["batch"] for row in report["encoder"]] == [1, 2]
+    assert all(row["tiles_per_s"] > 0 and row["peak_gib"] is None for row in report["encoder"])
+    rows = {(row["prompts"], row["batch"]): row for row in report["end_to_end"]}
+    assert set(rows) == {("auto", 1), ("auto", 2), ("grid", 1), ("grid", 2)}
+    assert rows[("grid", 1)]["prompts_decoded_per_tile"] == 16  # 4 x 4 grid, every point decoded
+    slide = report["slide"]
+    assert slide["tissue_tiles"] >= 1 and slide["wall_s"] > 0 and slide["s_per_mm2"] > 0
