@@ -66,11 +66,12 @@ def run(script: str, *args: str) -> None:
 
 def summary() -> None:
     """The headline figures of whatever results exist."""
-    amg = RESULTS / "amg_cpu.json"
-    if amg.is_file():
+    for amg in (RESULTS / "amg_cpu.json", RESULTS / "amg_cpu_untrained.json"):
+        if not amg.is_file():
+            continue
         r = json.loads(amg.read_text())
         print(f"\nnucseg vs SamAutomaticMaskGenerator ({r['model']}, {r['tiles']['n']} tiles of {r['tiles']['size']} px, "
-              f"{r['machine']['cpu']}):")
+              f"{r['machine']['cpu']}; {amg.relative_to(HERE.parent)}, measured {r['date']}):")
         print("| method | s/tile | vs AMG | prompts/tile | PQ | AJI | Dice |\n|---|---|---|---|---|---|---|")
         for name, row in r["results"].items():
             up = r["speedup_vs_amg"].get(name, 1.0)
