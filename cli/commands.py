@@ -267,7 +267,7 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
     """Many slides into --out-dir: skip finished ones, log every slide (JSON lines), write a run summary."""
     import contextlib
 
-    from nucseg.distributed import check_output_names
+    from nucseg.predict import check_output_names
     from nucseg.io import writable_dir
     from nucseg.predict import predict_slides
     from nucseg.runlog import RunLog

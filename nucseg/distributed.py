@@ -22,7 +22,6 @@ and ``seconds`` summed over all of the slide's tasks.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import CheckpointError, InputError, NucsegError
-from .predict import (PredictConfig, SlideSummary, finished_summary, predict_slides, predict_tile_range,
-                      slide_outputs)
+from .predict import (PredictConfig, SlideSummary, check_output_names, finished_summary, predict_slides,
+                      predict_tile_range, slide_outputs)
 from .segmenter import TileSegmenter
 from .tiling import FLAG_CHUNK
 
@@ -105,14 +104,6 @@ def worker_segmenter(spec: SegmenterSpec) -> TileSegmenter:
     return spec.build()
 
 
-def check_output_names(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
-    """Two slides with the same file stem would write the same outputs: refuse before any work starts."""
-    stems = [Path(p).stem for p in slides]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise InputError(f"slides share output names in {out_dir}: {', '.join(dup)} (rename or run separately)")
-
-
 def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
                        extras: dict[str, bool]) -> dict:
     """One slide on a worker: skip if finished, else predict; user-facing errors come back in the summary.
@@ -122,8 +113,7 @@ def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: Pr
     try:
         segmenter = worker_segmenter(spec)
     except NucsegError as err:  # e.g. a corrupt checkpoint: every slide on this worker fails the same way
-        return {**SlideSummary(slide=slide, nuclei=0, tiles=0, tissue_tiles=0, tissue_area_mm2=float("nan"),
-                               seconds=0.0, error=str(err)).to_dict(), "worker": _worker_name()}
+        return {**SlideSummary.failed(slide, str(err)).to_dict(), "worker": _worker_name()}
     [summary] = predict_slides([slide], out_dir, segmenter, config, **extras)
     return {**summary.to_dict(), "worker": _worker_name()}
 
@@ -252,5 +242,4 @@ def predict_distributed(
             on_result(value)
     if bug is not None:
         raise bug
-    fields = {f.name for f in dataclasses.fields(SlideSummary)}
-    return [SlideSummary(**{k: v for k, v in d.items() if k in fields}) for d in results]
+    return [SlideSummary.from_dict(d) for d in results]

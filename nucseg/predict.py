@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import InputError, NucsegError, OutputError
 from .export import CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, write_ome_zarr_labels
-from .io import write_json
+from .io import writable_dir, write_json
 from .segmenter import TileSegmenter
 from .slide import TargetView, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp, write_tissue_preview
 from .stitch import StitchedLabels, Stitcher
@@ -118,6 +118,18 @@ class SlideSummary:
         d = dataclasses.asdict(self)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SlideSummary":
+        """From ``to_dict()`` output, ignoring extra keys (a worker's name, a split slide's ranges)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    @classmethod
+    def failed(cls, slide: str | os.PathLike, error: str, seconds: float = 0.0) -> "SlideSummary":
+        """A slide that produced nothing because of a user-facing error."""
+        return cls(slide=str(slide), nuclei=0, tiles=0, tissue_tiles=0, tissue_area_mm2=float("nan"),
+                   seconds=seconds, error=error)
+
 
 def model_fingerprint(segmenter: TileSegmenter, override: str | None = None) -> str:
     """The cache identity of a segmenter; without one, predictions are never reused (safe, not fast)."""
@@ -155,18 +167,15 @@ def predict_slide(
     slide = open_slide(slide_path)
     try:
         plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
-        view, grid, selected, mpp0, notes = plan.view, plan.grid, plan.selected, plan.mpp0, plan.notes
-        tissue_area = plan.tissue_area
+        view, grid, selected = plan.view, plan.grid, plan.selected
         if cfg.tissue_preview and plan.tissue is not None:
             boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
-        identity = plan.identity
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work)
             ready = _Ready(cache.pred_done)
             with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
-                export = pool.submit(_stitch_and_export, cache, grid, selected, view, out_geojson, cfg, identity,
-                                     slide, slide_path, mpp0, ready.wait)
+                export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait)
                 try:
                     read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress, ready, export.done)
                 except BaseException:
@@ -177,8 +186,9 @@ def predict_slide(
         slide.close()
     return SlideSummary(
         slide=str(slide_path), nuclei=nuclei, tiles=grid.n, tissue_tiles=int(len(selected)),
-        tissue_area_mm2=float(tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
-        slide_mpp=mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n, warnings=notes,
+        tissue_area_mm2=float(plan.tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
+        slide_mpp=view.mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n,
+        warnings=plan.notes,
     )
 
 
@@ -203,19 +213,16 @@ class _Plan:
     selected: np.ndarray
     tissue: object
     tissue_area: float
-    mpp0: float
     identity: str
     key: dict
     digest: str
     model: str
-    tile_size: int
-    slide_path: Path
     notes: list[str]
 
     def open_cache(self, work: Path, create: bool = True) -> TileCache:
-        return TileCache(work / cache_dir_name(self.slide_path, self.digest), self.key, self.grid.origin(self.selected),
-                         self.tile_size, self.model, max_instances=self.tile_size * self.tile_size // 16,
-                         create=create)
+        T = self.grid.tile_size
+        return TileCache(work / cache_dir_name(self.view.path, self.digest), self.key, self.grid.origin(self.selected),
+                         T, self.model, max_instances=T * T // 16, create=create)
 
 
 def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig, tile_size: int,
@@ -248,8 +255,7 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
         tissue_mask=bool(cfg.tissue_mask), tissue_mpp=float(cfg.tissue_mpp), tissue_version=TISSUE_DETECTOR_VERSION,
     )
     model = model_fingerprint(segmenter, cfg.model_fingerprint)
-    return _Plan(view, grid, selected, tissue, tissue_area, mpp0, identity, key, digest, model, tile_size, slide_path,
-                 notes)
+    return _Plan(view, grid, selected, tissue, tissue_area, identity, key, digest, model, notes)
 
 
 def predict_tile_range(
@@ -387,24 +393,25 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
     return read_n, len(todo)
 
 
-def _stitch_and_export(cache: TileCache, grid, selected: np.ndarray, view: TargetView, out_geojson: Path,
-                       cfg: PredictConfig, identity: str, slide, slide_path: Path, mpp0: float,
+def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: PredictConfig,
                        wait: Callable[[int], None] = lambda ci: None) -> int:
     """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer.
 
     ``wait(ci)`` returns once tile ci's prediction is in the cache (so the pass can follow a running inference).
     """
+    view, grid, selected = plan.view, plan.grid, plan.selected
+    slide, mpp0 = view.slide, view.mpp0
     stitcher = Stitcher(grid, selected)
     scale = view.scale
     area_um2_per_px = view.target_mpp**2
     with contextlib.ExitStack() as stack:
-        writers: list = [stack.enter_context(GeoJSONWriter(out_geojson, slide_key=identity))]
+        writers: list = [stack.enter_context(GeoJSONWriter(out_geojson, slide_key=plan.identity))]
         if cfg.csv:
             writers.append(stack.enter_context(CSVWriter(cfg.csv)))
         if cfg.preview:
             W0, H0 = slide.level_dimensions[0]
             preview_mpp = max(mpp0, max(W0, H0) * mpp0 / PREVIEW_MAX_SIDE)
-            overview, ov_mpp = read_overview(slide, slide_path, mpp0, preview_mpp)
+            overview, ov_mpp = read_overview(slide, view.path, mpp0, preview_mpp)
             writers.append(stack.enter_context(PreviewWriter(cfg.preview, overview, ov_mpp / mpp0)))
         for ci in range(cache.n):
             wait(ci)
@@ -427,7 +434,7 @@ def _stitch_and_export(cache: TileCache, grid, selected: np.ndarray, view: Targe
                 for w in writers:
                     w.write(rec)
     if cfg.labels:
-        stitched = StitchedLabels(grid, selected, stitcher.kept, lambda ci: cache.get_prediction(ci)[0])
+        stitched = StitchedLabels(grid, selected, stitcher.kept, cache.get_labels)
         write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
                               level0_scale=scale, chunk=cfg.label_chunk)
     return stitcher.count
@@ -460,13 +467,7 @@ def check_writable(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir() and path.suffix.lower() not in (".zarr",):
         raise OutputError(f"output {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".nucseg-probe-"):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+    writable_dir(path.parent if str(path.parent) else Path("."))
 
 
 # -------------------------------------------------------------------------------------------- many slides
@@ -484,6 +485,14 @@ def slide_outputs(slide: str | os.PathLike, out_dir: Path, gz: bool = False, csv
     return paths
 
 
+def check_output_names(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
+    """Two slides with the same file stem would write the same outputs: refuse before any work starts."""
+    stems = [Path(p).stem for p in slides]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise InputError(f"slides share output names in {out_dir}: {', '.join(dup)} (rename or run separately)")
+
+
 def finished_summary(outputs: dict[str, Path]) -> SlideSummary | None:
     """The stored summary (marked skipped) if every output of a slide exists and it records no error, else None.
 
@@ -495,8 +504,7 @@ def finished_summary(outputs: dict[str, Path]) -> SlideSummary | None:
         done = json.loads(outputs["summary"].read_text())
         if done.get("error") is not None:
             return None
-        fields = {f.name for f in dataclasses.fields(SlideSummary)}
-        summary = SlideSummary(**{k: v for k, v in done.items() if k in fields})
+        summary = SlideSummary.from_dict(done)
     except (ValueError, TypeError, OSError, AttributeError):
         return None  # unreadable summary: redo the slide
     summary.skipped = True
@@ -526,10 +534,7 @@ def predict_slides(
     """
     cfg = config or PredictConfig()
     out = Path(out_dir)
-    stems = [Path(p).stem for p in paths]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise InputError(f"slides share output names in {out}: {', '.join(dup)} (rename or run separately)")
+    check_output_names(paths, out)
     summaries: list[SlideSummary] = []
     for p in paths:
         outs = slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview)
@@ -545,8 +550,7 @@ def predict_slides(
             if stop_on_error:
                 raise
             log.error("%s", err)
-            summary = SlideSummary(slide=str(p), nuclei=0, tiles=0, tissue_tiles=0, tissue_area_mm2=float("nan"),
-                                   seconds=time.perf_counter() - t0, error=str(err))
+            summary = SlideSummary.failed(p, str(err), time.perf_counter() - t0)
             summaries.append(summary)
             continue
         write_json(outs["summary"], summary.to_dict())

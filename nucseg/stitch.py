@@ -45,11 +45,14 @@ class KeptInstances:
     def __len__(self) -> int:
         return len(self.local_ids)
 
-    def lut(self, n_local: int) -> np.ndarray:
-        """Local label -> global id (0 = not kept), for painting the stitched label image."""
-        lut = np.zeros(n_local + 1, dtype=np.int64)
-        lut[self.local_ids] = self.global_ids
-        return lut
+
+@lru_cache(maxsize=4)
+def _pixel_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cols, rows) float64 of every pixel of an h x w tile, raveled; built once per tile shape (read-only)."""
+    cols = np.tile(np.arange(w, dtype=np.float64), h)
+    rows = np.repeat(np.arange(h, dtype=np.float64), w)
+    cols.flags.writeable = rows.flags.writeable = False
+    return cols, rows
 
 
 def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy: int) -> tuple[np.ndarray, ...]:
@@ -61,8 +64,7 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
     n = int(labels.max()) if labels.size else 0
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1).astype(np.int64)
-    cols = np.tile(np.arange(labels.shape[1], dtype=np.float64), labels.shape[0])
-    rows = np.repeat(np.arange(labels.shape[0], dtype=np.float64), labels.shape[1])
+    cols, rows = _pixel_coords(*labels.shape)
     # Sums of integer coordinates are exact in float64 (far below 2**53); adding area * origin keeps it exact.
     sx = np.bincount(flat, weights=cols, minlength=n + 1) + area * float(x0)
     sy = np.bincount(flat, weights=rows, minlength=n + 1) + area * float(y0)

@@ -285,10 +285,14 @@ class TileCache:
         _write_chunks(self.pred["n_inst"], self._n_inst, indices)
         _write_chunks(self.pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
 
+    def get_labels(self, i: int) -> np.ndarray:
+        """Labels (T, T) int32 of cache tile i."""
+        return np.asarray(self.pred["labels"][int(i)])
+
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i."""
         n_inst = int(self._n_inst[i])
-        labels = np.asarray(self.pred["labels"][int(i)])
+        labels = self.get_labels(i)
         scores = np.asarray(self.pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
         return labels, scores
 
