@@ -361,6 +361,7 @@ def _report(summaries: list) -> int:
 
 def weights(args: argparse.Namespace) -> int:
     from nucseg import weights as w
+    from nucseg.io import sha256_file
 
     if args.action == "list":
         for info in w.list_weights():
@@ -384,7 +385,7 @@ def weights(args: argparse.Namespace) -> int:
         return 0
     info = w.verify(args.file)
     if info is None:
-        print(f"{args.file}: not an official SAM checkpoint (SHA-256 {w.sha256_file(args.file)[:12]}...)")
+        print(f"{args.file}: not an official SAM checkpoint (SHA-256 {sha256_file(args.file)[:12]}...)")
         return 1
     print(f"{args.file}: official {info.name} ({info.sha256[:12]}...)")
     return 0

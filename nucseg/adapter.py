@@ -21,9 +21,9 @@ from segment_anything.modeling import Sam
 
 from . import __version__
 from .errors import CheckpointError
-from .io import atomic_path, write_json
+from .io import atomic_path, sha256_file, write_json
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
-from .sam import attach_foreground_head, load_sam, sha256_file
+from .sam import attach_foreground_head, load_sam
 
 FORMAT = "nucseg-adapter"
 FORMAT_VERSION = 1

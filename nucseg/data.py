@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 IMAGES_DIR = "tissue images"
 LABELS_DIR = "label masks modify"
-VAGUE_DIR = Path("vague areas") / "mask binary"
+MASK_DIR = "mask binary"  # NuInsSeg's binary nucleus masks (written by the demo, not read)
+VAGUE_DIR = Path("vague areas") / MASK_DIR
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.io import imsave
 
+from .data import IMAGES_DIR, LABELS_DIR, MASK_DIR, VAGUE_DIR
 from .errors import InputError
 from .io import atomic_path
 
@@ -78,11 +79,11 @@ def make_demo_dataset(
             rng = np.random.default_rng([seed, o, i])
             image, labels, vague = render_tile(size, style, rng)
             stem = f"{slug}_{i + 1:02d}"
-            _write_png(root / organ / "tissue images" / f"{stem}.png", image)
-            with atomic_path(root / organ / "label masks modify" / f"{stem}.tif") as tmp:
+            _write_png(root / organ / IMAGES_DIR / f"{stem}.png", image)
+            with atomic_path(root / organ / LABELS_DIR / f"{stem}.tif") as tmp:
                 tifffile.imwrite(tmp, labels.astype(np.uint16))
-            _write_png(root / organ / "mask binary" / f"{stem}.png", _binary(labels > 0))
-            _write_png(root / organ / "vague areas" / "mask binary" / f"{stem}.png", _binary(vague))
+            _write_png(root / organ / MASK_DIR / f"{stem}.png", _binary(labels > 0))
+            _write_png(root / organ / VAGUE_DIR / f"{stem}.png", _binary(vague))
     return root
 
 

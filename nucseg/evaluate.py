@@ -30,12 +30,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .data import LABELS_DIR, VAGUE_DIR
 from .errors import DataError
 from .io import LABEL_SUFFIXES, read_label_map
 from .metrics import AMBIGUOUS_THRESHOLD, COUNT_KEYS, FLOAT_KEYS, score_image
 
-NUINSSEG_LABEL_DIR = "label masks modify"
-NUINSSEG_VAGUE_DIR = ("vague areas", "mask binary")
 
 Pair = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None"]
 
@@ -155,15 +154,15 @@ def _index_by_stem(files: Iterable[Path], what: str) -> dict[str, Path]:
 
 def _ground_truth_files(gt_dir: Path, excluded: list[Path]) -> dict[str, Path]:
     files = [p for p in _label_files(gt_dir) if not any(p.is_relative_to(ex) for ex in excluded)]
-    nuinsseg = [p for p in files if p.parent.name == NUINSSEG_LABEL_DIR]
+    nuinsseg = [p for p in files if p.parent.name == LABELS_DIR]
     return _index_by_stem(nuinsseg or files, "ground-truth")
 
 
 def _nuinsseg_vague_mask(gt_path: Path) -> Path | None:
     """``<organ>/vague areas/mask binary/<stem>.png`` beside ``<organ>/label masks modify/<stem>.tif``."""
-    if gt_path.parent.name != NUINSSEG_LABEL_DIR:
+    if gt_path.parent.name != LABELS_DIR:
         return None
-    candidate = gt_path.parent.parent.joinpath(*NUINSSEG_VAGUE_DIR, gt_path.stem + ".png")
+    candidate = gt_path.parent.parent / VAGUE_DIR / f"{gt_path.stem}.png"
     return candidate if candidate.is_file() else None
 
 

@@ -88,8 +88,14 @@ def grid_points(size: int, n: int) -> torch.Tensor:
 
 def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
     """IoU between the masks thresholded at threshold±offset: high when the mask edge is sharp."""
-    hi = (logits > threshold + offset).flatten(1).sum(1).float()
-    lo = (logits > threshold - offset).flatten(1).sum(1).float()
+    hi = (logits > threshold + offset).flatten(1).sum(1)
+    lo = (logits > threshold - offset).flatten(1).sum(1)
+    return stability_from_counts(hi, lo)
+
+
+def stability_from_counts(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Stability from the pixel counts above threshold+offset (``hi``) and threshold-offset (``lo``)."""
+    hi, lo = hi.float(), lo.float()
     return torch.where(lo > 0, hi / lo.clamp(min=1), torch.zeros_like(lo))
 
 
@@ -233,20 +239,19 @@ class SamTileSegmenter:
             self._warned_oom = True
         return size // 2
 
-    def _chunked(self, n: int, what: str, run: Callable[[int, int], T]) -> list[T]:
-        """``run(start, stop)`` over [0, n) in chunks of the current ``what`` size, halving it on OOM."""
+    def _chunked(self, n: int, attr: str, what: str, run: Callable[[int, int], T]) -> list[T]:
+        """``run(start, stop)`` over [0, n) in chunks of ``self.<attr>`` (None: all n), halving it on OOM.
+
+        ``what`` names that size in the warning.
+        """
         out: list[T] = []
         start = 0
         while start < n:
-            size = (self.decoder_chunk if what == "decoder chunk" else self.encoder_chunk) or n
+            size = getattr(self, attr) or n
             try:
                 out.append(run(start, min(start + size, n)))
             except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
-                size = self._shrunk(err, what, min(size, n - start))
-                if what == "decoder chunk":
-                    self.decoder_chunk = size
-                else:
-                    self.encoder_chunk = size
+                setattr(self, attr, self._shrunk(err, what, min(size, n - start)))
                 continue
             start += size
         return out
@@ -257,7 +262,7 @@ class SamTileSegmenter:
             with self._amp():
                 return encode(self.model, x[s:e])
 
-        return torch.cat(self._chunked(len(x), "encoder batch", run))
+        return torch.cat(self._chunked(len(x), "encoder_chunk", "encoder batch", run))
 
     def _decode(self, ctx: ImageContext, points: torch.Tensor, index: torch.Tensor):
         """Decode (N, 2) points of tiles ``index`` in chunks -> low-res logits (N, h, w) float, iou (N,)."""
@@ -273,7 +278,7 @@ class SamTileSegmenter:
             ar = torch.arange(e - s, device=self.device)
             return lg[ar, best].float(), iou[ar, best].float()
 
-        parts = self._chunked(len(points), "decoder chunk", run)
+        parts = self._chunked(len(points), "decoder_chunk", "decoder chunk", run)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _accept(self, logits: torch.Tensor, iou: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -287,7 +292,7 @@ class SamTileSegmenter:
         cand = ok.nonzero(as_tuple=True)[0]
         off = self.cfg.stability_offset
         counts = upsampled_counts(logits[cand], (off, 0.0, -off), self.tile_size // logits.shape[-1], h, w)
-        stab = torch.where(counts[:, 2] > 0, counts[:, 0] / counts[:, 2].clamp(min=1), 0.0)
+        stab = stability_from_counts(counts[:, 0], counts[:, 2])
         ok[cand] = (stab >= self.cfg.stability_thresh) & (counts[:, 1] >= self.cfg.min_area)
         return ok
 

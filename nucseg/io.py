@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -145,6 +146,20 @@ def writable_dir(path: str | os.PathLike) -> Path:
     except OSError as err:
         raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
     return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces so multi-GB checkpoints never sit in memory.
+
+    It identifies checkpoints (official or not) and adapter weights.
+    """
+    digest = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -221,7 +221,10 @@ def hd95(gt: np.ndarray, pred: np.ndarray) -> float:
     Nearest-boundary distances come from k-d trees over the boundary pixels: a few thousand points per tile,
     several times cheaper than two full-image distance transforms.
     """
-    gt, pred = _check_pair(gt, pred)
+    return _hd95(*_check_pair(gt, pred))
+
+
+def _hd95(gt: np.ndarray, pred: np.ndarray) -> float:
     a, b = gt != 0, pred != 0
     has_a, has_b = bool(a.any()), bool(b.any())
     if not has_a and not has_b:
@@ -251,7 +254,11 @@ def remove_ambiguous(
 
     ``ambiguous`` is any array, non-zero = ambiguous. Instance ids of survivors are kept unchanged.
     """
-    gt, pred = _check_pair(gt, pred)
+    return _remove_ambiguous(*_check_pair(gt, pred), ambiguous, threshold)
+
+
+def _remove_ambiguous(gt: np.ndarray, pred: np.ndarray, ambiguous: np.ndarray, threshold: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
     amb = np.asarray(ambiguous) != 0
     if amb.shape != gt.shape:
         raise ValueError(f"ambiguous mask shape {amb.shape} != label map shape {gt.shape}")
@@ -271,7 +278,7 @@ def score_image(
     """All metrics of one image (keys :data:`FLOAT_KEYS` + :data:`COUNT_KEYS`), ambiguous areas removed first."""
     gt, pred = _check_pair(gt, pred)
     if ambiguous is not None:
-        gt, pred = remove_ambiguous(gt, pred, ambiguous, ambiguous_threshold)
+        gt, pred = _remove_ambiguous(gt, pred, ambiguous, ambiguous_threshold)
     ov = _overlap(gt, pred)
     dice, iou = _dice_iou(ov)
     pq = _pq(ov, iou_threshold)
@@ -283,7 +290,7 @@ def score_image(
         "sq": pq["sq"],
         "pq": pq["pq"],
         "f1": pq["f1"],
-        "hd95": hd95(gt, pred),
+        "hd95": _hd95(gt, pred),
         "tp": pq["tp"],
         "fp": pq["fp"],
         "fn": pq["fn"],

@@ -12,7 +12,6 @@ one encode/decode path.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from .errors import CheckpointError, InputError
+from .io import sha256_file
 
 PATCH = 16
 
@@ -102,15 +102,6 @@ def get_spec(name: str) -> ModelSpec:
         return SPECS[name]
     except KeyError:
         raise InputError(f"unknown model {name!r}; choose one of {', '.join(SPECS)}") from None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Streamed SHA-256: identifies the base weights an adapter was trained on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -241,12 +232,14 @@ def decode(
     image_index: torch.Tensor,
     boxes: torch.Tensor | None = None,
     multimask: bool = False,
+    box_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode N prompts spread over B images in one pass.
 
     embeddings (B, C, h, w); points (N, K, 2) xy in input pixels; point_labels (N, K) with 1 = positive,
     0 = negative, -1 = padding; image_index (N,) the image each prompt belongs to; boxes optional (N, 4)
-    xyxy. Returns low-resolution mask logits (N, M, 4h, 4w) and predicted IoU (N, M), M = 3 with
+    xyxy; box_mask optional (N,) bool: only those prompts get their box (a batch mixing boxed and unboxed
+    prompts, as training draws them). Returns low-resolution mask logits (N, M, 4h, 4w) and predicted IoU (N, M), M = 3 with
     ``multimask`` else 1.
 
     segment-anything's MaskDecoder assumes one image per call; indexing the embeddings by ``image_index``
@@ -254,6 +247,13 @@ def decode(
     (what prompt pruning leaves).
     """
     pe = model.prompt_encoder
+    if boxes is not None and box_mask is not None:
+        # SAM embeds a box as two corner points labelled 2 and 3; prompts without a box get padding points
+        # (label -1) there, so boxed and unboxed prompts share one call.
+        corner_labels = torch.tensor([2, 3], device=points.device)
+        points = torch.cat([points, boxes.reshape(-1, 2, 2).to(points.dtype)], 1)
+        point_labels = torch.cat([point_labels, torch.where(box_mask[:, None], corner_labels, -1)], 1)
+        boxes = None
     sparse, dense = pe(points=(points, point_labels), boxes=boxes, masks=None)
     dec = model.mask_decoder
     n = points.shape[0]

@@ -231,16 +231,13 @@ class Trainer:
         img, lab, amb, valid, pts, tgt, idx = (t.to(dev) for t in self._batch(tiles, rng))
         full = (lab[idx] == tgt[:, None, None]) & (tgt[:, None, None] > 0)  # (N, H, W)
         coords, labels = pts[:, None, :], torch.ones(len(tgt), 1, dtype=torch.long, device=dev)
-        if self.cfg.box_fraction > 0:
-            # SAM embeds a box as two corner points labelled 2 and 3; prompts without a box get padding
-            # points (label -1), so boxed and unboxed prompts share one decoder call.
+        boxes = use = None
+        if self.cfg.box_fraction > 0:  # background prompts (target 0) never get a box
             use = torch.from_numpy(rng.random(len(tgt)) < self.cfg.box_fraction).to(dev) & (tgt > 0)
-            corners = mask_boxes(full).reshape(-1, 2, 2)  # unboxed prompts ignore these coordinates
-            coords = torch.cat([coords, corners], 1)
-            labels = torch.cat([labels, torch.where(use[:, None], torch.tensor([2, 3], device=dev), -1)], 1)
+            boxes = mask_boxes(full)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             emb = encode(self.model, img)
-            logits, iou_pred = decode(self.model, emb, coords, labels, idx)
+            logits, iou_pred = decode(self.model, emb, coords, labels, idx, boxes=boxes, box_mask=use)
             fg_logits = self.model.fg_head(emb) if self.cfg.foreground_head else None
         logits, iou_pred = logits[:, 0].float(), iou_pred[:, 0].float()
         low = logits.shape[-1]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointError, InputError, NucsegError, OutputError
-from .io import atomic_path
+from .io import atomic_path, sha256_file
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, total bytes; 0 when the total is unknown)
 
@@ -83,17 +83,6 @@ def cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "nucseg"
     return Path.home() / ".cache" / "nucseg"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = _CHUNK) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces so multi-GB checkpoints never sit in memory."""
-    digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def verify(path: str | os.PathLike) -> WeightInfo | None:

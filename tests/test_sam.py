@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from nucseg.errors import CheckpointError
 from nucseg.lora import MethodConfig, apply_method, count_parameters
-from nucseg.sam import adapt_state_dict, build_sam, decode, encode, load_sam, sha256_file
+from nucseg.io import sha256_file
+from nucseg.sam import adapt_state_dict, build_sam, decode, encode, load_sam
 
 
 def test_vit_b_parameter_counts_exact():

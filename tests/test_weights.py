@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nucseg import weights
+from nucseg.io import sha256_file
 from nucseg.errors import CheckpointError, InputError, NucsegError
 
 PAYLOAD = bytes(range(256)) * 9000 + b"tail"  # ~2.3 MB: several 1 MiB chunks and a short last one
@@ -80,11 +81,11 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 def test_sha256_file_streams_in_chunks(tmp_path):
     path = tmp_path / "blob.bin"
     path.write_bytes(PAYLOAD)
-    assert weights.sha256_file(path) == PAYLOAD_SHA
-    assert weights.sha256_file(path, chunk=7) == PAYLOAD_SHA
+    assert sha256_file(path) == PAYLOAD_SHA
+    assert sha256_file(path, chunk=7) == PAYLOAD_SHA
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    assert weights.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
 
 
 def test_verify(tmp_path, fake_vit_b):
