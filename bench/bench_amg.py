@@ -26,7 +26,6 @@ dropped. That conversion is included in AMG's time (a label map is the product b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance  # noqa: E402
+from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance, write_report  # noqa: E402
 
 from nucseg.evaluate import evaluate_arrays  # noqa: E402
-from nucseg.infer import InferConfig, SamTileSegmenter  # noqa: E402
+from nucseg.infer import InferConfig, SamTileSegmenter, segment_tiles  # noqa: E402
 
 
 def amg_label_map(anns: list[dict], shape: tuple[int, int], min_keep: float, min_area: int) -> np.ndarray:
@@ -83,11 +82,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_nucseg(seg, images: list[np.ndarray], batch: int) -> list[np.ndarray]:
-    out: list[np.ndarray] = []
-    for s in range(0, len(images), batch):
-        out.extend(seg(np.stack(images[s : s + batch])).labels)
-    return out
+def amg_table(report: dict) -> str:
+    """The markdown table of a report (also printed by run_all.py's summary)."""
+    lines = ["| method | s/tile | vs AMG | prompts/tile | PQ | AJI | Dice |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        up = report["speedup_vs_amg"].get(name, 1.0)
+        lines.append(f"| {name} | {r['s_per_tile']:.3f} | {up:.1f}x | {r['prompts_decoded_per_tile']:.0f} | "
+                     f"{r['pq']:.3f} | {r['aji']:.3f} | {r['dice']:.3f} |")
+    return "\n".join(lines)
 
 
 def run_amg(amg, images: list[np.ndarray], cfg) -> tuple[list[np.ndarray], float]:
@@ -146,7 +148,7 @@ def main() -> int:
 
     def run(name: str) -> tuple[list[np.ndarray], float]:
         if name.startswith("nucseg-"):
-            return run_nucseg(segs[name.split("-", 1)[1]], images, args.batch_size), 0.0
+            return segment_tiles(segs[name.split("-", 1)[1]], images, args.batch_size), 0.0
         return run_amg(amgs[name], images, cfg)
 
     names = [f"nucseg-{k}" for k in segs] + list(amgs)
@@ -210,13 +212,8 @@ def main() -> int:
                                   for n, r in results.items() if n != "amg"},
         "pq_minus_amg": {n: round(r["pq"] - amg["pq"], 4) for n, r in results.items() if n != "amg"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| method | s/tile | speed-up vs AMG | prompts/tile | PQ | AJI | Dice |\n|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        up = report["speedup_vs_amg"].get(name, 1.0)
-        print(f"| {name} | {r['s_per_tile']:.3f} | {up:.1f}x | {r['prompts_decoded_per_tile']:.0f} | "
-              f"{r['pq']:.3f} | {r['aji']:.3f} | {r['dice']:.3f} |")
+    write_report(args.out, report)
+    print(amg_table(report))
     print(args.out)
     return 0
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, provenance  # noqa: E402
+from common import REPO, provenance, write_report  # noqa: E402
 
 
 def per_prompt(fn, points: torch.Tensor, index: torch.Tensor, chunk: int) -> tuple[float, float]:
@@ -80,8 +80,7 @@ def main() -> int:
                 print(json.dumps(row), file=sys.stderr, flush=True)
     report = {"benchmark": "mask decoder per prompt: segment-anything vs nucseg fast path", **provenance(),
               "device": "cpu", "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print("| model | input | prompts/call | reference ms/prompt | fast ms/prompt | speed-up |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['input_px']} | {r['chunk']} | {r['reference_cpu_ms']:.2f} | {r['fast_cpu_ms']:.2f} | "

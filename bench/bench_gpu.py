@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, SAMPLE, load_model, provenance  # noqa: E402
+from common import REPO, SAMPLE, load_model, provenance, write_report  # noqa: E402
 
 
 def real_tiles(n: int, pinned: bool = True) -> np.ndarray:
@@ -125,8 +125,7 @@ def main() -> int:
               "encoder": encoder, "end_to_end": end_to_end}
     if args.slide_side:
         report["slide"] = time_slide(model, mut, args, bf16)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
 

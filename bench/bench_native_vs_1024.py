@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_ORGAN, REPO, SAMPLE, load_tiles, provenance  # noqa: E402
+from common import BENCH_ORGAN, REPO, SAMPLE, load_tiles, provenance, write_report  # noqa: E402
 
 
 def weights_pair(name: str, checkpoint: Path | None, seed: int):
@@ -97,8 +97,7 @@ def main() -> int:
               "settings": {"repeats": args.repeats, "timing": "best of repeats after one warm-up call, one tile",
                            "end_to_end": cfg.to_dict()},
               "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print("| model | encoder 512 | encoder 1024 | ratio | end to end 512 | end to end 1024 | ratio |\n|---|---|---|---|---|---|---|")
     for r in rows:
         e2e = r.get("end_to_end_s")

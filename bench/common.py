@@ -52,6 +52,14 @@ def machine() -> dict:
     return info
 
 
+def write_report(path: Path, report: dict) -> None:
+    """A benchmark's JSON result (keys in the order the script built them, unlike nucseg.io.write_json)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def provenance() -> dict:
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -66,17 +66,14 @@ def run(script: str, *args: str) -> None:
 
 def summary() -> None:
     """The headline figures of whatever results exist."""
+    from bench_amg import amg_table
     for amg in (RESULTS / "amg_cpu.json", RESULTS / "amg_cpu_untrained.json"):
         if not amg.is_file():
             continue
         r = json.loads(amg.read_text())
         print(f"\nnucseg vs SamAutomaticMaskGenerator ({r['model']}, {r['tiles']['n']} tiles of {r['tiles']['size']} px, "
               f"{r['machine']['cpu']}; {amg.relative_to(HERE.parent)}, measured {r['date']}):")
-        print("| method | s/tile | vs AMG | prompts/tile | PQ | AJI | Dice |\n|---|---|---|---|---|---|---|")
-        for name, row in r["results"].items():
-            up = r["speedup_vs_amg"].get(name, 1.0)
-            print(f"| {name} | {row['s_per_tile']:.3f} | {up:.1f}x | {row['prompts_decoded_per_tile']:.0f} | "
-                  f"{row['pq']:.3f} | {row['aji']:.3f} | {row['dice']:.3f} |")
+        print(amg_table(r))
     native = RESULTS / "native_vs_1024_cpu.json"
     if native.is_file():
         r = json.loads(native.read_text())

@@ -15,14 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance  # noqa: E402
+from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance, write_report  # noqa: E402
 
-from nucseg.evaluate import evaluate_arrays  # noqa: E402
+from nucseg.cv import score  # noqa: E402
 from nucseg.infer import InferConfig, SamTileSegmenter  # noqa: E402
 
 
@@ -45,7 +44,6 @@ def main() -> int:
     mut = load_model(args.adapter, args.checkpoint, args.model, args.img_size)
     size = mut.model.image_encoder.img_size
     tiles = load_tiles(args.data, args.skip_tiles + args.tiles, size)[args.skip_tiles :]
-    images = np.stack([t.image for t in tiles])
     base = dict(pred_iou_thresh=args.pred_iou_thresh, stability_thresh=args.stability_thresh)
     runs = [("grid", None, None)] + [("auto", float(f), int(m)) for m in args.skip_margins.split(",")
                                      for f in args.fg_thresholds.split(",")]
@@ -54,8 +52,7 @@ def main() -> int:
         for mode, fg, margin in runs:
             extra = {} if mode == "grid" else {"fg_threshold": fg, "skip_margin": margin}
             seg = SamTileSegmenter(mut.model, InferConfig(prompts=mode, **base, **extra))
-            labels = [lab for s in range(0, len(images), 8) for lab in seg(images[s : s + 8]).labels]
-            mean = evaluate_arrays((t.name, t.labels, p, t.ambiguous) for t, p in zip(tiles, labels))["mean"]
+            mean = score(seg, list(tiles), 8)[0]["mean"]
             row = {"prompts": mode, "fg_threshold": fg, "skip_margin": margin,
                    "prompts_per_tile": round(seg.stats["prompts_decoded"] / len(tiles), 1),
                    **{k: round(float(mean[k]), 4) for k in ("pq", "aji", "dice", "f1")}}
@@ -64,8 +61,7 @@ def main() -> int:
     report = {"benchmark": "prompt pruning sweep (validation tiles)", **provenance(), "model": mut.name,
               "tiles": {"n": len(tiles), "size": size, "images": sorted({t.stem for t in tiles})},
               "settings": base, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print("| prompts | fg threshold | skip margin | prompts/tile | PQ | AJI | Dice |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['prompts']} | {r['fg_threshold'] if r['fg_threshold'] is not None else '–'} | "

@@ -157,14 +157,7 @@ def _segmenter_spec(args: argparse.Namespace):
     kind = getattr(args, "segmenter", "sam")
     if kind == "threshold":
         return SegmenterSpec(kind="threshold", tile_size=args.tile_size, mpp=args.mpp)
-    return SegmenterSpec(kind="sam", adapter=None if args.adapter is None else str(args.adapter),
-                         checkpoint=None if args.checkpoint is None else str(args.checkpoint), model=args.model,
-                         device=args.device, infer=tuple(sorted(_infer_cfg(args).to_dict().items())))
-
-
-def _segmenter(args: argparse.Namespace):
-    """SAM segmenter from --adapter (or the base model zero-shot) and the inference flags."""
-    return _segmenter_spec(args).build()
+    return SegmenterSpec.sam(args.adapter, args.checkpoint, args.model, args.device, _infer_cfg(args))
 
 
 def segment(args: argparse.Namespace) -> int:
@@ -183,7 +176,7 @@ def segment(args: argparse.Namespace) -> int:
             raise InputError(f"input not found: {path}")
     if not files:
         raise InputError("no images to segment")
-    seg = _segmenter(args)
+    seg = _segmenter_spec(args).build()
     size = seg.tile_size
     writable_dir(args.out)
     for path in _bar(args, iterable=files, desc="segment", unit="image"):
@@ -240,7 +233,7 @@ def predict(args: argparse.Namespace) -> int:
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
                         work_dir=args.work_dir)
-    if args.tiles_per_task is not None and (not args.scheduler or args.tiles_per_task < 0):
+    if args.tiles_per_task is not None and not args.scheduler:
         raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
     single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))
     if single and not args.scheduler:
@@ -267,15 +260,17 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
     """Many slides into --out-dir: skip finished ones, log every slide (JSON lines), write a run summary."""
     import contextlib
 
-    from nucseg.predict import check_output_names
     from nucseg.io import writable_dir
-    from nucseg.predict import predict_slides
+    from nucseg.predict import check_output_names, predict_slides
     from nucseg.runlog import RunLog
 
     check_output_names(slides, args.out)
     extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview}
     # Everything that would fail every slide fails here, before anything is written.
     if args.scheduler:
+        from nucseg.distributed import check_cluster_settings
+
+        check_cluster_settings(cfg, *([] if args.tiles_per_task is None else [args.tiles_per_task]))
         spec.check()  # the workers load the weights; the client only checks what it cheaply can
         client, seg = _connect(args.scheduler), None
     else:
@@ -289,11 +284,8 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
             else:
                 bar = _bar(args, unit="tile", desc="tiles")
                 try:
-                    for p in slides:
-                        runlog.start(p)
-                        [s] = predict_slides([p], out, seg, cfg, _tile_progress(bar), **extras)
-                        runlog.finish(s.to_dict())
-                        summaries.append(s)
+                    summaries = predict_slides(slides, out, seg, cfg, _tile_progress(bar), on_start=runlog.start,
+                                               on_result=runlog.finish, **extras)
                 finally:
                     bar.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)

@@ -9,9 +9,7 @@ removed and the run log is closed before exiting with 130.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 import threading

@@ -56,6 +56,15 @@ class SegmenterSpec:
     tile_size: int | None = None
     mpp: float | None = None
 
+    @classmethod
+    def sam(cls, adapter: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+            model: str | None = None, device: str = "auto", infer=None) -> "SegmenterSpec":
+        """A SAM segmenter's spec; ``infer`` an :class:`nucseg.infer.InferConfig` (None: its defaults)."""
+        settings = () if infer is None else tuple(sorted(infer.to_dict().items()))
+        return cls(kind="sam", adapter=None if adapter is None else str(adapter),
+                   checkpoint=None if checkpoint is None else str(checkpoint), model=model, device=device,
+                   infer=settings)
+
     def check(self) -> None:
         """Cheap checks the client can make before sending work out (no weights are loaded)."""
         if self.kind not in ("sam", "threshold"):
@@ -163,6 +172,14 @@ def _worker_name() -> str:
         return "local"
 
 
+def check_cluster_settings(config: PredictConfig, tiles_per_task: int = DEFAULT_TILES_PER_TASK) -> None:
+    """What a cluster run needs beyond a local one; checked before connecting or writing anything."""
+    if config.work_dir is None:
+        raise InputError("--scheduler needs --work-dir on storage every worker sees (the resume cache)")
+    if tiles_per_task < 0:
+        raise InputError(f"--tiles-per-task must be >= 0, not {tiles_per_task}")
+
+
 def predict_distributed(
     client,
     slides: Sequence[str | os.PathLike],
@@ -191,10 +208,7 @@ def predict_distributed(
     from dask.distributed import as_completed
 
     cfg = config or PredictConfig()
-    if cfg.work_dir is None:
-        raise InputError("--scheduler needs --work-dir on storage every worker sees (the resume cache)")
-    if tiles_per_task < 0:
-        raise InputError(f"--tiles-per-task must be >= 0, not {tiles_per_task}")
+    check_cluster_settings(cfg, tiles_per_task)
     per = -(-tiles_per_task // FLAG_CHUNK) * FLAG_CHUNK
     out = Path(out_dir)
     check_output_names(slides, out)

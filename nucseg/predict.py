@@ -524,35 +524,45 @@ def predict_slides(
     preview: bool = False,
     overwrite: bool = False,
     stop_on_error: bool = False,
+    on_start: Callable[[str], None] | None = None,
+    on_result: Callable[[dict], None] | None = None,
 ) -> list[SlideSummary]:
     """Run :func:`predict_slide` on many slides, one ``<stem>.geojson`` (and extras) per slide in ``out_dir``.
 
     A slide whose outputs and ``<stem>.summary.json`` all exist is skipped (every output is written
     atomically and the summary last, so existence means complete); ``overwrite`` redoes it. A slide that
     fails with a user-facing error is recorded in its summary and the batch goes on (unless
-    ``stop_on_error``); bugs still raise.
+    ``stop_on_error``); bugs still raise. ``on_start(slide)`` and ``on_result(summary dict)`` are called around
+    each slide, as :func:`nucseg.distributed.predict_distributed` calls them.
     """
     cfg = config or PredictConfig()
     out = Path(out_dir)
     check_output_names(paths, out)
     summaries: list[SlideSummary] = []
     for p in paths:
-        outs = slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview)
-        finished = None if overwrite else finished_summary(outs)
-        if finished is not None:
-            summaries.append(finished)
-            continue
-        slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"))
-        t0 = time.perf_counter()
-        try:
-            summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)
-        except NucsegError as err:
-            if stop_on_error:
-                raise
-            log.error("%s", err)
-            summary = SlideSummary.failed(p, str(err), time.perf_counter() - t0)
-            summaries.append(summary)
-            continue
-        write_json(outs["summary"], summary.to_dict())
+        if on_start:
+            on_start(str(p))
+        summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
+                               slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview))
         summaries.append(summary)
+        if on_result:
+            on_result(summary.to_dict())
     return summaries
+
+
+def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, progress: Progress | None,
+                 overwrite: bool, stop_on_error: bool, outs: dict[str, Path]) -> SlideSummary:
+    finished = None if overwrite else finished_summary(outs)
+    if finished is not None:
+        return finished
+    slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"))
+    t0 = time.perf_counter()
+    try:
+        summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)
+    except NucsegError as err:
+        if stop_on_error:
+            raise
+        log.error("%s", err)
+        return SlideSummary.failed(p, str(err), time.perf_counter() - t0)
+    write_json(outs["summary"], summary.to_dict())
+    return summary

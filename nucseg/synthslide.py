@@ -18,6 +18,8 @@ from scipy import ndimage as ndi
 from skimage.draw import ellipse
 from skimage.transform import downscale_local_mean
 
+from .tiling import make_grid
+
 BACKGROUND_RGB = (255, 255, 255)
 TISSUE_RGB = (232, 162, 198)
 NUCLEUS_RGB = (72, 38, 128)
@@ -39,8 +41,8 @@ def seam_positions(extent: int, tile_size: int, overlap: int) -> list[int]:
 
     Uses the same grid as :func:`nucseg.tiling.make_grid` at native resolution (stride = tile - overlap).
     """
-    stride = tile_size - overlap
-    n = max(1, -(-(extent - tile_size) // stride) + 1) if extent > tile_size else 1
+    grid = make_grid(extent, 1, tile_size, overlap)
+    stride, n = grid.stride, grid.nx
     pos: set[int] = set()
     for k in range(n):
         start = k * stride

@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from nucseg.adapter import load_adapter
 from nucseg.augment import AugmentConfig
 from nucseg.cv import CVConfig, run_cv
 from nucseg.data import load_dataset
 from nucseg.demo import make_demo_dataset
-from nucseg.infer import InferConfig, SamTileSegmenter
+from nucseg.distributed import SegmenterSpec
+from nucseg.infer import InferConfig
 from nucseg.lora import MethodConfig
 from nucseg.predict import PredictConfig, predict_slide
 from nucseg.synthslide import make_synthetic_slide
@@ -64,8 +64,7 @@ def main() -> int:
                      on_fold=lambda f, n, what: say(f"   fold {f}/{n}: {what}"))
 
     say("3/4 whole-slide prediction with fold 1's adapter")
-    model, info = load_adapter(out / "cv" / "fold_1" / "train" / "adapter")
-    seg = SamTileSegmenter(model, infer, mpp=info.mpp, identity=info.meta["weights_sha256"])
+    seg = SegmenterSpec.sam(adapter=out / "cv" / "fold_1" / "train" / "adapter", device="cpu", infer=infer).build()
     res = predict_slide(slide, out / "demo_slide.geojson", seg,
                         PredictConfig(batch_size=4, csv=out / "demo_slide.csv", preview=out / "demo_slide.preview.png",
                                       work_dir=out / "work"))

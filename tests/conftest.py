@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,17 @@ def nuinsseg_gt(shared_data: Path) -> Path:
 def cmu_svs(shared_data: Path) -> Path:
     """A real Aperio .svs (2220 x 2967 px, 0.499 µm/px)."""
     return _require(shared_data / "wsi" / "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def small_slide(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A generated pyramidal 1200 x 1000 slide at 0.5 µm/px, all tissue, 250 nuclei, and its true labels.
+    Read-only: tests that write next to a slide make their own."""
+    from nucseg.synthslide import make_synthetic_slide
+
+    path = tmp_path_factory.mktemp("small") / "small.tif"
+    gt = make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, seed=7)
+    return path, gt
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,13 +39,6 @@ class Counting:
         return self.inner(tiles)
 
 
-@pytest.fixture(scope="module")
-def small_slide(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    path = tmp_path_factory.mktemp("small") / "small.tif"
-    gt = make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, seed=7)
-    return path, gt
-
-
 def _rasterise(fc: dict, shape: tuple[int, int]) -> np.ndarray:
     out = np.zeros(shape, dtype=np.int32)
     for f in fc["features"]:
@@ -71,11 +63,14 @@ def test_native_prediction_recovers_every_nucleus(small_slide, tmp_path):
 
 
 @pytest.mark.parametrize("pyramid", [True, False])
-def test_target_mpp_scales_back_to_level0(tmp_path, pyramid):
+def test_target_mpp_scales_back_to_level0(small_slide, tmp_path, pyramid):
     """1.0 µm/px on a 0.5 µm/px slide (pyramid level 1, or resampled level 0 when there is no pyramid):
     polygons are in level-0 pixels, so every nucleus lands on its own level-0 pixels."""
-    path = tmp_path / "m.tif"
-    gt = make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, pyramid=pyramid, seed=7)
+    if pyramid:
+        path, gt = small_slide  # the same slide, pyramidal
+    else:
+        path = tmp_path / "m.tif"
+        gt = make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, pyramid=False, seed=7)
     out = tmp_path / "m.geojson"
     summary = predict_slide(path, out, ThresholdSegmenter(min_size=6), PredictConfig(target_mpp=1.0))
     assert summary.target_mpp == pytest.approx(1.0) and summary.tiles == 2  # 600 x 500 target px

@@ -10,14 +10,11 @@ import pytest
 
 from nucseg.classical import ThresholdSegmenter
 from nucseg.predict import PredictConfig, predict_slide
-from nucseg.synthslide import make_synthetic_slide
 
 
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("overlap") / "slide.tif"
-    make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, seed=7)
-    return path
+@pytest.fixture
+def slide(small_slide) -> Path:
+    return small_slide[0]
 
 
 def test_export_runs_while_inference_is_still_going(slide, tmp_path, monkeypatch):
