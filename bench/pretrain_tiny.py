@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--no-balance-ce", action="store_true",
                     help="plain CE; from scratch it collapses to empty masks (train IoU 0), see docs/BENCHMARKS.md")
     ap.add_argument("--export-checkpoint", action="store_true",
-                    help="export the base from the last finished epoch of an interrupted run (out/train/checkpoint.pt)")
+                    help="export the base from the last finished epoch of an interrupted run (out/train/checkpoint.safetensors)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.export_checkpoint:
@@ -62,7 +62,9 @@ def export_from_checkpoint(out: Path, tile_size: int) -> None:
     from nucseg.lora import apply_method
     from nucseg.sam import attach_foreground_head, load_sam
 
-    state = torch.load(out / "train" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    from nucseg.train import CHECKPOINT, load_training_state
+
+    state = load_training_state(out / "train" / CHECKPOINT)
     model, _ = load_sam("vit_tiny", img_size=tile_size, seed=0)
     apply_method(model, MethodConfig(method="full"))
     attach_foreground_head(model)

@@ -84,17 +84,15 @@ def _training_callbacks(args: argparse.Namespace, total_epochs: int):
 
 def train(args: argparse.Namespace) -> int:
     from nucseg.io import writable_dir
-    from nucseg.train import CHECKPOINT, finetune
+    from nucseg.train import finetune
 
     method, cfg = _method(args), _train_cfg(args)
-    if (args.out / CHECKPOINT).is_file() and not args.resume:
-        raise InputError(f"{args.out} already holds a training run; pass --resume to continue it or use another --out")
     tiles = _tiles(args)
     writable_dir(args.out)  # after the data checks (a bad dataset leaves no folder), before any training
     print(f"data: {len(tiles)} tiles from {args.data}", file=sys.stderr)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
     try:
-        res = finetune(tiles, args.out, args.model, args.checkpoint, method, cfg, mpp=args.mpp, resume=args.resume,
+        res = finetune(tiles, args.out, args.model, args.checkpoint, method, cfg, mpp=args.mpp, resume=True,
                        on_start=on_start, on_step=on_step)
     finally:
         close()

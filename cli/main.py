@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune on a NuInsSeg-layout dataset and save an adapter")
     p.add_argument("--data", required=True, type=Path, help="NuInsSeg-layout root (or one organ folder)")
-    p.add_argument("--out", required=True, type=Path, help="run folder: adapter/, checkpoint.pt, curves.png")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--out", required=True, type=Path, help="run folder: adapter/, checkpoint.safetensors, curves.png")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (the default: a rerun of the same command resumes; "
+                        "a run with other settings in --out is refused)")
     p.add_argument("--merge", type=Path, default=None, metavar="FILE",
                    help="also export base+adapter merged into one full checkpoint (.pth or .safetensors)")
     _add_model(p)

@@ -1,7 +1,7 @@
 """k-fold cross-validation: every fold fine-tunes the same base, is scored through the shared tile inference,
 and leaves its adapter, metrics and overlay pictures behind.
 
-    <out>/fold_1/train/{adapter/, checkpoint.pt, curves.png, history.json}
+    <out>/fold_1/train/{adapter/, checkpoint.safetensors, curves.png, history.json}
     <out>/fold_1/metrics.json            per-image and mean metrics of the fine-tuned model
     <out>/fold_1/zero_shot_metrics.json  the base model through the same inference (with --zero-shot)
     <out>/fold_1/overlays/<tile>.png     tile | truth | prediction

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import gzip
 import io
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from shapely.geometry import Polygon
 from shapely.geometry.polygon import orient
 from skimage.measure import find_contours
 
-from .io import atomic_path
+from . import __version__
+from .io import atomic_path, save_png
 
 NUCLEUS_COLOR = [200, 0, 120]
 _UUID_NS = uuid.UUID("5b7cf0a4-53c1-4f4c-9d57-0c1e7a1f2b10")
@@ -107,10 +109,45 @@ def _largest(geoms: list) -> Polygon | None:
 
 
 # ---------------------------------------------------------------------------------------------- writers
+def _head_text(path: Path, n: int = 1 << 16) -> str:
+    """The first ``n`` characters of a text file (gunzipped when named .gz); "" when unreadable."""
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            return fh.read(n)
+    except (OSError, EOFError, ValueError):
+        return ""
+
+
+def is_nucseg_geojson(path: Path) -> bool:
+    """A FeatureCollection whose header carries nucseg's foreign member (what :class:`GeoJSONWriter` writes)."""
+    head = _head_text(path).lstrip()
+    return path.is_file() and head.startswith('{"type": "FeatureCollection"') and '"nucseg":' in head.split(
+        '"features"', 1)[0]
+
+
+def is_nucseg_csv(path: Path) -> bool:
+    """A CSV whose header row is :class:`CSVWriter`'s."""
+    return path.is_file() and _head_text(path, 256).startswith(",".join(CSVWriter.HEADER[:3]) + ",")
+
+
+def is_nucseg_zarr(path: Path) -> bool:
+    """A zarr folder whose root attributes carry nucseg's ``"nucseg"`` entry (v2 ``.zattrs`` or v3 ``zarr.json``)."""
+    for name, inner in ((".zattrs", None), ("zarr.json", "attributes")):
+        try:
+            attrs = json.loads((path / name).read_text())
+            attrs = attrs.get(inner, {}) if inner else attrs
+            if isinstance(attrs, dict) and "nucseg" in attrs:
+                return path.is_dir()
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 @contextlib.contextmanager
-def _text_output(path: Path) -> Iterator[io.TextIOBase]:
+def _text_output(path: Path, owned) -> Iterator[io.TextIOBase]:
     """Atomic text output; gzip (with a fixed mtime, so reruns are byte-identical) when the name ends .gz."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, owned=owned) as tmp:
         if path.name.endswith(".gz"):
             with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
                 with io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as fh:
@@ -159,9 +196,10 @@ class GeoJSONWriter:
         self._fh = None
 
     def __enter__(self) -> "GeoJSONWriter":
-        self._cm = _text_output(self.path)
+        self._cm = _text_output(self.path, is_nucseg_geojson)
         self._fh = self._cm.__enter__()
-        self._fh.write('{"type": "FeatureCollection", "features": [\n')
+        header = json.dumps({"version": __version__}, sort_keys=True)  # how reruns know the file is nucseg's
+        self._fh.write(f'{{"type": "FeatureCollection", "nucseg": {header}, "features": [\n')
         return self
 
     def write(self, rec: NucleusRecord) -> None:
@@ -187,7 +225,7 @@ class CSVWriter:
         self.path = Path(path)
 
     def __enter__(self) -> "CSVWriter":
-        self._cm = _text_output(self.path)
+        self._cm = _text_output(self.path, is_nucseg_csv)
         fh = self._cm.__enter__()
         self._w = csv.writer(fh, lineterminator="\n")
         self._w.writerow(self.HEADER)
@@ -221,10 +259,7 @@ class PreviewWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            from skimage.io import imsave
-
-            with atomic_path(self.path) as tmp:
-                imsave(tmp, self.image, check_contrast=False)
+            save_png(self.path, self.image)
         return False
 
 
@@ -262,7 +297,7 @@ def write_ome_zarr_labels(
     import zarr
 
     path = Path(path)
-    with atomic_path(path, is_dir=True) as tmp:
+    with atomic_path(path, is_dir=True, owned=is_nucseg_zarr) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
         shapes = [(height, width)]

@@ -21,7 +21,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -38,15 +38,23 @@ def temp_prefix(path: str | os.PathLike) -> str:
     return f".{Path(path).name}.tmp-"
 
 
+Owned = Callable[[Path], bool]  # "is this existing path an output nucseg wrote, of the kind about to replace it?"
+SOFTWARE = "nucseg"  # the Software tag of the PNG and TIFF files nucseg writes (how it recognises its own)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, is_dir: bool = False, owned: Owned | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``, on failure remove it.
 
     The temporary name keeps the final suffix (``.x.geojson.tmp-<id>.geojson``) so writers that look at the
     suffix (gzip, zarr, PIL) behave as for the final name. Leftover temporaries of ``path`` from killed
     writers are removed first. A folder output replaces the previous folder of that name.
+    ``owned``: where given, an existing ``path`` is only replaced if ``owned(path)`` says nucseg wrote it
+    (:func:`check_output` makes the same check before long work starts; this is the last line of defence).
     """
     path = Path(path)
+    if owned is not None:
+        _refuse_foreign(path, owned)
     parent = path.parent if str(path.parent) else Path(".")
     token = uuid.uuid4().hex[:_ID_LEN]
     base = parent / f"{temp_prefix(path)}{token}"
@@ -77,6 +85,64 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         if is_dir:
             Path(guard).unlink(missing_ok=True)
         os.close(fd)
+
+
+def _refuse_foreign(path: Path, owned: Owned) -> None:
+    if os.path.lexists(path) and (path.is_symlink() or not owned(path)):
+        raise OutputError(f"refusing to replace {path}: it exists and is not an output nucseg wrote; remove it or "
+                          f"choose another path")
+
+
+def check_output(path: str | os.PathLike, owned: Owned, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Before any work: refuse an output that would destroy something nucseg did not make.
+
+    Refused (OutputError, exit 6): ``path`` is one of ``inputs``, lies inside an input folder, or holds an input;
+    ``path`` exists and is not nucseg's own output of this kind (``owned``); a folder where a file goes. Then the
+    parent folder must accept new files. An existing output of the same kind is replaced (reruns).
+    """
+    path = Path(path)
+    target = path.resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise OutputError(f"output {path} would overwrite the input {inp}; choose another output path")
+    _refuse_foreign(path, owned)
+    writable_dir(path.parent if str(path.parent) else Path("."))
+    return path
+
+
+def is_nucseg_png(path: Path) -> bool:
+    """A PNG whose Software text chunk says nucseg wrote it (see :func:`save_png`)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.format == "PNG" and str(getattr(im, "text", {}).get("Software", "")).startswith(SOFTWARE)
+    except Exception:
+        return False
+
+
+def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB/grey uint8 image as PNG atomically, tagged ``Software: nucseg`` so reruns may replace it and
+    nothing else is ever replaced."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)
+    with atomic_path(path, owned=is_nucseg_png) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", pnginfo=info)
+
+
+def is_nucseg_tiff(path: Path) -> bool:
+    """A TIFF whose Software tag says nucseg wrote it (label maps of ``nucseg segment``)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            tag = tf.pages[0].tags.get(305)
+            return tag is not None and str(tag.value).startswith(SOFTWARE)
+    except Exception:
+        return False
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:

@@ -42,8 +42,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import InputError, NucsegError, OutputError
-from .export import CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, write_ome_zarr_labels
-from .io import writable_dir, write_json
+from .export import (CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, is_nucseg_csv,
+                     is_nucseg_geojson, is_nucseg_zarr, write_ome_zarr_labels)
+from .io import check_output, is_nucseg_png, writable_dir, write_json
 from .segmenter import TileSegmenter
 from .slide import TargetView, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp, write_tissue_preview
 from .stitch import StitchedLabels, Stitcher
@@ -160,17 +161,12 @@ def predict_slide(
     slide_path = Path(slide_path)
     out_geojson = Path(out_geojson)
     tile_size = _check_settings(segmenter, cfg)
-    outputs = [p for p in (out_geojson, cfg.csv, cfg.labels, cfg.preview, cfg.tissue_preview) if p is not None]
-    for p in outputs:
-        check_writable(p)
+    check_outputs(slide_path, out_geojson, cfg)
 
     slide = open_slide(slide_path)
     try:
         plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
         view, grid, selected = plan.view, plan.grid, plan.selected
-        if cfg.tissue_preview and plan.tissue is not None:
-            boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
-            write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work)
             ready = _Ready(cache.pred_done)
@@ -182,6 +178,9 @@ def predict_slide(
                     ready.abort()  # the export thread stops waiting and discards its partial outputs
                     raise
                 nuclei = export.result()
+        if cfg.tissue_preview and plan.tissue is not None:  # with the other outputs: a failed run leaves none
+            boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
+            write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
     finally:
         slide.close()
     return SlideSummary(
@@ -462,12 +461,19 @@ def _work_dir(work_dir: str | os.PathLike | None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail before any work if an output cannot be created (missing permission, parent is a file...)."""
-    path = Path(path)
-    if path.is_dir() and path.suffix.lower() not in (".zarr",):
-        raise OutputError(f"output {path} is a directory")
-    writable_dir(path.parent if str(path.parent) else Path("."))
+def check_outputs(slide_path: Path, out_geojson: Path, cfg: PredictConfig) -> None:
+    """Fail before any work if an output cannot be created (missing permission, parent is a file...), would
+    replace something nucseg did not write, would overwrite the slide, or two outputs share one path."""
+    kinds = [(out_geojson, is_nucseg_geojson), (cfg.csv, is_nucseg_csv), (cfg.labels, is_nucseg_zarr),
+             (cfg.preview, is_nucseg_png), (cfg.tissue_preview, is_nucseg_png)]
+    paths = [Path(p) for p, _ in kinds if p is not None]
+    resolved = [p.resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise InputError(f"two outputs would be written to {paths[i]}; give each its own path")
+    for p, owned in kinds:
+        if p is not None:
+            check_output(p, owned, inputs=[slide_path])
 
 
 # -------------------------------------------------------------------------------------------- many slides

@@ -282,10 +282,9 @@ def detect_tissue(
 def write_tissue_preview(path: str | os.PathLike, tissue: TissueMask, tile_boxes: np.ndarray | None = None) -> None:
     """PNG of the overview with the tissue outline (green) and kept tiles (blue boxes), written atomically."""
     from skimage.draw import rectangle_perimeter
-    from skimage.io import imsave
     from skimage.segmentation import find_boundaries
 
-    from .io import atomic_path
+    from .io import save_png
 
     img = tissue.overview.copy()
     img[find_boundaries(tissue.mask, mode="inner")] = (0, 160, 0)
@@ -294,8 +293,7 @@ def write_tissue_preview(path: str | os.PathLike, tissue: TissueMask, tile_boxes
         for x0, y0, x1, y1 in np.asarray(tile_boxes, dtype=np.float64):
             rr, cc = rectangle_perimeter((int(y0), int(x0)), end=(int(y1) - 1, int(x1) - 1), shape=(h, w), clip=True)
             img[rr, cc] = (40, 80, 220)
-    with atomic_path(path) as tmp:
-        imsave(tmp, img, check_contrast=False)
+    save_png(path, img)
 
 
 def _slide_name(slide) -> str:

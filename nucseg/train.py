@@ -13,6 +13,7 @@ run resumed from its per-epoch checkpoint continues exactly as an uninterrupted 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -30,12 +31,14 @@ from .data import Tile
 from .errors import CheckpointError, InputError
 from .infer import mask_boxes
 from .lora import MethodConfig
-from .io import atomic_path, write_json
+from .io import SOFTWARE, atomic_path, is_nucseg_png, write_json
 from .sam import attach_foreground_head, decode, encode
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # nucseg < 0.2 pickled its training state; never loaded (it could run code)
+_STATE_KEY = "nucseg_training_state"
 
 
 @dataclass
@@ -173,30 +176,41 @@ class Trainer:
             "history": [asdict(h) for h in self.history],
             "fingerprint": fingerprint,
         }
-        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
-            torch.save(state, tmp)
+        save_training_state(self.out_dir / CHECKPOINT, state)
 
     def resume(self, fingerprint: dict) -> bool:
-        """Continue from the last finished epoch; refuse a checkpoint of a different run."""
+        """Continue from the last finished epoch; refuse a checkpoint of a different run.
+
+        The checkpoint is checked for belonging to this run before any of its tensors is used, and every tensor
+        must fit the parameter it restores: a planted or damaged file is an error, never silently half-loaded.
+        """
         path = self.out_dir / CHECKPOINT
+        refuse_legacy_checkpoint(self.out_dir)
         if not path.is_file():
             return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise CheckpointError(f"cannot read training checkpoint {path}: {err}") from None
-        if state.get("fingerprint") != fingerprint:
+        state = load_training_state(path)
+        if state["fingerprint"] != fingerprint:
             raise CheckpointError(
                 f"{path} belongs to a different run (other data, method or settings); use another --out or remove it"
             )
         own = dict(self.model.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(state["trainable"]) != expected:
+            raise CheckpointError(f"{path} does not hold this run's trainable parameters")
+        for name, value in state["trainable"].items():
+            if value.shape != own[name].shape or value.dtype != own[name].dtype:
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(own[name].shape)}")
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 own[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.history = [EpochLog(**h) for h in state["history"]]
-        self.start_epoch = state["epoch"] + 1
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.history = [EpochLog(**h) for h in state["history"]]
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise CheckpointError(f"{path} holds an unusable optimiser state or history: {err}") from None
+        self.start_epoch = int(state["epoch"]) + 1
         return True
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -309,6 +323,73 @@ class Trainer:
         return self.history
 
 
+def save_training_state(path: Path, state: dict) -> None:
+    """Training state as safetensors (tensors) + JSON (everything else) in its metadata: nothing is pickled,
+    so a checkpoint found in a shared or unpacked run folder can never run code when a run resumes from it."""
+    from safetensors.torch import save_file
+
+    tensors = {f"trainable.{n}": t for n, t in state["trainable"].items()}
+    opt_state: dict[str, dict] = {}
+    for idx, entry in state["optimizer"]["state"].items():
+        plain = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain[k] = v
+        opt_state[str(idx)] = plain
+    meta = {"epoch": int(state["epoch"]), "fingerprint": state["fingerprint"], "history": state["history"],
+            "scheduler": state["scheduler"], "param_groups": state["optimizer"]["param_groups"],
+            "optimizer_plain": opt_state, "format_version": 1}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def load_training_state(path: Path) -> dict:
+    """The state :func:`save_training_state` wrote, in torch's ``state_dict`` shapes; CheckpointError if the file
+    is not one (damaged, foreign, or of an unknown format)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})[_STATE_KEY])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        if not isinstance(meta, dict) or meta.get("format_version") != 1:
+            raise ValueError("unknown format")
+        epoch = meta["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 1_000_000:
+            raise ValueError(f"bad epoch {epoch!r}")
+        if not isinstance(meta["fingerprint"], dict) or not isinstance(meta["history"], list):
+            raise ValueError("bad fingerprint or history")
+        opt_state: dict[int, dict] = {int(i): dict(plain) for i, plain in meta["optimizer_plain"].items()}
+        trainable = {}
+        for key, value in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "trainable":
+                trainable[rest] = value
+            elif kind == "optimizer":
+                idx, _, name = rest.partition(".")
+                opt_state.setdefault(int(idx), {})[name] = value
+            else:
+                raise ValueError(f"unexpected tensor {key}")
+    except Exception as err:  # not safetensors, no/garbled state, wrong types: all mean "not our checkpoint"
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read training checkpoint {path}: {why}") from None
+    optimizer = {"state": opt_state, "param_groups": meta["param_groups"]}
+    return {"epoch": epoch, "trainable": trainable, "optimizer": optimizer, "scheduler": meta["scheduler"],
+            "history": meta["history"], "fingerprint": meta["fingerprint"]}
+
+
+def refuse_legacy_checkpoint(out_dir: Path) -> None:
+    """A pickled ``checkpoint.pt`` (older nucseg, or planted) is never unpickled: say so instead."""
+    legacy = Path(out_dir) / LEGACY_CHECKPOINT
+    if legacy.exists():
+        raise CheckpointError(f"{legacy} is a pickled training checkpoint, which nucseg does not load (it could run "
+                              f"code); remove it to start again, or use another --out")
+
+
 def plot_curves(history: list[EpochLog], path: Path) -> None:
     """Loss components and learning rate per epoch, one PNG (written atomically)."""
     import matplotlib
@@ -331,8 +412,8 @@ def plot_curves(history: list[EpochLog], path: Path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("learning rate")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    with atomic_path(path, owned=is_nucseg_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Software": SOFTWARE})
     plt.close(fig)
 
 

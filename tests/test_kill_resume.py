@@ -164,15 +164,15 @@ def test_cv_survives_random_kills(tmp_path):
     assert got.keys() == ref.keys()
     assert {"summary.json", "summary.md", "fold_2/metrics.json", "fold_2/train/adapter/adapter.safetensors",
             "fold_2/train/curves.png"} <= set(ref)
-    # history.json and checkpoint.pt record each epoch's wall time; everything else is byte-identical
+    # history.json and checkpoint.safetensors record each epoch's wall time; everything else is byte-identical
     # (adapter weights, metrics, summaries, overlay and curve pictures).
-    timed = {k for k in ref if k.endswith(("history.json", "checkpoint.pt"))}
+    timed = {k for k in ref if k.endswith(("history.json", "checkpoint.safetensors"))}
     assert [k for k in ref if k not in timed and got[k] != ref[k]] == []
     for k in timed:
         ref_h, got_h = _history(tmp_path / "ref" / "cv" / k), _history(tmp_path / "kill" / "cv" / k)
         assert [_without(h, "seconds") for h in got_h] == [_without(h, "seconds") for h in ref_h]
         assert len(ref_h) == 2
-    for k in (k for k in timed if k.endswith("checkpoint.pt")):
+    for k in (k for k in timed if k.endswith("checkpoint.safetensors")):
         _same_checkpoint(tmp_path / "ref" / "cv" / k, tmp_path / "kill" / "cv" / k)
     assert _temps(tmp_path / "kill") == []
 
@@ -180,16 +180,18 @@ def test_cv_survives_random_kills(tmp_path):
 def _history(path: Path) -> list[dict]:
     if path.suffix == ".json":
         return json.loads(path.read_text())
-    import torch
+    from nucseg.train import load_training_state
 
-    return torch.load(path, map_location="cpu", weights_only=False)["history"]
+    return load_training_state(path)["history"]
 
 
 def _same_checkpoint(a: Path, b: Path) -> None:
     """Same weights, optimiser state and schedule (the exact training state a resumed run continues from)."""
     import torch
 
-    sa, sb = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))
+    from nucseg.train import load_training_state
+
+    sa, sb = (load_training_state(p) for p in (a, b))
     assert sa["epoch"] == sb["epoch"] and sa["fingerprint"] == sb["fingerprint"]
     assert sa["trainable"].keys() == sb["trainable"].keys()
     assert all(torch.equal(sa["trainable"][n], sb["trainable"][n]) for n in sa["trainable"])

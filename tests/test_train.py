@@ -50,7 +50,7 @@ def test_short_training_lowers_the_loss_on_real_tiles(real_tiles, tmp_path):
     with torch.no_grad():
         after = trainer.losses(tiles, np.random.default_rng(99))["loss"].item()
     assert after < 0.8 * before, (before, after, [h.loss for h in history])
-    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "curves.png").stat().st_size > 1000
 
 
 def test_resume_continues_exactly_and_base_is_unchanged(real_tiles, tmp_path, tiny_official_ckpt):
