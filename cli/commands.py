@@ -83,10 +83,14 @@ def _training_callbacks(args: argparse.Namespace, total_epochs: int):
 
 
 def train(args: argparse.Namespace) -> int:
-    from nucseg.io import writable_dir
+    from nucseg.adapter import check_merge_output
+    from nucseg.io import check_not_input, writable_dir
     from nucseg.train import finetune
 
     method, cfg = _method(args), _train_cfg(args)
+    check_not_input(args.out, [args.data])
+    if args.merge:
+        check_merge_output(args.merge)
     tiles = _tiles(args)
     writable_dir(args.out)  # after the data checks (a bad dataset leaves no folder), before any training
     print(f"data: {len(tiles)} tiles from {args.data}", file=sys.stderr)
@@ -108,9 +112,10 @@ def train(args: argparse.Namespace) -> int:
 
 def cv(args: argparse.Namespace) -> int:
     from nucseg.cv import CVConfig, run_cv
-    from nucseg.io import writable_dir
+    from nucseg.io import check_not_input, writable_dir
 
     method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
+    check_not_input(args.out, [args.data])
     tiles = _tiles(args)
     writable_dir(args.out)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
@@ -159,36 +164,13 @@ def _segmenter_spec(args: argparse.Namespace):
 
 
 def segment(args: argparse.Namespace) -> int:
-    import numpy as np
-    import tifffile
+    from nucseg.io import read_rgb
+    from nucseg.segment import plan_outputs, segment_image, write_label_map
 
-    from nucseg.io import IMAGE_SUFFIXES, atomic_path, read_rgb, writable_dir
-
-    files: list[Path] = []
-    for path in args.inputs:
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise InputError(f"input not found: {path}")
-    if not files:
-        raise InputError("no images to segment")
+    plan = plan_outputs(args.inputs, args.out)  # every output decided and checked before the model is built
     seg = _segmenter_spec(args).build()
-    size = seg.tile_size
-    writable_dir(args.out)
-    for path in _bar(args, iterable=files, desc="segment", unit="image"):
-        image = read_rgb(path)
-        h, w = image.shape[:2]
-        labels = np.zeros((h, w), np.int32)
-        offset = 0
-        for y in range(0, h, size):  # plain images larger than the model input: non-overlapping tiles
-            for x in range(0, w, size):
-                lab = seg(image[None, y : y + size, x : x + size]).labels[0]
-                labels[y : y + size, x : x + size] = np.where(lab > 0, lab + offset, 0)
-                offset += int(lab.max())
-        with atomic_path(args.out / f"{path.stem}.tif") as tmp:
-            tifffile.imwrite(tmp, labels.astype(np.uint32 if offset > 65535 else np.uint16))
+    for path, out in _bar(args, iterable=plan, desc="segment", unit="image"):
+        write_label_map(out, segment_image(seg, read_rgb(path)))
     print(args.out)
     return 0
 
@@ -382,8 +364,9 @@ def weights(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from nucseg.adapter import export_merged, load_adapter
+    from nucseg.adapter import check_merge_output, export_merged, load_adapter
 
+    check_merge_output(args.out)
     model, _ = load_adapter(args.adapter, args.checkpoint)
     print(export_merged(model, args.out))
     return 0

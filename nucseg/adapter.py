@@ -12,6 +12,7 @@ loads the tensors; the base checkpoint file itself is never written. See adapter
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +21,16 @@ from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from . import __version__
-from .errors import CheckpointError
-from .io import atomic_path, sha256_file, write_json
+from .errors import CheckpointError, InputError
+from .io import atomic_path, check_output, sha256_file, write_json
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
-from .sam import attach_foreground_head, load_sam
+from .sam import PATCH, SPECS, attach_foreground_head, load_sam
 
 FORMAT = "nucseg-adapter"
 FORMAT_VERSION = 1
+MERGED_FORMAT = "nucseg-merged"
+MIN_INPUT, MAX_INPUT = 64, 4096  # encoder input side (px): what a SAM encoder can sensibly run at
+MIN_MPP, MAX_MPP = 0.05, 20.0  # plausible µm/px of H&E images (from 200x down to overview scans)
 WEIGHTS = "adapter.safetensors"
 METHOD = "method.json"
 META = "nucseg.json"
@@ -55,7 +59,7 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
     """Write the adapter folder atomically (a killed job leaves the previous adapter or none)."""
     path = Path(path)
     tensors = trainable_state_dict(model)
-    with atomic_path(path, is_dir=True) as tmp:
+    with atomic_path(path, is_dir=True, owned=is_adapter_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         write_json(tmp / METHOD, method.to_dict())
         full = {
@@ -63,6 +67,7 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
             "format_version": FORMAT_VERSION,
             "nucseg_version": __version__,
             "method": method.to_dict(),
+            "method_sha256": sha256_file(tmp / METHOD),
             "weights_sha256": sha256_file(tmp / WEIGHTS),
             "tensors": len(tensors),
             **meta,
@@ -71,20 +76,83 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
     return path
 
 
+def is_adapter_dir(path: Path) -> bool:
+    """A folder nucseg wrote as an adapter (what a rerun of training may replace)."""
+    try:
+        return path.is_dir() and json.loads((path / META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is(value, kinds, lo=None, hi=None) -> bool:
+    """``value`` has one of ``kinds`` (bool never counts as a number) and lies in [lo, hi]."""
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def validate_meta(meta) -> dict:
+    """Check nucseg.json by type and range before anything is built from it; ValueError says what is wrong.
+
+    Unknown keys are allowed (later minor versions add some); the keys nucseg reads are not optional.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+    if not _is(meta.get("format_version"), (int,), 1):
+        raise ValueError(f"format_version must be a whole number >= 1, not {meta.get('format_version')!r}")
+    base = meta.get("base")
+    if not isinstance(base, dict) or base.get("model") not in SPECS or not _is(base.get("fingerprint"), (str,)) \
+            or len(base["fingerprint"]) > 256:
+        raise ValueError(f"base must name a model ({', '.join(SPECS)}) and a fingerprint")
+    if not _is(base.get("init_seed", 0), (int,), 0, 2**63 - 1):
+        raise ValueError(f"base.init_seed must be a whole number >= 0, not {base.get('init_seed')!r}")
+    size = meta.get("input_size")
+    if not _is(size, (int,), MIN_INPUT, MAX_INPUT) or size % PATCH:
+        raise ValueError(f"input_size must be a multiple of {PATCH} in {MIN_INPUT}..{MAX_INPUT}, not {size!r}")
+    if meta.get("mpp") is not None and not _is(meta["mpp"], (int, float), MIN_MPP, MAX_MPP):
+        raise ValueError(f"mpp must be null or a number of µm/px in {MIN_MPP}..{MAX_MPP}, not {meta['mpp']!r}")
+    for key in ("weights_sha256", "method_sha256"):
+        value = meta.get(key)
+        if (key in meta or key == "weights_sha256") and not (isinstance(value, str) and len(value) == 64
+                                                            and all(c in "0123456789abcdef" for c in value)):
+            raise ValueError(f"{key} must be 64 hex digits, not {value!r}")
+    if not isinstance(meta.get("method"), dict):
+        raise ValueError("method must be a JSON object")
+    return meta
+
+
 def read_adapter(path: str | Path) -> AdapterInfo:
+    """Read and check an adapter's description (types, ranges, the method file's hash) before anything is built.
+
+    A tampered or damaged nucseg.json / method.json is a CheckpointError (exit 4), never a traceback, and never
+    a model of absurd size: the rank is bounded here, before :func:`apply_adapter` allocates anything.
+    """
     path = Path(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} is not a nucseg adapter (expected {META} and {WEIGHTS})")
     try:
-        meta = json.loads((path / META).read_text())
-        method = MethodConfig.from_dict(json.loads((path / METHOD).read_text()) if (path / METHOD).is_file()
-                                        else meta["method"])
-        if meta.get("format") != FORMAT or "base" not in meta or "input_size" not in meta:
-            raise ValueError("not a nucseg adapter description")
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"adapter {path} has an unreadable {META}: {err}") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"adapter {path} needs a newer nucseg (format {meta['format_version']})")
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and _is(meta.get("format_version"), (int,)) and meta["format_version"] > FORMAT_VERSION:
+            raise CheckpointError(f"adapter {path} needs a newer nucseg (format {meta['format_version']})")
+        validate_meta(meta)
+        method_raw = meta["method"]
+        if (path / METHOD).is_file():
+            if "method_sha256" in meta and sha256_file(path / METHOD) != meta["method_sha256"]:
+                raise ValueError(f"{METHOD} does not match its SHA-256 recorded in {META}")
+            method_raw = json.loads((path / METHOD).read_text(encoding="utf-8"))
+            if method_raw != meta["method"]:
+                raise ValueError(f"{METHOD} and the method recorded in {META} differ")
+        if not isinstance(method_raw, dict):
+            raise ValueError("method must be a JSON object")
+        method = MethodConfig.from_dict(method_raw)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, InputError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"adapter {path} has an invalid {META} or {METHOD}: {err}") from None
     return AdapterInfo(path, meta, method)
 
 
@@ -112,11 +180,11 @@ def load_adapter(path: str | Path, checkpoint: str | Path | None = None) -> tupl
 
 
 def apply_adapter(model: Sam, info: AdapterInfo) -> Sam:
-    """Apply the method and load the adapter's tensors into an already-built base."""
-    apply_method(model, info.method)
+    """Load the adapter's tensors into an already-built base (hash checked before the method is applied)."""
     weights = info.path / WEIGHTS
     if sha256_file(weights) != info.meta.get("weights_sha256"):
         raise CheckpointError(f"adapter weights {weights} do not match their recorded SHA-256 (corrupt copy?)")
+    apply_method(model, info.method)
     try:
         tensors = load_file(str(weights))
     except Exception as err:
@@ -138,13 +206,29 @@ def apply_adapter(model: Sam, info: AdapterInfo) -> Sam:
     return model
 
 
+def is_merged_checkpoint(path: Path) -> bool:
+    """A merged model nucseg exported (.safetensors tagged as such; a .pth cannot be told apart, so never)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format") == MERGED_FORMAT
+    except Exception:
+        return False
+
+
+def check_merge_output(out: str | Path) -> Path:
+    """Before any work: the merged-model path must not replace a file nucseg did not export."""
+    return check_output(out, is_merged_checkpoint)
+
+
 def export_merged(model: Sam, out: str | Path) -> Path:
     """Fold the adapter into the base and save a full state dict with official SAM keys (one file)."""
     merge(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("fg_head.")}
-    with atomic_path(out) as tmp:
+    with atomic_path(out, owned=is_merged_checkpoint) as tmp:
         if str(out).endswith(".safetensors"):
-            save_file(state, str(tmp))
+            save_file(state, str(tmp), metadata={"format": MERGED_FORMAT})
         else:
             torch.save(state, tmp)
     return Path(out)

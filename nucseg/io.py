@@ -100,14 +100,20 @@ def check_output(path: str | os.PathLike, owned: Owned, inputs: Iterable[str | o
     ``path`` exists and is not nucseg's own output of this kind (``owned``); a folder where a file goes. Then the
     parent folder must accept new files. An existing output of the same kind is replaced (reruns).
     """
+    path = check_not_input(path, inputs)
+    _refuse_foreign(path, owned)
+    writable_dir(path.parent if str(path.parent) else Path("."), create=False)
+    return path
+
+
+def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> Path:
+    """OutputError if output ``path`` is an input, lies inside an input folder, or holds an input."""
     path = Path(path)
     target = path.resolve()
     for inp in inputs:
         src = Path(inp).resolve()
         if target == src or src in target.parents or target in src.parents:
-            raise OutputError(f"output {path} would overwrite the input {inp}; choose another output path")
-    _refuse_foreign(path, owned)
-    writable_dir(path.parent if str(path.parent) else Path("."))
+            raise OutputError(f"output {path} would overwrite or mix with the input {inp}; choose another output path")
     return path
 
 
@@ -201,9 +207,20 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove it can take new files, before any long work starts."""
+def writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """Create ``path`` if needed and prove it can take new files, before any long work starts.
+
+    ``create=False`` proves the same without creating anything: the nearest existing folder on the way must take
+    new files (the folders are made when the output is written, so a run that fails leaves no empty folders).
+    """
     path = Path(path)
+    if not create:
+        existing = path
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise OutputError(f"cannot write to {path}: {existing} is not a folder")
+        path = existing
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".nucseg-probe-{uuid.uuid4().hex[:_ID_LEN]}"

@@ -20,6 +20,7 @@ from segment_anything.modeling import Sam
 from .errors import InputError
 
 METHODS = ("lora", "decoder", "full")
+MAX_RANK = 256  # far above any rank used for SAM (4-32); a larger one in an adapter is tampering or a mistake
 SLICE_TARGETS = ("q", "k", "v")  # slices of the fused qkv projection: our own module
 PEFT_TARGETS = {  # whole Linear modules of each encoder block: peft
     "qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",
@@ -41,6 +42,19 @@ class MethodConfig:
     train_prompt_encoder: bool = False
 
     def validate(self) -> "MethodConfig":
+        """Types and ranges first (method.json is a file a user may have been handed), then the combinations."""
+        if not isinstance(self.method, str) or not isinstance(self.targets, list) \
+                or not all(isinstance(t, str) for t in self.targets):
+            raise InputError("method and targets must be text")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise InputError(f"LoRA rank must be a whole number in 1..{MAX_RANK}, got {self.rank!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not 0 < self.alpha <= 1e4):
+            raise InputError(f"LoRA alpha must be a number in (0, 10000], got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise InputError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not all(isinstance(v, bool) for v in (self.train_decoder, self.train_prompt_encoder)):
+            raise InputError("train_decoder and train_prompt_encoder must be true or false")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "lora":

@@ -31,7 +31,7 @@ from .data import Tile
 from .errors import CheckpointError, InputError
 from .infer import mask_boxes
 from .lora import MethodConfig
-from .io import SOFTWARE, atomic_path, is_nucseg_png, write_json
+from .io import SOFTWARE, atomic_path, check_output, is_nucseg_png, write_json
 from .sam import attach_foreground_head, decode, encode
 
 log = logging.getLogger(__name__)
@@ -446,12 +446,14 @@ def finetune(
 
     ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts.
     """
-    from .adapter import save_adapter
+    from .adapter import is_adapter_dir, save_adapter
     from .data import summarize
     from .lora import apply_method, count_parameters
     from .sam import load_sam
 
     out_dir = Path(out_dir)
+    check_output(out_dir / "adapter", is_adapter_dir)  # before any training: never replace a folder we did not write
+    check_output(out_dir / "curves.png", is_nucseg_png)
     size = max(max(t.labels.shape) for t in tiles)
     input_size = int(math.ceil(size / 16) * 16)
     model, fingerprint = load_sam(model_type, checkpoint, img_size=input_size, seed=cfg.seed)
