@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -26,69 +27,189 @@ def _terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help where there is one; examples (the epilog) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings \
+                and "%(default)" not in text and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with nucseg's error convention: one line ``nucseg: error: ...`` and exit 2, no usage block."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("nucseg").strip()
+        hint = f" (see nucseg {command + ' ' if command else ''}--help)"
+        print(f"nucseg: error: {' '.join(message.split())}{hint}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def count(lo: int, hi: int | None = None):
+    """argparse type: a whole number in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            span = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, not {text!r}")
+        return value
+
+    return parse
+
+
+def number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number in the interval (lo/[lo, hi]/hi)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, not {text!r}")
+        return value
+
+    return parse
+
+
+MPP = number(0.05, 20.0)  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
+FRACTION = number(0.0, 1.0)
+SEED = count(0, 2**32 - 1)
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Logging and debug options, accepted before or after the command (``nucseg -q predict`` and
+    ``nucseg predict -q``); after the command they default to "not given", so they never undo the former."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    g = p.add_argument_group("output and logging")
+    g.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks instead of one-line errors")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars")
+    g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log messages (-vv: debug)")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d(None),
+                   help="log level of nucseg's messages on stderr (default: warning; -v: info)")
+    return p
+
+
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
+    from nucseg.sam import SPECS
+
     g = p.add_argument_group("base model")
-    g.add_argument("--model", default=model_default, choices=["vit_b", "vit_l", "vit_h", "vit_tiny"],
-                   help="SAM variant (vit_tiny: small model of the same architecture for tests and demos)")
+    g.add_argument("--model", default=model_default, choices=list(SPECS),
+                   help="SAM variant (vit_tiny: small model of the same architecture for tests and demos)"
+                        + ("" if model_default else "; default: the adapter's"))
     g.add_argument("--checkpoint", type=Path, help="base weights: an official sam_vit_*.pth (see 'nucseg weights')"
                    " or a file with the same keys; without it the model is randomly initialised (seeded)")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: the first CUDA GPU if there is one, else the CPU")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
+    from nucseg.lora import MAX_RANK, METHODS
+
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="lora", choices=["lora", "decoder", "full"],
-                   help="lora: LoRA on the image encoder + trainable mask decoder (SAMed); decoder: decoder only")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1)")
+    g.add_argument("--method", default="lora", choices=list(METHODS),
+                   help="lora: LoRA on the image encoder + trainable mask decoder (SAMed); decoder: decoder only; "
+                        "full: every weight")
+    g.add_argument("--rank", type=count(1, MAX_RANK), default=4, help="LoRA rank")
+    g.add_argument("--alpha", type=number(0, 1e4, lo_open=True), default=None,
+                   help="LoRA alpha (default: rank, i.e. scale 1)")
     g.add_argument("--targets", default="q,v", help="LoRA targets, comma-separated: q,k,v (slices of the fused "
                    "qkv), qkv, proj, mlp")
     g.add_argument("--train-prompt-encoder", action="store_true", help="also train the prompt encoder")
     g.add_argument("--freeze-decoder", action="store_true", help="keep the mask decoder frozen (LoRA only)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--dice-weight", type=float, default=0.8, help="λ in CE + λ·Dice")
+    t.add_argument("--epochs", type=count(1, 100_000), default=40, help="passes over the training tiles")
+    t.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per optimisation step")
+    t.add_argument("--lr", type=number(0, 1, lo_open=True), default=1e-4,
+                   help="peak learning rate (AdamW; linear warm-up, then cosine decay)")
+    t.add_argument("--weight-decay", type=number(0, 10), default=1e-4, help="AdamW weight decay")
+    t.add_argument("--dice-weight", type=number(0, 100), default=0.8, help="λ in CE + λ·Dice")
     t.add_argument("--balance-ce", action="store_true",
                    help="class-balanced CE (nucleus pixels weigh as much as background); for models trained "
                         "from scratch, which otherwise settle on empty masks")
-    t.add_argument("--prompts-per-tile", type=int, default=16, help="nuclei prompted per tile and step")
-    t.add_argument("--box-fraction", type=float, default=0.0, help="share of prompts that also get their box")
-    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--prompts-per-tile", type=count(1, 4096), default=16, help="nuclei prompted per tile and step")
+    t.add_argument("--box-fraction", type=FRACTION, default=0.0,
+                   help="share of prompts that also get their box (0..1)")
+    t.add_argument("--seed", type=SEED, default=42, help="seed of the initialisation, sampling and augmentation")
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations or stain jitter")
     t.add_argument("--no-bf16", action="store_true", help="train in fp32 on CUDA")
     t.add_argument("--drop-empty", action="store_true", help="remove tiles with no nuclei")
-    t.add_argument("--mpp", type=float, default=None,
+    t.add_argument("--mpp", type=MPP, default=None,
                    help="µm/px of the training images, stored in the adapter so predict can match slides to it")
-    t.add_argument("--exemplars", type=int, default=None, help="few-shot: train on N exemplar images only")
-    t.add_argument("--synthesize", type=int, nargs="?", const=8, default=None, metavar="PER_EXEMPLAR",
-                   help="with --exemplars: add exemplar-guided synthetic tiles (default 8 per exemplar)")
+    t.add_argument("--exemplars", type=count(1), default=None, help="few-shot: train on N exemplar images only")
+    t.add_argument("--synthesize", type=count(1, 1000), nargs="?", const=8, default=None, metavar="PER_EXEMPLAR",
+                   help="with --exemplars: add exemplar-guided synthetic tiles (8 per exemplar when given bare)")
 
 
 def _add_inference(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("automatic prompting")
-    g.add_argument("--points-per-side", type=int, default=32, help="grid density per tile")
+    g.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile")
     g.add_argument("--prompts", default="auto", choices=["auto", "grid"],
                    help="auto: prune the grid (foreground map, in-mask skipping); grid: decode every point")
-    g.add_argument("--pred-iou-thresh", type=float, default=0.5)
-    g.add_argument("--stability-thresh", type=float, default=0.8)
-    g.add_argument("--nms-iou", type=float, default=0.6)
-    g.add_argument("--min-area", type=int, default=12)
-    g.add_argument("--decoder-batch", type=int, default=512, help="prompts per decoder call")
+    g.add_argument("--pred-iou-thresh", type=FRACTION, default=0.5,
+                   help="keep masks whose predicted IoU is at least this (0..1)")
+    g.add_argument("--stability-thresh", type=FRACTION, default=0.8,
+                   help="keep masks whose stability score (IoU of the mask at two thresholds) is at least this")
+    g.add_argument("--nms-iou", type=number(0, 1, lo_open=True), default=0.6,
+                   help="of two masks overlapping more than this (box IoU), keep the better one")
+    g.add_argument("--min-area", type=count(0, 1 << 20), default=12,
+                   help="smallest nucleus kept, in pixels at the model's input resolution")
+    g.add_argument("--decoder-batch", type=count(1, 1 << 20), default=512,
+                   help="prompts per decoder call (halved automatically when memory runs out)")
+
+
+EXAMPLES = {
+    "train": """examples:
+  nucseg train --data NuInsSeg/ --out runs/lora --checkpoint sam_vit_b_01ec64.pth --mpp 0.25
+  nucseg train --data my_tiles/ --out runs/few --exemplars 4 --synthesize   # few-shot""",
+    "cv": """examples:
+  nucseg cv --data NuInsSeg/ --out runs/cv --checkpoint sam_vit_b_01ec64.pth --zero-shot
+  nucseg cv --data NuInsSeg/ --out runs/cv-organ --group-by organ --folds 3""",
+    "eval": """examples:
+  nucseg eval --gt "label masks modify/" --pred predictions/ --ambiguous "vague areas/mask binary/"
+  nucseg eval --gt gt/ --pred pred/ --json > metrics.json""",
+    "segment": """examples:
+  nucseg segment tiles/ -o labels/ --adapter runs/lora/adapter --checkpoint sam_vit_b_01ec64.pth""",
+    "predict": """examples:
+  nucseg predict slide.svs -o slide.geojson --adapter runs/lora/adapter --checkpoint sam_vit_b_01ec64.pth
+  nucseg predict slide.svs -o slide.geojson.gz --csv --preview --labels slide.zarr --adapter ...
+  nucseg predict --input-list slides.txt --out-dir out/ --work-dir /scratch/nucseg --adapter ...
+  sbatch --array=0-99 --wrap 'nucseg predict --input-list slides.txt --out-dir out/ --adapter ...'""",
+    "weights": """examples:
+  nucseg weights list
+  nucseg weights fetch vit_b
+  nucseg weights verify ~/Downloads/sam_vit_b_01ec64.pth""",
+    "merge": """examples:
+  nucseg merge --adapter runs/lora/adapter --checkpoint sam_vit_b_01ec64.pth -o sam_vit_b_nuclei.safetensors""",
+    "demo-data": """examples:
+  nucseg demo-data demo/ --tiles-per-organ 6 --size 256""",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nucseg import __version__
 
-    ap = argparse.ArgumentParser(prog="nucseg", description="Fine-tune SAM on H&E nuclei; segment whole slides.")
+    ap = _Parser(prog="nucseg", description="Fine-tune SAM on H&E nuclei; segment whole slides.",
+                 parents=[_common(suppress=False)], formatter_class=_Formatter)
     ap.add_argument("--version", action="version", version=f"nucseg {__version__}")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_common(suppress=True)]
 
-    p = sub.add_parser("train", help="fine-tune on a NuInsSeg-layout dataset and save an adapter")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name), parents=common,
+                              formatter_class=_Formatter)
+
+    p = command("train", "fine-tune on a NuInsSeg-layout dataset and save an adapter")
     p.add_argument("--data", required=True, type=Path, help="NuInsSeg-layout root (or one organ folder)")
     p.add_argument("--out", required=True, type=Path, help="run folder: adapter/, checkpoint.safetensors, curves.png")
     p.add_argument("--resume", action="store_true",
@@ -100,49 +221,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(p)
     p.set_defaults(func=commands.train)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation with per-fold and mean ± std metrics")
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--group-by", default="image", choices=["image", "organ"])
+    p = command("cv", "k-fold cross-validation with per-fold and mean ± std metrics")
+    p.add_argument("--data", required=True, type=Path, help="NuInsSeg-layout root (or one organ folder)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="run folder: fold_<k>/ (adapter, metrics, overlays), summary.json, summary.md")
+    p.add_argument("--folds", type=count(2, 1000), default=5, help="number of folds (k)")
+    p.add_argument("--group-by", default="image", choices=["image", "organ"],
+                   help="what stays together in one fold: tiles of one image, or all images of one organ")
     p.add_argument("--zero-shot", action="store_true", help="also score the base model, same inference path")
     p.add_argument("--zero-shot-single-mask", action="store_true",
                    help="zero-shot with output 0 only (bases trained by nucseg); default: SAM's 3 ambiguity masks")
-    p.add_argument("--overlays", type=int, default=3, help="overlay pictures per fold")
+    p.add_argument("--overlays", type=count(0, 1000), default=3, help="overlay pictures per fold")
     _add_model(p)
     _add_training(p)
     _add_inference(p)
     p.set_defaults(func=commands.cv)
 
-    p = sub.add_parser("eval", help="score predicted label maps against ground truth")
+    p = command("eval", "score predicted label maps against ground truth")
     p.add_argument("--gt", required=True, type=Path, help="ground-truth label maps (.tif/.png/.npy), by stem")
     p.add_argument("--pred", required=True, type=Path, help="predicted label maps, matched by file stem")
     p.add_argument("--ambiguous", type=Path, default=None, help="ambiguous-area masks (NuInsSeg 'vague areas')")
     p.add_argument("--json", action="store_true", help="print one JSON object {per_image, mean}")
     p.set_defaults(func=commands.evaluate)
 
-    p = sub.add_parser("segment", help="label maps for plain images (tiles) with an adapter")
+    p = command("segment", "label maps for plain images (tiles) with an adapter")
     p.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder for <stem>.tif label maps")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per model call")
     _add_model(p, model_default=None)
     _add_inference(p)
     p.set_defaults(func=commands.segment)
 
-    p = sub.add_parser("predict", help="segment every nucleus of whole-slide images into GeoJSON")
+    p = command("predict", "segment every nucleus of whole-slide images into GeoJSON")
     p.add_argument("slides", nargs="*", type=Path, help="slides (.svs, .ndpi, .mrxs, .scn, tiled .tif, ...)")
     p.add_argument("-o", "--out", "--out-dir", dest="out", type=Path,
                    help="output .geojson[.gz] (one slide) or folder (several slides, --input-list, --scheduler)")
-    p.add_argument("--input-list", type=Path, help="text file with one slide path per line")
+    p.add_argument("--input-list", type=Path, help="text file with one slide path per line (UTF-8; # comments)")
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
     p.add_argument("--segmenter", default="sam", choices=["sam", "threshold"],
                    help="threshold: classical haematoxylin baseline, no model (for checks and comparisons)")
-    p.add_argument("--mpp", type=float, help="target µm/px (default: the adapter's training µm/px)")
-    p.add_argument("--slide-mpp", type=float, help="µm/px of slides whose metadata lacks it")
-    p.add_argument("--tile-size", type=int, default=None, help="default: the model's input size")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in px; must exceed the largest nucleus")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mpp", type=MPP, help="target µm/px (default: the adapter's training µm/px, else the slide's)")
+    p.add_argument("--slide-mpp", type=MPP, help="µm/px of slides whose metadata lacks it (or is wrong)")
+    p.add_argument("--tile-size", type=count(32, 8192), default=None,
+                   help="tile side in px at the target µm/px (default: the model's input size)")
+    p.add_argument("--overlap", type=count(0, 4096), default=64,
+                   help="tile overlap in px; must exceed the largest nucleus")
+    p.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per model call")
     p.add_argument("--work-dir", type=Path, help="tile/prediction cache (zarr); reruns resume from it")
     p.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background included")
     p.add_argument("--tissue-preview", action="store_true", help="write <out>.tissue.png")
@@ -150,11 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-all", action="store_true", help="several slides: an OME-Zarr label image each")
     p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
     p.add_argument("--shard", default=None, metavar="I/N",
-                   help="process every N-th slide starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
+                   help="process every N-th slide of the list starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on a dask cluster: scheduler address (tcp://host:8786) or scheduler file; slides "
                    "go to the workers, each builds the model once (docs/HPC.md)")
-    p.add_argument("--tiles-per-task", type=int, default=None, metavar="N",
+    p.add_argument("--tiles-per-task", type=count(0), default=None, metavar="N",
                    help="with --scheduler: spread a slide with more than N tissue tiles over the workers in "
                    "ranges of N tiles, then stitch once (0: each slide whole on one worker; default 2048)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
@@ -163,27 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference(p)
     p.set_defaults(func=commands.predict)
 
-    p = sub.add_parser("weights", help="official SAM checkpoints: list, fetch, verify")
-    wsub = p.add_subparsers(dest="action", required=True)
-    wsub.add_parser("list", help="names, URLs and SHA-256 of the official checkpoints")
-    f = wsub.add_parser("fetch", help="download into the user cache and verify")
-    f.add_argument("name", choices=["vit_b", "vit_l", "vit_h"])
-    f.add_argument("--dest", type=Path, default=None)
-    v = wsub.add_parser("verify", help="which official checkpoint a file is (by SHA-256)")
-    v.add_argument("file", type=Path)
+    p = command("weights", "official SAM checkpoints: list, fetch, verify")
+    wsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    wsub.add_parser("list", help="names, URLs and SHA-256 of the official checkpoints", parents=common)
+    f = wsub.add_parser("fetch", help="download into the user cache and verify", parents=common,
+                        formatter_class=_Formatter)
+    f.add_argument("name", choices=["vit_b", "vit_l", "vit_h"], help="which official checkpoint")
+    f.add_argument("--dest", type=Path, default=None, help="folder to download into (default: the user cache)")
+    v = wsub.add_parser("verify", help="which official checkpoint a file is (by SHA-256)", parents=common)
+    v.add_argument("file", type=Path, help="a checkpoint file")
     p.set_defaults(func=commands.weights)
 
-    p = sub.add_parser("merge", help="export base + adapter as one full checkpoint with official keys")
-    p.add_argument("--adapter", required=True, type=Path)
+    p = command("merge", "export base + adapter as one full checkpoint with official keys")
+    p.add_argument("--adapter", required=True, type=Path, help="adapter folder")
     p.add_argument("--checkpoint", type=Path, help="the base checkpoint the adapter was trained on")
     p.add_argument("-o", "--out", required=True, type=Path, help=".pth or .safetensors")
     p.set_defaults(func=commands.merge)
 
-    p = sub.add_parser("demo-data", help="write a small synthetic NuInsSeg-layout dataset")
-    p.add_argument("out", type=Path)
-    p.add_argument("--tiles-per-organ", type=int, default=6)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("demo-data", "write a small synthetic NuInsSeg-layout dataset")
+    p.add_argument("out", type=Path, help="folder to create")
+    p.add_argument("--tiles-per-organ", type=count(1, 1000), default=6, help="images per organ folder")
+    p.add_argument("--size", type=count(32, 4096), default=256, help="image side in px")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed")
     p.set_defaults(func=commands.demo_data)
     return ap
 
@@ -192,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     from nucseg.errors import NucsegError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="nucseg: %(levelname)s: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or one line from _Parser.error
+        return int(exit.code or 0)
+    level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
+    logging.basicConfig(level=getattr(logging, level.upper()), format="nucseg: %(levelname)s: %(message)s")
     if not args.debug:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"nucseg: warning: {msg}\n"

@@ -23,6 +23,8 @@ the encoder, with one warning, and the work goes on with the smaller size.
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 import warnings
@@ -73,6 +75,12 @@ class InferConfig:
             raise InputError("--points-per-side and --decoder-batch must be >= 1")
         if self.skip_margin < 0:
             raise InputError("skip_margin must be >= 0")
+        for name, lo, hi in (("pred_iou_thresh", 0, 1), ("stability_thresh", 0, 1), ("nms_iou", 0, 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number in [{lo}, {hi}], not {value!r}")
+        if self.min_area < 0:
+            raise InputError(f"--min-area must be >= 0, not {self.min_area!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -244,8 +244,7 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
         tissue_area = view.width * view.height * (view.target_mpp / 1000.0) ** 2
     if len(selected) == 0 and warn_empty:
         msg = f"no tissue found in {slide_path}; writing an empty FeatureCollection"
-        warnings.warn(msg, UserWarning, stacklevel=3)
-        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)  # once: the CLI shows warnings, so no log line as well
         notes.append(msg)
     identity = slide_identity(slide, slide_path)
     key, digest = cache_key(
@@ -568,7 +567,7 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
     except NucsegError as err:
         if stop_on_error:
             raise
-        log.error("%s", err)
+        log.info("%s failed: %s", p, err)  # the caller reports failures (the CLI: one error line per slide)
         return SlideSummary.failed(p, str(err), time.perf_counter() - t0)
     write_json(outs["summary"], summary.to_dict())
     return summary

@@ -64,11 +64,18 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> "TrainConfig":
-        for name in ("epochs", "batch_size", "positive_prompts"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0:
-            raise InputError("--lr must be > 0")
+        """Library callers get the checks the CLI's argument types make (names are the CLI's options)."""
+        option = {"positive_prompts": "prompts-per-tile", "negative_prompts": "negative prompts"}
+        for name in ("epochs", "batch_size", "positive_prompts", "negative_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "negative_prompts" else 1):
+                raise InputError(f"--{option.get(name, name.replace('_', '-'))} must be a whole number >= 1, not {value!r}")
+        for name, lo, hi in (("lr", 0, 1), ("weight_decay", 0, 10), ("dice_weight", 0, 100), ("box_fraction", 0, 1),
+                             ("warmup_fraction", 0, 1), ("iou_weight", 0, 100), ("fg_weight", 0, 100)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) \
+                    or (name == "lr" and value == 0):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number in [{lo}, {hi}], not {value!r}")
         return self
 
     def to_dict(self) -> dict:
