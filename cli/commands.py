@@ -14,6 +14,13 @@ from nucseg.errors import InputError
 EXIT_SOME_FAILED = 9  # predict on several slides: the others finished, the failed ones are listed
 
 
+def _emit_json(obj) -> None:
+    """``--json``: one JSON object on stdout (strict: NaN becomes null); everything else goes to stderr."""
+    from nucseg.io import json_safe
+
+    print(json.dumps(json_safe(obj), sort_keys=True, allow_nan=False))
+
+
 def _bar(args: argparse.Namespace, **kw) -> tqdm:
     return tqdm(disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True, **kw)
 
@@ -106,7 +113,12 @@ def train(args: argparse.Namespace) -> int:
 
         model, _ = load_adapter(res.adapter, args.checkpoint)
         print(f"merged model: {export_merged(model, args.merge)}", file=sys.stderr)
-    print(res.adapter)
+    if args.json:
+        _emit_json({"adapter": res.adapter, "run": args.out, "trainable": res.trainable, "total": res.total,
+                    "epochs": len(res.history), "final_loss": res.history[-1].loss if res.history else None,
+                    "history": [vars(h) for h in res.history], "merged": args.merge})
+    else:
+        print(res.adapter)
     return 0
 
 
@@ -132,7 +144,10 @@ def cv(args: argparse.Namespace) -> int:
                          mpp=args.mpp, on_fold=on_fold, on_start=on_start, on_step=on_step)
     finally:
         close()
-    print((args.out / "summary.md").read_text())
+    if args.json:
+        _emit_json(json.loads((args.out / "summary.json").read_text()))
+    else:
+        print((args.out / "summary.md").read_text())
     print(f"summary: {args.out / 'summary.json'}", file=sys.stderr)
     return 0 if summary else 1
 
@@ -169,9 +184,15 @@ def segment(args: argparse.Namespace) -> int:
 
     plan = plan_outputs(args.inputs, args.out)  # every output decided and checked before the model is built
     seg = _segmenter_spec(args).build()
+    done = []
     for path, out in _bar(args, iterable=plan, desc="segment", unit="image"):
-        write_label_map(out, segment_image(seg, read_rgb(path)))
-    print(args.out)
+        labels = segment_image(seg, read_rgb(path))
+        write_label_map(out, labels)
+        done.append({"image": path, "labels": out, "nuclei": int(labels.max(initial=0))})
+    if args.json:
+        _emit_json({"out": args.out, "images": done, "nuclei": sum(d["nuclei"] for d in done)})
+    else:
+        print(args.out)
     return 0
 
 
@@ -228,7 +249,7 @@ def predict(args: argparse.Namespace) -> int:
             summaries = [predict_slide(slides[0], args.out, seg, cfg, _tile_progress(bar))]
         finally:
             bar.close()
-        return _report(summaries)
+        return _report(summaries, args.json)
     if single or args.out.suffix in (".geojson", ".gz", ".json"):
         raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
     if args.labels:
@@ -269,7 +290,7 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
                 finally:
                     bar.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
-    return _report(summaries)
+    return _report(summaries, args.json)
 
 
 def _connect(scheduler: str):
@@ -313,18 +334,22 @@ def _tile_progress(bar):
     return progress
 
 
-def _report(summaries: list) -> int:
-    """One line per slide on stdout, failures on stderr; exit 9 when some slides of a batch failed."""
+def _report(summaries: list, as_json: bool = False) -> int:
+    """One line per slide on stdout (``--json``: one object), failures on stderr; exit 9 when some slides of a
+    batch failed."""
     failed = 0
-    for s in summaries:
-        d = s.to_dict()
+    dicts = [s.to_dict() for s in summaries]
+    for d in dicts:
         if d.get("error"):
             failed += 1
             print(f"nucseg: error: {d['slide']}: {d['error']}", file=sys.stderr)
             continue
         state = "skipped (done)" if d.get("skipped") else f"{d['seconds']:.1f} s"
         print(f"{d['slide']}: {d['nuclei']} nuclei, {d['tissue_tiles']}/{d['tiles']} tissue tiles, "
-              f"{d['tissue_area_mm2']:.2f} mm² tissue, {state} -> {d['output']}")
+              f"{d['tissue_area_mm2']:.2f} mm² tissue, {state} -> {d['output']}", file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        _emit_json({"slides": dicts, "failed": failed, "nuclei": sum(d["nuclei"] or 0 for d in dicts),
+                    "warnings": [w for d in dicts for w in d.get("warnings") or []]})
     if failed:
         print(f"nucseg: {failed} of {len(summaries)} slides failed; rerun to retry them", file=sys.stderr)
         return EXIT_SOME_FAILED

@@ -100,6 +100,11 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the run's summary) on stdout; messages stay on stderr")
+
+
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
     from nucseg.sam import SPECS
 
@@ -217,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run with other settings in --out is refused)")
     p.add_argument("--merge", type=Path, default=None, metavar="FILE",
                    help="also export base+adapter merged into one full checkpoint (.pth or .safetensors)")
+    _add_json(p)
     _add_model(p)
     _add_training(p)
     p.set_defaults(func=commands.train)
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot-single-mask", action="store_true",
                    help="zero-shot with output 0 only (bases trained by nucseg); default: SAM's 3 ambiguity masks")
     p.add_argument("--overlays", type=count(0, 1000), default=3, help="overlay pictures per fold")
+    _add_json(p)
     _add_model(p)
     _add_training(p)
     _add_inference(p)
@@ -249,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder for <stem>.tif label maps")
     p.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per model call")
+    _add_json(p)
     _add_model(p, model_default=None)
     _add_inference(p)
     p.set_defaults(func=commands.segment)
@@ -284,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ranges of N tiles, then stitch once (0: each slide whole on one worker; default 2048)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
+    _add_json(p)
     _add_model(p, model_default=None)
     _add_inference(p)
     p.set_defaults(func=commands.predict)

@@ -183,12 +183,34 @@ def predict_slide(
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
     finally:
         slide.close()
+    notes = plan.notes + _few_nuclei_notes(slide_path, nuclei, len(selected), float(plan.tissue_area), view)
     return SlideSummary(
         slide=str(slide_path), nuclei=nuclei, tiles=grid.n, tissue_tiles=int(len(selected)),
         tissue_area_mm2=float(plan.tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
         slide_mpp=view.mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n,
-        warnings=plan.notes,
+        warnings=notes,
     )
+
+
+# H&E tissue holds thousands of nuclei per mm² (≈ 3,000 in the real tiles of tests/; stroma fewer). Far fewer
+# over a real area of tissue means the run did not see nuclei: wrong scale, wrong adapter, or another stain.
+MIN_NUCLEI_PER_MM2 = 50.0
+MIN_AREA_FOR_DENSITY_MM2 = 0.25
+
+
+def _few_nuclei_notes(slide_path: Path, nuclei: int, tissue_tiles: int, area_mm2: float, view: TargetView) -> list[str]:
+    """A warning (also returned for the summary) when tissue tiles gave no or implausibly few nuclei."""
+    if tissue_tiles == 0:
+        return []
+    density = nuclei / area_mm2 if area_mm2 > 0 else float("inf")
+    if nuclei and (area_mm2 < MIN_AREA_FOR_DENSITY_MM2 or density >= MIN_NUCLEI_PER_MM2):
+        return []
+    found = "no nuclei" if not nuclei else f"only {nuclei} nuclei ({density:.0f} per mm² of tissue)"
+    msg = (f"{slide_path}: {found} in {tissue_tiles} tissue tiles ({area_mm2:.2f} mm²); check the µm/px (slide "
+           f"{view.mpp0:.3f}, target {view.target_mpp:.3f}), that the adapter suits this scanner and stain, and "
+           f"the inference thresholds")
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    return [msg]
 
 
 def _check_settings(segmenter: TileSegmenter, cfg: PredictConfig) -> int:
