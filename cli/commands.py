@@ -397,6 +397,19 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_qupath(args: argparse.Namespace) -> int:
+    from nucseg.qupath import ImportConfig, import_qupath as run
+
+    report = run(args.image, args.geojson, args.out,
+                 ImportConfig(organ=args.organ, tile_size=args.tile_size, mpp=args.mpp, slide_mpp=args.slide_mpp,
+                              region_class=args.region_class))
+    print(f"{report['tiles']} tiles, {report['nuclei']} nuclei ({report['repaired_invalid']} repaired, "
+          f"{report['overlap_pixels']} overlapping pixels left ambiguous) -> {args.out / args.organ}",
+          file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 def demo_data(args: argparse.Namespace) -> int:
     from nucseg.demo import make_demo_dataset
 

@@ -196,6 +196,9 @@ EXAMPLES = {
   nucseg weights verify ~/Downloads/sam_vit_b_01ec64.pth""",
     "merge": """examples:
   nucseg merge --adapter runs/lora/adapter --checkpoint sam_vit_b_01ec64.pth -o sam_vit_b_nuclei.safetensors""",
+    "import-qupath": """examples:
+  nucseg import-qupath slide.svs slide-nuclei.geojson --out my_data --organ colon
+  nucseg train --data my_data --out runs/colon --checkpoint sam_vit_b_01ec64.pth""",
     "demo-data": """examples:
   nucseg demo-data demo/ --tiles-per-organ 6 --size 256""",
 }
@@ -313,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="the base checkpoint the adapter was trained on")
     p.add_argument("-o", "--out", required=True, type=Path, help=".pth or .safetensors")
     p.set_defaults(func=commands.merge)
+
+    p = command("import-qupath", "turn nuclei outlined in QuPath into NuInsSeg-layout training tiles")
+    p.add_argument("image", type=Path, help="the image the outlines were drawn on (whole slide or plain image)")
+    p.add_argument("geojson", type=Path, help="QuPath GeoJSON export (annotations, detections or cells)")
+    p.add_argument("--out", required=True, type=Path, help="dataset root: <out>/<organ>/tissue images/ ...")
+    p.add_argument("--organ", default="qupath", help="organ folder name inside --out")
+    p.add_argument("--mpp", type=MPP, default=None, help="µm/px of the tiles (slides are resampled; default: native)")
+    p.add_argument("--slide-mpp", type=MPP, default=None, help="µm/px of a slide whose metadata lacks it")
+    p.add_argument("--tile-size", type=count(32, 8192), default=512, help="tile side in px")
+    p.add_argument("--region-class", default=None, metavar="NAME",
+                   help="annotations of this class bound the labelled area (default: annotations that contain "
+                        "other outlines)")
+    p.set_defaults(func=commands.import_qupath)
 
     p = command("demo-data", "write a small synthetic NuInsSeg-layout dataset")
     p.add_argument("out", type=Path, help="folder to create")

@@ -75,7 +75,8 @@ class InferConfig:
             raise InputError("--points-per-side and --decoder-batch must be >= 1")
         if self.skip_margin < 0:
             raise InputError("skip_margin must be >= 0")
-        for name, lo, hi in (("pred_iou_thresh", 0, 1), ("stability_thresh", 0, 1), ("nms_iou", 0, 1)):
+        # predicted IoU is a regression output (an untrained head strays outside [0, 1]): any finite bound
+        for name, lo, hi in (("pred_iou_thresh", -math.inf, math.inf), ("stability_thresh", 0, 1), ("nms_iou", 0, 1)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number in [{lo}, {hi}], not {value!r}")

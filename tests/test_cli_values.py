@@ -20,6 +20,7 @@ REQUIRED = {
     "predict": ["x.svs", "-o", "o.geojson"],
     "merge": ["--adapter", "a", "-o", "o.pth"],
     "demo-data": ["o"],
+    "import-qupath": ["x.svs", "x.geojson", "--out", "o"],
 }
 BAD = ["-1", "nan", "inf", "-inf", "abc", "1e400", "", "0x10"]
 
@@ -96,7 +97,8 @@ def test_library_configs_check_what_the_cli_checks():
             TrainConfig(**bad).validate()
     with pytest.raises(InputError, match="--prompts-per-tile"):
         TrainConfig(positive_prompts=0).validate()
-    for bad in ({"pred_iou_thresh": float("nan")}, {"stability_thresh": 2.0}, {"min_area": -1}):
+    for bad in ({"pred_iou_thresh": float("nan")}, {"pred_iou_thresh": float("inf")}, {"stability_thresh": 2.0},
+                {"min_area": -1}):
         with pytest.raises(InputError):
             InferConfig(**bad).validate()
 
