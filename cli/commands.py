@@ -243,6 +243,7 @@ def predict(args: argparse.Namespace) -> int:
         cfg.preview = Path(base + ".preview.png") if args.preview else None
         cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
         cfg.labels = args.labels
+        cfg.roi, cfg.roi_class = args.roi, args.roi_class
         seg = spec.build()
         bar = _bar(args, unit="tile", desc="tiles")
         try:
@@ -254,6 +255,8 @@ def predict(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
     if args.labels:
         raise InputError("--labels PATH is for one slide; with several, use --labels-all")
+    if args.roi or args.roi_class:
+        raise InputError("--roi is for one slide (its polygons are in that slide's pixels)")
     return _predict_batch(args, slides, shard, spec, cfg)
 
 

@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per model call")
     p.add_argument("--work-dir", type=Path, help="tile/prediction cache (zarr); reruns resume from it")
     p.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background included")
+    p.add_argument("--roi", type=Path, default=None, metavar="FILE",
+                   help="one slide: only nuclei whose centroid lies in this region (QuPath GeoJSON annotations in "
+                        "level-0 px, or a binary mask image covering the slide at any scale); only tiles meeting it "
+                        "are read")
+    p.add_argument("--roi-class", default=None, metavar="NAME",
+                   help="with a GeoJSON --roi: only the annotations of this QuPath classification")
     p.add_argument("--tissue-preview", action="store_true", help="write <out>.tissue.png")
     p.add_argument("--labels", type=Path, help="also write an OME-Zarr label image (one slide)")
     p.add_argument("--labels-all", action="store_true", help="several slides: an OME-Zarr label image each")

@@ -87,6 +87,8 @@ class PredictConfig:
     preview: str | os.PathLike | None = None
     tissue_preview: str | os.PathLike | None = None
     model_fingerprint: str | None = None
+    roi: str | os.PathLike | None = None  # QuPath GeoJSON annotations or a mask image (nucseg.roi)
+    roi_class: str | None = None
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
 
@@ -239,6 +241,15 @@ class _Plan:
     digest: str
     model: str
     notes: list[str]
+    roi: object = None  # nucseg.roi.Roi: nuclei are kept only if their centroid lies inside
+
+    def stitcher(self) -> Stitcher:
+        """The stitcher of this run: the ownership rule, plus the region of interest if there is one."""
+        if self.roi is None:
+            return Stitcher(self.grid, self.selected)
+        scale = self.view.scale
+        return Stitcher(self.grid, self.selected,
+                        inside=lambda cx, cy: self.roi.contains((cx + 0.5) * scale, (cy + 0.5) * scale))
 
     def open_cache(self, work: Path, create: bool = True) -> TileCache:
         T = self.grid.tile_size
@@ -254,6 +265,11 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
         raise InputError(f"target µm/px must be a positive number, not {target}")
     view = TargetView.create(slide, slide_path, mpp0, float(target))
     grid = make_grid(view.width, view.height, tile_size, cfg.overlap)
+    roi = None
+    if cfg.roi is not None:  # before the tissue mask: a bad ROI fails before any pixel is read
+        from .roi import load_roi
+
+        roi = load_roi(cfg.roi, *slide.level_dimensions[0], roi_class=cfg.roi_class)
     notes: list[str] = []
     tissue = None
     if cfg.tissue_mask or cfg.tissue_preview:
@@ -268,14 +284,26 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
         msg = f"no tissue found in {slide_path}; writing an empty FeatureCollection"
         warnings.warn(msg, UserWarning, stacklevel=3)  # once: the CLI shows warnings, so no log line as well
         notes.append(msg)
+    if roi is not None:
+        if tissue is not None and cfg.tissue_mask:  # the tissue inside the region
+            rr, cc = np.nonzero(tissue.mask)
+            f = tissue.mpp / view.mpp0  # level-0 px per mask px
+            tissue_area = float(roi.contains((cc + 0.5) * f, (rr + 0.5) * f).sum()) * (tissue.mpp / 1000.0) ** 2
+        else:
+            tissue_area = float(roi.geometry.area if roi.geometry is not None else roi.mask.sum() * roi.mask_px**2) \
+                * (view.mpp0 / 1000.0) ** 2
+        xy = grid.origin(selected).astype(np.float64) * view.scale
+        side = grid.tile_size * view.scale
+        selected = selected[roi.meets(xy[:, 0], xy[:, 1], xy[:, 0] + side, xy[:, 1] + side)]
     identity = slide_identity(slide, slide_path)
     key, digest = cache_key(
+        **({"roi": roi.digest} if roi is not None else {}),
         slide=identity, target_mpp=view.target_mpp, level=view.level, factor=view.factor,
         width=view.width, height=view.height, tile_size=tile_size, overlap=cfg.overlap,
         tissue_mask=bool(cfg.tissue_mask), tissue_mpp=float(cfg.tissue_mpp), tissue_version=TISSUE_DETECTOR_VERSION,
     )
     model = model_fingerprint(segmenter, cfg.model_fingerprint)
-    return _Plan(view, grid, selected, tissue, tissue_area, identity, key, digest, model, notes)
+    return _Plan(view, grid, selected, tissue, tissue_area, identity, key, digest, model, notes, roi)
 
 
 def predict_tile_range(
@@ -421,7 +449,7 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
     """
     view, grid, selected = plan.view, plan.grid, plan.selected
     slide, mpp0 = view.slide, view.mpp0
-    stitcher = Stitcher(grid, selected)
+    stitcher = plan.stitcher()
     scale = view.scale
     area_um2_per_px = view.target_mpp**2
     with contextlib.ExitStack() as stack:

@@ -89,8 +89,12 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
 class Stitcher:
     """Assigns global ids tile by tile; feed tiles in cache order with :meth:`add`."""
 
-    def __init__(self, grid: TileGrid, grid_index: np.ndarray):
+    def __init__(self, grid: TileGrid, grid_index: np.ndarray,
+                 inside: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
+        """``inside(cx, cy)``: an extra rule on centroids (target px, pixel-centre convention), e.g. a region
+        of interest; a nucleus failing it is dropped before ids are given, so ids stay consecutive."""
         self.grid = grid
+        self.inside = inside
         self.grid_index = np.asarray(grid_index, dtype=np.int64)
         self.next_id = 1
         self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # per cache tile: (local_ids, global_ids)
@@ -100,6 +104,9 @@ class Stitcher:
         ix, iy = g % self.grid.nx, g // self.grid.nx
         x0, y0 = (int(v) for v in self.grid.origin(g))
         keep, area, sx, sy = keep_mask(labels, x0, y0, self.grid, ix, iy)
+        if self.inside is not None and keep.any():
+            cand = np.flatnonzero(keep)
+            keep[cand] = self.inside(sx[cand] / area[cand], sy[cand] / area[cand])
         local = np.flatnonzero(keep).astype(np.int32)
         gids = np.arange(self.next_id, self.next_id + len(local), dtype=np.int64)
         self.next_id += len(local)
