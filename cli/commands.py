@@ -128,7 +128,7 @@ def cv(args: argparse.Namespace) -> int:
 
     method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
     check_not_input(args.out, [args.data])
-    tiles = _tiles(args)
+    tiles = _tiles(args, args.tile_size)
     writable_dir(args.out)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
 
@@ -175,7 +175,8 @@ def _segmenter_spec(args: argparse.Namespace):
     kind = getattr(args, "segmenter", "sam")
     if kind == "threshold":
         return SegmenterSpec(kind="threshold", tile_size=args.tile_size, mpp=args.mpp)
-    return SegmenterSpec.sam(args.adapter, args.checkpoint, args.model, args.device, _infer_cfg(args))
+    return SegmenterSpec.sam(args.adapter, args.checkpoint, args.model, args.device, _infer_cfg(args),
+                             single_mask=getattr(args, "single_mask", False))
 
 
 def segment(args: argparse.Namespace) -> int:

@@ -105,6 +105,12 @@ def _add_json(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object (the run's summary) on stdout; messages stay on stderr")
 
 
+def _add_single_mask(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--single-mask", action="store_true",
+                   help="without --adapter: decode output 0 only (a base trained by nucseg) instead of SAM's 3 "
+                        "ambiguity masks")
+
+
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
     from nucseg.sam import SPECS
 
@@ -241,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot-single-mask", action="store_true",
                    help="zero-shot with output 0 only (bases trained by nucseg); default: SAM's 3 ambiguity masks")
     p.add_argument("--overlays", type=count(0, 1000), default=3, help="overlay pictures per fold")
+    p.add_argument("--tile-size", type=count(64, 4096), default=512,
+                   help="larger images are cut into tiles of this side, which is also the model's input size")
     _add_json(p)
     _add_model(p)
     _add_training(p)
@@ -260,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder for <stem>.tif label maps")
     p.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per model call")
     _add_json(p)
+    _add_single_mask(p)
     _add_model(p, model_default=None)
     _add_inference(p)
     p.set_defaults(func=commands.segment)
@@ -302,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
     _add_json(p)
+    _add_single_mask(p)
     _add_model(p, model_default=None)
     _add_inference(p)
     p.set_defaults(func=commands.predict)

@@ -26,6 +26,7 @@ import functools
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -55,15 +56,16 @@ class SegmenterSpec:
     infer: tuple[tuple[str, Any], ...] = ()
     tile_size: int | None = None
     mpp: float | None = None
+    single_mask: bool = False  # a base model run zero-shot: output 0 only (bases nucseg trained) instead of SAM's 3
 
     @classmethod
     def sam(cls, adapter: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
-            model: str | None = None, device: str = "auto", infer=None) -> "SegmenterSpec":
+            model: str | None = None, device: str = "auto", infer=None, single_mask: bool = False) -> "SegmenterSpec":
         """A SAM segmenter's spec; ``infer`` an :class:`nucseg.infer.InferConfig` (None: its defaults)."""
         settings = () if infer is None else tuple(sorted(infer.to_dict().items()))
         return cls(kind="sam", adapter=None if adapter is None else str(adapter),
                    checkpoint=None if checkpoint is None else str(checkpoint), model=model, device=device,
-                   infer=settings)
+                   infer=settings, single_mask=single_mask)
 
     def check(self) -> None:
         """Cheap checks the client can make before sending work out (no weights are loaded)."""
@@ -97,13 +99,17 @@ class SegmenterSpec:
             from .adapter import load_adapter
 
             model, info = load_adapter(self.adapter, self.checkpoint)
+            if info.mpp is None:
+                warnings.warn(f"adapter {self.adapter} records no µm/px: slides are segmented at their own µm/px "
+                              f"unless --mpp says otherwise (train with --mpp to record it)", UserWarning, stacklevel=2)
             identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
             return SamTileSegmenter(model, InferConfig(**settings), device=pick_device(self.device), mpp=info.mpp,
                                     identity=identity)
         from .sam import load_sam
 
         model, fingerprint = load_sam(self.model, self.checkpoint)
-        cfg = InferConfig(**{**settings, "multimask": True})  # the base model needs SAM's 3 ambiguity masks
+        # SAM's own base needs its 3 ambiguity masks; a base nucseg trained answers with output 0
+        cfg = InferConfig(**{**settings, "multimask": not self.single_mask})
         return SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
 
 

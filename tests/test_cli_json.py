@@ -56,3 +56,32 @@ def test_segment_and_train_json(tmp_path, capsys):
     seg = json.loads(capsys.readouterr().out)
     assert len(seg["images"]) == 2 and all(Path(i["labels"]).is_file() for i in seg["images"])
     assert seg["nuclei"] == sum(i["nuclei"] for i in seg["images"])
+
+
+def test_single_mask_and_adapter_without_mpp(tmp_path):
+    """A base nucseg trained answers with output 0 (--single-mask); SAM's own base needs its 3 masks (default).
+    An adapter that records no µm/px says so when it is built."""
+    from nucseg.data import load_dataset
+    from nucseg.distributed import SegmenterSpec
+    from nucseg.lora import MethodConfig
+    from nucseg.train import TrainConfig, finetune
+
+    assert SegmenterSpec.sam(model="vit_tiny", device="cpu").build().cfg.multimask is True
+    assert SegmenterSpec.sam(model="vit_tiny", device="cpu", single_mask=True).build().cfg.multimask is False
+    data = make_demo_dataset(tmp_path / "data", tiles_per_organ=1, size=64)
+    adapter = finetune(load_dataset(data), tmp_path / "run", "vit_tiny", None, MethodConfig(),
+                       TrainConfig(epochs=1, batch_size=2, device="cpu")).adapter
+    with pytest.warns(UserWarning, match="records no µm/px"):
+        SegmenterSpec.sam(adapter, device="cpu").build()
+
+
+def test_cv_tile_size_is_the_model_input(tmp_path, capsys):
+    data = make_demo_dataset(tmp_path / "data", tiles_per_organ=2, size=128)
+    rc = main(["-q", "cv", "--data", str(data), "--out", str(tmp_path / "cv"), "--folds", "2", "--tile-size", "64",
+               "--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--points-per-side", "4",
+               "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tiles"] == 16  # 4 images of 128 px cut into 64-px tiles
+    meta = json.loads((tmp_path / "cv" / "fold_1" / "train" / "adapter" / "nucseg.json").read_text())
+    assert meta["input_size"] == 64
