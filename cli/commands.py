@@ -55,10 +55,10 @@ def _infer_cfg(args: argparse.Namespace):
                        nms_iou=args.nms_iou, min_area=args.min_area, decoder_batch=args.decoder_batch).validate()
 
 
-def _tiles(args: argparse.Namespace, input_size: int = 512):
+def _tiles(args: argparse.Namespace, input_size: int | None = 512):
     from nucseg.data import few_shot, load_dataset
 
-    tiles = load_dataset(args.data, tile_size=input_size, drop_empty=args.drop_empty)
+    tiles = load_dataset(args.data, tile_size=input_size, drop_empty=args.drop_empty and input_size is not None)
     if args.exemplars:
         tiles = few_shot(tiles, args.exemplars, args.synthesize, args.seed)
     elif args.synthesize:
@@ -128,7 +128,7 @@ def cv(args: argparse.Namespace) -> int:
 
     method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
     check_not_input(args.out, [args.data])
-    tiles = _tiles(args, args.tile_size)
+    tiles = _tiles(args, None)  # whole images: run_cv cuts the training ones and scores validation whole
     writable_dir(args.out)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
 
@@ -140,7 +140,8 @@ def cv(args: argparse.Namespace) -> int:
         summary = run_cv(tiles, args.out, args.model, args.checkpoint, method, cfg, icfg,
                          CVConfig(folds=args.folds, seed=args.seed, group_by=args.group_by,
                                   overlays_per_fold=args.overlays, zero_shot=args.zero_shot,
-                                  zero_shot_multimask=not args.zero_shot_single_mask),
+                                  zero_shot_multimask=not args.zero_shot_single_mask, tile_size=args.tile_size,
+                                  drop_empty=args.drop_empty),
                          mpp=args.mpp, on_fold=on_fold, on_start=on_start, on_step=on_step)
     finally:
         close()
@@ -187,7 +188,7 @@ def segment(args: argparse.Namespace) -> int:
     seg = _segmenter_spec(args).build()
     done = []
     for path, out in _bar(args, iterable=plan, desc="segment", unit="image"):
-        labels = segment_image(seg, read_rgb(path))
+        labels = segment_image(seg, read_rgb(path), args.batch_size)
         write_label_map(out, labels)
         done.append({"image": path, "labels": out, "nuclei": int(labels.max(initial=0))})
     if args.json:

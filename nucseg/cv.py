@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .adapter import load_adapter, read_adapter
-from .data import Tile
+from .data import Tile, cut_tiles
 from .errors import DataError, InputError
 from .evaluate import evaluate_arrays
 from .infer import InferConfig, SamTileSegmenter, segment_tiles
@@ -44,6 +44,10 @@ class CVConfig:
     # Official SAM answers a point with 3 ambiguity masks (SAM's automatic generator uses them all); a base
     # trained by nucseg only ever trained output 0, so its other heads are untrained.
     zero_shot_multimask: bool = True
+    # Training cuts images larger than this into tiles (the model's input size); validation scores whole images
+    # through the seam-correct stitcher, so a nucleus on a seam is one nucleus, as in the papers' metrics.
+    tile_size: int = 512
+    drop_empty: bool = False  # training tiles without nuclei are left out
 
 
 def make_folds(tiles: list[Tile], k: int, seed: int, group_by: str) -> list[np.ndarray]:
@@ -151,7 +155,8 @@ def run_cv(
     for f, val_idx in enumerate(folds, start=1):
         fdir = out_dir / f"fold_{f}"
         val = [tiles[i] for i in val_idx]
-        train = [t for i, t in enumerate(tiles) if i not in set(val_idx.tolist())]
+        train = [c for i, t in enumerate(tiles) if i not in set(val_idx.tolist())
+                 for c in cut_tiles(t, cv_cfg.tile_size) if c.labels.any() or not cv_cfg.drop_empty]
         metrics_path = fdir / "metrics.json"
         if metrics_path.is_file():
             if on_fold:
@@ -194,7 +199,8 @@ def run_cv(
         "method": method.to_dict(),
         "training": train_cfg.to_dict(),
         "inference": infer_cfg.to_dict(),
-        "tiles": len(tiles),
+        "tiles": len(tiles),  # whole images (validation scores them whole)
+        "tile_size": cv_cfg.tile_size,
         "folds": fold_info,
         "fine_tuned": summarize_folds(rows),
         "zero_shot": summarize_folds(zero_rows) if zero_rows else None,

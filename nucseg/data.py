@@ -135,9 +135,11 @@ def cut_tiles(tile: Tile, size: int, fill: int = 255) -> list[Tile]:
     return out
 
 
-def load_dataset(root: str | Path, tile_size: int = 512, drop_empty: bool = False) -> list[Tile]:
-    """Load every tile of ``root`` cut to ``tile_size``; ``drop_empty`` removes tiles with no nuclei."""
-    tiles = [t for files in discover(root) for t in cut_tiles(load_sample(files), tile_size)]
+def load_dataset(root: str | Path, tile_size: int | None = 512, drop_empty: bool = False) -> list[Tile]:
+    """Load every tile of ``root`` cut to ``tile_size`` (None: whole images); ``drop_empty`` removes tiles with no
+    nuclei."""
+    samples = (load_sample(files) for files in discover(root))
+    tiles = [t for s in samples for t in (cut_tiles(s, tile_size) if tile_size else [s])]
     if drop_empty:
         tiles = [t for t in tiles if t.labels.any()]
     if not tiles:

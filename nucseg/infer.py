@@ -392,14 +392,20 @@ class SamTileSegmenter:
 
 
 def segment_tiles(segmenter: SamTileSegmenter, images: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-    """Label maps for a list of tiles of possibly different sizes (each at most the model input).
+    """Label maps for a list of images of possibly different sizes.
 
-    Tiles of the same shape are batched together (in input order within a shape), so a set of mixed sizes
-    does not fall back to one tile per model call.
+    Images up to the model input of the same shape are batched together (in input order within a shape), so a
+    set of mixed sizes does not fall back to one tile per model call. Larger images go through the seam-correct
+    overlapping grid and stitcher that whole slides use (:func:`nucseg.stitch.stitch_image`).
     """
+    from .stitch import stitch_image
+
     out: list[np.ndarray | None] = [None] * len(images)
     groups: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
+        if max(im.shape[:2]) > segmenter.tile_size:
+            out[i] = stitch_image(segmenter, im, batch_size=batch_size).astype(np.int32)
+            continue
         groups.setdefault(im.shape, []).append(i)
     for idx in groups.values():
         for s in range(0, len(idx), batch_size):

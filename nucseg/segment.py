@@ -43,18 +43,11 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     return plan
 
 
-def segment_image(segmenter: TileSegmenter, image: np.ndarray) -> np.ndarray:
-    """Instance labels (H, W) of one RGB image, in non-overlapping tiles of the model's input size."""
-    size = segmenter.tile_size
-    h, w = image.shape[:2]
-    labels = np.zeros((h, w), np.int64)
-    offset = 0
-    for y in range(0, h, size):
-        for x in range(0, w, size):
-            lab = segmenter(image[None, y : y + size, x : x + size]).labels[0]
-            labels[y : y + size, x : x + size] = np.where(lab > 0, lab + offset, 0)
-            offset += int(lab.max())
-    return labels
+def segment_image(segmenter: TileSegmenter, image: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """Instance labels (H, W) of one RGB image; larger than the model input: the seam-correct grid of predict."""
+    from .infer import segment_tiles
+
+    return segment_tiles(segmenter, [image], batch_size)[0]
 
 
 def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> None:

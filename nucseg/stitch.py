@@ -172,3 +172,31 @@ class StitchedLabels:
             m = (dst == 0) & (sub > 0)
             dst[m] = sub[m]
         return out
+
+
+def stitch_image(segmenter, image: np.ndarray, overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
+    """Instance labels (H, W) of a plain image larger than the model input, by the same overlapping grid,
+    ownership rule and stitcher as whole slides (in memory): no nucleus on a seam is split or counted twice.
+
+    ``overlap`` defaults to 64 px (a quarter of smaller tiles); tiles past the image edge are padded white,
+    as slide tiles are. Memory holds every tile's labels: for gigapixel images use ``nucseg predict``.
+    """
+    from .tiling import make_grid
+
+    T = int(segmenter.tile_size)
+    h, w = image.shape[:2]
+    overlap = min(64, T // 4) if overlap is None else int(overlap)
+    grid = make_grid(w, h, T, overlap)
+    index = np.arange(grid.n, dtype=np.int64)
+    xy = grid.origin(index)
+    padded = np.full((int(xy[:, 1].max()) + T, int(xy[:, 0].max()) + T, 3), 255, np.uint8)
+    padded[:h, :w] = image[..., :3]
+    tile_labels: list[np.ndarray] = []
+    stitcher = Stitcher(grid, index)
+    for s in range(0, grid.n, batch_size):
+        batch = np.stack([padded[y : y + T, x : x + T] for x, y in xy[s : s + batch_size]])
+        result = segmenter(batch)
+        for j, lab in enumerate(np.asarray(result.labels)):
+            stitcher.add(s + j, lab, result.scores[j])
+            tile_labels.append(lab)
+    return StitchedLabels(grid, index, stitcher.kept, tile_labels.__getitem__, cache_tiles=4).region(0, h, 0, w)

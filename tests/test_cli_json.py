@@ -82,6 +82,6 @@ def test_cv_tile_size_is_the_model_input(tmp_path, capsys):
                "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["tiles"] == 16  # 4 images of 128 px cut into 64-px tiles
+    assert summary["tiles"] == 4 and summary["tile_size"] == 64  # 4 whole images; training cuts 64-px tiles
     meta = json.loads((tmp_path / "cv" / "fold_1" / "train" / "adapter" / "nucseg.json").read_text())
     assert meta["input_size"] == 64
