@@ -206,11 +206,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nucseg: error: {lines[0]}", file=sys.stderr)  # one line, always
         return err.exit_code
     except KeyboardInterrupt:
-        # zarr's I/O runs on an asyncio loop; an interrupted write leaves tasks that asyncio reports as
-        # "destroyed but pending" at exit: noise after an interrupt (the cache never trusts unflagged data)
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        _quiet_after_interrupt()
         print("nucseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as err:
+        from nucseg.io import disk_full_error, is_disk_full
+
+        if args.debug or not is_disk_full(err):
+            raise
+        # a write the library did not convert (a log line, a library's own file): still one line, exit 6
+        err = disk_full_error(err, err.filename or "an output")
+        print(f"nucseg: error: {err}", file=sys.stderr)
+        return err.exit_code
     except (MemoryError, RuntimeError) as err:
         if args.debug or not (isinstance(err, MemoryError) or _is_out_of_memory(err)):
             raise
@@ -219,6 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_after_interrupt() -> None:
+    """Silence what an interrupted run's background I/O reports while the interpreter shuts down.
+
+    zarr's I/O runs as coroutines on its own asyncio loop, with file writes in that loop's worker threads. An
+    interrupt leaves some in flight; at exit zarr stops and closes the loop under them, and each then reports
+    itself: asyncio's "Task was destroyed but it is pending", a worker's "exception calling callback ...
+    RuntimeError: Event loop is closed" (concurrent.futures' logger), zarr's "Thread did not finish cleanly",
+    or an exception escaping a thread or a finaliser. None of it matters (the cache never trusts unflagged
+    data, outputs are atomic) and the one line that does is "interrupted": so only that line is printed.
+    """
+    for name in ("asyncio", "concurrent.futures", "zarr"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
