@@ -251,14 +251,26 @@ class TileCache:
             self.group = self._open_group(key, coords, create)
             self.pred = self._open_pred(model, create)
         self.tiles = self.group["tiles"]
-        self._tiles_done = self._read_flags(self.group["tiles_done"], bool, False)
-        n_inst = self._read_flags(self.pred["n_inst"], np.int32, -1)
-        self._pred_done = self._read_flags(self.pred["done"], bool, False) & (n_inst >= 0)
+        tiles_bad: set[int] = set()
+        pred_bad: set[int] = set()
+        self._tiles_done = self._read_flags(self.group["tiles_done"], bool, False, tiles_bad)
+        n_inst = self._read_flags(self.pred["n_inst"], np.int32, -1, pred_bad)
+        self._pred_done = self._read_flags(self.pred["done"], bool, False, pred_bad) & (n_inst >= 0)
         self._n_inst = np.maximum(n_inst, 0)
+        if create and (tiles_bad or pred_bad):
+            # Rewrite damaged flag chunks now (as "not done"), or a chunk whose tiles need no more work would
+            # stay damaged. Not in create=False mode: a range task must only write the chunks of its own range.
+            with _disk_full_is_output_error(self.root):
+                first = [c * FLAG_CHUNK for c in sorted(tiles_bad)]
+                _write_chunks(self.group["tiles_done"], self._tiles_done, np.asarray(first, np.int64))
+                first = np.asarray([c * FLAG_CHUNK for c in sorted(pred_bad)], np.int64)
+                _write_chunks(self.pred["n_inst"], self._n_inst, first)
+                _write_chunks(self.pred["done"], self._pred_done, first)
         self._warn()
 
-    def _read_flags(self, array, dtype, bad) -> np.ndarray:
-        """A flag array read whole, or chunk by chunk when that fails: a damaged chunk reads as ``bad``."""
+    def _read_flags(self, array, dtype, bad, damaged_chunks: set[int]) -> np.ndarray:
+        """A flag array read whole, or chunk by chunk when that fails: a damaged chunk reads as ``bad`` and its
+        index is added to ``damaged_chunks``."""
         try:
             return np.asarray(array[:], dtype=dtype)
         except Exception as err:  # noqa: BLE001 - see _decode_failed
@@ -273,6 +285,7 @@ class TileCache:
                 if not _decode_failed(err):
                     raise
                 self.damaged.add(f"{array.path} chunk {lo // FLAG_CHUNK}")
+                damaged_chunks.add(lo // FLAG_CHUNK)
         return out
 
     def _warn(self) -> None:
