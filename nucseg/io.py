@@ -59,7 +59,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         fd = os.open(guard, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any output
     except OSError as err:
         if is_disk_full(err):
-            raise disk_full_error(err, path) from None
+            raise disk_full_error(err, parent) from None
         raise OutputError(f"cannot write to {parent}: {err.strerror or err}") from None
     old = Path(f"{base}.old")
     try:
@@ -76,7 +76,9 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         if old.exists() and not path.exists():
             os.replace(old, path)  # failed after moving the previous output aside: put it back
         if is_disk_full(err):
-            raise disk_full_error(err, path) from None  # after the clean-up, so the free space it names is true
+            # After the clean-up, so the free space it names is true. The folder, not the file: the write that
+            # failed may be another output's in the same with-block (a full filesystem fails them all).
+            raise disk_full_error(err, parent) from None
         raise
     finally:
         if is_dir:
@@ -146,9 +148,10 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def disk_full_error(err: OSError, path: str | os.PathLike) -> DiskFullError:
-    """The one-line error for a full filesystem while writing ``path``, with its free space where it can tell."""
+    """The one-line error for a full filesystem while writing to ``path`` (a file or the folder it is in), with
+    the free space there where it can tell."""
     reason = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
-    return DiskFullError(f"{reason} while writing {path}{_free_space(path)}; free some space or write elsewhere")
+    return DiskFullError(f"{reason} while writing to {path}{_free_space(path)}; free some space or write elsewhere")
 
 
 def _free_space(path: str | os.PathLike) -> str:

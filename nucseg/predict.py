@@ -646,6 +646,8 @@ def predict_slides(
                                    slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview))
         except Exception as err:  # noqa: BLE001 - a bug: this slide failed, the others still get done
             if stop_on_error or not _slide_specific(err):
+                if on_result:  # the run stops here: its log and summary still count this slide as failed
+                    on_result(SlideSummary.failed(p, " ".join(str(err).split()) or type(err).__name__).to_dict())
                 raise
             log.error("%s: internal error (a bug in nucseg; traceback at the end of the run): %s: %s", p,
                       type(err).__name__, " ".join(str(err).split()))
