@@ -95,3 +95,53 @@ def test_read_slide_list(tmp_path):
         read_slide_list(f)
     with pytest.raises(InputError, match="input list not found"):
         read_slide_list(tmp_path / "nope.txt")
+
+
+# ------------------------------------------------------------------------------------------ through the CLI
+THRESHOLD = ["--segmenter", "threshold", "--tile-size", "128", "--overlap", "24"]
+
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory):
+    from nucseg.synthslide import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("shard")
+    out = []
+    for k in range(2):
+        out.append(root / f"s{k}.tif")
+        make_synthetic_slide(out[-1], 300, 260, mpp=0.5, nuclei=10, tissue_fraction=1.0, pyramid=False, seed=k)
+    return out
+
+
+def test_one_slide_per_array_task_through_the_cli(two_slides, tmp_path, monkeypatch, capsys):
+    """sbatch --array=0-1 ... nucseg predict "${SLIDES[$SLURM_ARRAY_TASK_ID]}" -o ...: each task does its slide."""
+    from nucseg_cli.main import main
+
+    for task, slide in enumerate(two_slides):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        out = tmp_path / f"{slide.stem}.geojson"
+        rc, err = main(["-q", "predict", str(slide), "-o", str(out), *THRESHOLD]), capsys.readouterr().err
+        assert rc == 0, err
+        assert out.is_file()
+
+
+def test_bad_slurm_variables_and_list_files_through_the_cli(two_slides, tmp_path, monkeypatch, capsys):
+    from nucseg_cli.main import main
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{s}\n" for s in two_slides), encoding="utf-8-sig")  # with a BOM
+    argv = ["-q", "predict", "--input-list", str(listing), "--out-dir", str(tmp_path / "out"), *THRESHOLD]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "abc")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["nucseg: error: SLURM_ARRAY_TASK_ID='abc' is not an integer (or pass --shard i/n)"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    rc, err = main(argv), capsys.readouterr().err
+    assert rc == 0, err  # shard 1/2 of the list: the second slide only
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.geojson")) == ["s1.geojson"]
+    listing.write_bytes(f"{two_slides[0]}\n".encode() + b"/data/caf\xe9.svs\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"nucseg: error: input list {listing} is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
