@@ -214,7 +214,7 @@ def predict(args: argparse.Namespace) -> int:
     spec = _segmenter_spec(args)
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
-                        work_dir=args.work_dir)
+                        work_dir=args.work_dir).validate()  # a bad value fails the run here, not every slide
     if args.tiles_per_task is not None and not args.scheduler:
         raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
     single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))

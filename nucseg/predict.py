@@ -633,7 +633,7 @@ def predict_slides(
     ``stop_on_error``); bugs still raise. ``on_start(slide)`` and ``on_result(summary dict)`` are called around
     each slide, as :func:`nucseg.distributed.predict_distributed` calls them.
     """
-    cfg = config or PredictConfig()
+    cfg = (config or PredictConfig()).validate()  # settings that would fail every slide fail the batch at once
     out = Path(out_dir)
     check_output_names(paths, out)
     summaries: list[SlideSummary] = []

@@ -54,15 +54,15 @@ def open_slide(path: str | os.PathLike):
         raise SlideError(f"cannot open slide {path}: {_one_line(err)}") from None
 
 
-_MAGIC = {b"\x89PNG\r\n\x1a\n": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
-          b"BM": "a BMP image"}
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF87a": "a GIF image",
+          b"GIF89a": "a GIF image"}
 
 
 def _plain_image_kind(path: Path) -> str | None:
     """What a file OpenSlide refused is, if it is a readable ordinary image; None if it may be a damaged slide.
 
     OpenSlide reads TIFF only when it is tiled (generic-tiff) or a vendor format; a striped TIFF as image
-    editors and microscope cameras write it is refused like a corrupt file. PNG/JPEG/GIF/BMP are never slides.
+    editors and microscope cameras write it is refused like a corrupt file. PNG/JPEG/GIF are never slides.
     A TIFF that tifffile cannot parse, or whose first page is tiled, is left to the "corrupt" message.
     """
     try:

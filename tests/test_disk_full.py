@@ -140,3 +140,21 @@ def test_atomic_path_converts_and_cleans_up(tmp_path):
             tmp.write_text("partial")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_the_run_log_is_one_error(tmp_path):
+    from nucseg.runlog import RunLog
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    log = RunLog(tmp_path, slides=1)
+    with log:
+        real, log._fh = log._fh, Full()
+        with pytest.raises(DiskFullError, match=f"while writing to {log.path}"):
+            log.start("a.svs")
+        log._fh = real

@@ -195,3 +195,21 @@ def test_predict_config_validate_accepts_the_defaults_and_sensible_values(tmp_pa
     assert PredictConfig().validate() == PredictConfig()
     PredictConfig(target_mpp=0.25, slide_mpp=0.5, tile_size=np.int64(1024), overlap=0, batch_size=64,
                   work_dir=tmp_path, csv=str(tmp_path / "x.csv"), model_fingerprint="m").validate()
+
+
+def test_a_bad_setting_fails_a_batch_at_once_not_every_slide(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["-q", "predict", str(files["slide"]), str(files["dpi72"]), "--out-dir", str(out), *THRESHOLD,
+               "--tile-size", "100000"])
+    _check(rc, capsys.readouterr().err, 2, "tile_size (--tile-size) must be an integer in [64, 4096]")
+    assert _written(tmp_path) == []  # not even a run log
+
+
+def test_a_batch_records_a_72dpi_slide_as_failed_and_does_the_others(files, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    rc = main(["-q", "predict", str(files["slide"]), str(files["dpi72"]), "--out-dir", str(out), *THRESHOLD])
+    assert rc == 9
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["done"] == 1 and summary["failed"] == 1 and "--slide-mpp" in summary["failures"][0]["error"]
