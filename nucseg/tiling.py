@@ -351,6 +351,8 @@ class TileCache:
         except Exception as err:  # noqa: BLE001 - missing, another model's, or damaged metadata: (re)create
             if not (isinstance(err, KeyError) or _decode_failed(err)):
                 raise
+            if not isinstance(err, KeyError):
+                self.damaged.add(f"{path} metadata")
             if not create:
                 raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
