@@ -199,31 +199,13 @@ def segment(args: argparse.Namespace) -> int:
 
 
 def _slide_list(args: argparse.Namespace) -> tuple[list[Path], tuple[int, int] | None]:
-    """Positional slides + --input-list, then this job's shard (--shard i/n, or the SLURM array task)."""
-    import os
+    """Positional slides + --input-list, then this job's shard (--shard i/n, or the SLURM array task for lists)."""
+    from nucseg.shard import read_slide_list, select
 
-    slides = list(args.slides)
-    if args.input_list:
-        if not args.input_list.is_file():
-            raise InputError(f"input list not found: {args.input_list}")
-        for line in args.input_list.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                slides.append(Path(line))
-    if not slides:
+    listed = [Path(p) for p in read_slide_list(args.input_list)] if args.input_list else []
+    if not args.slides and not listed:
         raise InputError("no slides given (positional paths or --input-list FILE)")
-    shard = args.shard
-    if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        shard = f"{int(os.environ['SLURM_ARRAY_TASK_ID']) - first}/{os.environ['SLURM_ARRAY_TASK_COUNT']}"
-    if not shard:
-        return slides, None
-    try:
-        i, n = (int(v) for v in shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
-    return slides[i::n], (i, n)
+    return select(list(args.slides), listed, args.shard)
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -235,7 +217,7 @@ def predict(args: argparse.Namespace) -> int:
     spec = _segmenter_spec(args)
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
-                        work_dir=args.work_dir)
+                        work_dir=args.work_dir).validate()  # a bad value fails the run here, not every slide
     if args.tiles_per_task is not None and not args.scheduler:
         raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
     single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))

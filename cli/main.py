@@ -81,7 +81,13 @@ def number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
     return parse
 
 
-MPP = number(0.05, 20.0)  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
+def _mpp_type():
+    from nucseg.slide import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
+
+    return number(*MPP_RANGE)
+
+
+MPP = _mpp_type()
 FRACTION = number(0.0, 1.0)
 SEED = count(0, 2**32 - 1)
 
@@ -212,6 +218,7 @@ EXAMPLES = {
 
 def build_parser() -> argparse.ArgumentParser:
     from nucseg import __version__
+    from nucseg.tiling import TILE_SIZE_RANGE
 
     ap = _Parser(prog="nucseg", description="Fine-tune SAM on H&E nuclei; segment whole slides.",
                  parents=[_common(suppress=False)], formatter_class=_Formatter)
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot-single-mask", action="store_true",
                    help="zero-shot with output 0 only (bases trained by nucseg); default: SAM's 3 ambiguity masks")
     p.add_argument("--overlays", type=count(0, 1000), default=3, help="overlay pictures per fold")
-    p.add_argument("--tile-size", type=count(64, 4096), default=512,
+    p.add_argument("--tile-size", type=count(*TILE_SIZE_RANGE), default=512,
                    help="larger images are cut into tiles of this side, which is also the model's input size")
     _add_json(p)
     _add_model(p)
@@ -283,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold: classical haematoxylin baseline, no model (for checks and comparisons)")
     p.add_argument("--mpp", type=MPP, help="target µm/px (default: the adapter's training µm/px, else the slide's)")
     p.add_argument("--slide-mpp", type=MPP, help="µm/px of slides whose metadata lacks it (or is wrong)")
-    p.add_argument("--tile-size", type=count(32, 8192), default=None,
+    p.add_argument("--tile-size", type=count(*TILE_SIZE_RANGE), default=None,
                    help="tile side in px at the target µm/px (default: the model's input size)")
     p.add_argument("--overlap", type=count(0, 4096), default=64,
                    help="tile overlap in px; must exceed the largest nucleus")
@@ -340,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--organ", default="qupath", help="organ folder name inside --out")
     p.add_argument("--mpp", type=MPP, default=None, help="µm/px of the tiles (slides are resampled; default: native)")
     p.add_argument("--slide-mpp", type=MPP, default=None, help="µm/px of a slide whose metadata lacks it")
-    p.add_argument("--tile-size", type=count(32, 8192), default=512, help="tile side in px")
+    p.add_argument("--tile-size", type=count(*TILE_SIZE_RANGE), default=512, help="tile side in px")
     p.add_argument("--region-class", default=None, metavar="NAME",
                    help="annotations of this class bound the labelled area (default: annotations that contain "
                         "other outlines)")
@@ -379,11 +386,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nucseg: error: {lines[0]}", file=sys.stderr)  # one line, always
         return err.exit_code
     except KeyboardInterrupt:
-        # zarr's I/O runs on an asyncio loop; an interrupted write leaves tasks that asyncio reports as
-        # "destroyed but pending" at exit: noise after an interrupt (the cache never trusts unflagged data)
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        _quiet_after_interrupt()
         print("nucseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as err:
+        from nucseg.io import disk_full_error, is_disk_full
+
+        if args.debug or not is_disk_full(err):
+            raise
+        # a write the library did not convert (a log line, a library's own file): still one line, exit 6
+        err = disk_full_error(err, err.filename or "an output")
+        print(f"nucseg: error: {err}", file=sys.stderr)
+        return err.exit_code
     except (MemoryError, RuntimeError) as err:
         if args.debug or not (isinstance(err, MemoryError) or _is_out_of_memory(err)):
             raise
@@ -392,6 +406,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_after_interrupt() -> None:
+    """Silence what an interrupted run's background I/O reports while the interpreter shuts down.
+
+    zarr's I/O runs as coroutines on its own asyncio loop, with file writes in that loop's worker threads. An
+    interrupt leaves some in flight; at exit zarr stops and closes the loop under them, and each then reports
+    itself: asyncio's "Task was destroyed but it is pending", a worker's "exception calling callback ...
+    RuntimeError: Event loop is closed" (concurrent.futures' logger), zarr's "Thread did not finish cleanly",
+    or an exception escaping a thread or a finaliser. None of it matters (the cache never trusts unflagged
+    data, outputs are atomic) and the one line that does is "interrupted": so only that line is printed.
+    """
+    for name in ("asyncio", "concurrent.futures", "zarr"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

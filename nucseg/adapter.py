@@ -25,12 +25,13 @@ from .errors import CheckpointError, InputError
 from .io import atomic_path, check_output, sha256_file, write_json
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
 from .sam import PATCH, SPECS, attach_foreground_head, load_sam
+from .slide import MPP_RANGE
 
 FORMAT = "nucseg-adapter"
 FORMAT_VERSION = 1
 MERGED_FORMAT = "nucseg-merged"
 MIN_INPUT, MAX_INPUT = 64, 4096  # encoder input side (px): what a SAM encoder can sensibly run at
-MIN_MPP, MAX_MPP = 0.05, 20.0  # plausible µm/px of H&E images (from 200x down to overview scans)
+MIN_MPP, MAX_MPP = MPP_RANGE
 WEIGHTS = "adapter.safetensors"
 METHOD = "method.json"
 META = "nucseg.json"

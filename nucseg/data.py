@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, InputError
-from .io import IMAGE_SUFFIXES, read_label_map, read_rgb
+from .io import IMAGE_SUFFIXES, read_label_map, read_mask, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_sample(files: SampleFiles) -> Tile:
     try:
         image = read_rgb(files.image)
         labels = read_label_map(files.labels)
-        ambiguous = read_label_map(files.ambiguous) > 0 if files.ambiguous else None
+        ambiguous = read_mask(files.ambiguous) if files.ambiguous else None
     except InputError as err:
         raise DataError(str(err)) from None
     if image.shape[:2] != labels.shape:

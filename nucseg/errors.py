@@ -41,3 +41,7 @@ class OutputError(NucsegError):
     """An output location that cannot be written."""
 
     exit_code = 6
+
+
+class DiskFullError(OutputError):
+    """The filesystem of an output (or the work dir) is full or over quota: every later write fails as well."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from .data import LABELS_DIR, VAGUE_DIR
 from .errors import DataError
-from .io import LABEL_SUFFIXES, read_label_map
+from .io import LABEL_SUFFIXES, read_label_map, read_mask
 from .metrics import AMBIGUOUS_THRESHOLD, COUNT_KEYS, FLOAT_KEYS, score_image
 
 
@@ -116,7 +116,7 @@ def evaluate_dirs(
                 )
             ambiguous = None
             if stem in amb_files:
-                ambiguous = read_label_map(amb_files[stem]) != 0
+                ambiguous = read_mask(amb_files[stem])
                 if ambiguous.shape != gt.shape:
                     raise DataError(
                         f"shape mismatch: ambiguous mask {amb_files[stem]} is {ambiguous.shape}, "

@@ -25,12 +25,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import DiskFullError, InputError, OutputError
 
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _ID_LEN = 12  # hex digits of a temporary's id: ".<name>.tmp-<id><suffix>"
 _LOCK = ".lock"  # a temporary folder is guarded by the sibling file ".<name>.tmp-<id>.lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def temp_prefix(path: str | os.PathLike) -> str:
@@ -65,6 +66,8 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, owned: Owned | No
         remove_stale_temps(path)
         fd = os.open(guard, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any output
     except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, parent) from None
         raise OutputError(f"cannot write to {parent}: {err.strerror or err}") from None
     old = Path(f"{base}.old")
     try:
@@ -76,10 +79,14 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, owned: Owned | No
             os.replace(path, old)  # folders cannot be renamed over: move the old one aside under our lock
         os.replace(tmp, path)
         _remove(old)
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
         if old.exists() and not path.exists():
             os.replace(old, path)  # failed after moving the previous output aside: put it back
+        if is_disk_full(err):
+            # After the clean-up, so the free space it names is true. The folder, not the file: the write that
+            # failed may be another output's in the same with-block (a full filesystem fails them all).
+            raise disk_full_error(err, parent) from None
         raise
     finally:
         if is_dir:
@@ -207,6 +214,33 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError saying the filesystem is full or the user's quota is exhausted."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL
+
+
+def disk_full_error(err: OSError, path: str | os.PathLike) -> DiskFullError:
+    """The one-line error for a full filesystem while writing to ``path`` (a file or the folder it is in), with
+    the free space there where it can tell."""
+    reason = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
+    return DiskFullError(f"{reason} while writing to {path}{_free_space(path)}; free some space or write elsewhere")
+
+
+def _free_space(path: str | os.PathLike) -> str:
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return ""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            break
+        free /= 1024
+    return f" ({free:.0f} {unit} free there)" if unit == "bytes" else f" ({free:.1f} {unit} free there)"
+
+
 def writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
     """Create ``path`` if needed and prove it can take new files, before any long work starts.
 
@@ -271,10 +305,44 @@ def json_safe(obj: Any) -> Any:
 
 
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
-    """Read an instance label map (.tif/.png/.npy) as a 2-D int32 array (0 = background)."""
+    """Read an instance label map (.tif/.png/.npy) as a 2-D int32 array (0 = background).
+
+    Only what is unambiguously a map of integer ids is accepted: float maps whose every value is a whole
+    number, and colour images whose channels are all equal (a grey map saved as RGB). A colour-coded map, or
+    float values such as 0.4 or 1.6, would have to be guessed at (truncation merges and drops nuclei), so they
+    are refused; so are ids beyond int32, which everything downstream uses.
+    """
     path = Path(path)
+    arr = _read_array(path, "label map")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise InputError(f"label map {path} is a colour image (its R, G and B differ): instance ids must be "
+                             "one channel (a colour-coded map cannot be read as ids)")
+        arr = rgb[..., 0]
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise InputError(f"label map {path} is not 2-D (shape {arr.shape})")
+    return _as_ids(arr, path)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a binary mask (e.g. NuInsSeg's ambiguous areas) as a 2-D bool array: any non-zero channel is set."""
+    path = Path(path)
+    arr = _read_array(path, "mask")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = arr[..., :3].any(axis=-1)
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise InputError(f"mask {path} is not 2-D (shape {arr.shape})")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"mask {path} has NaN or infinite values")
+    return arr != 0
+
+
+def _read_array(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
-        raise InputError(f"label map not found: {path}")
+        raise InputError(f"{what} not found: {path}")
     try:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -289,18 +357,41 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 arr = imread(path)
     except Exception as err:  # any decoder failure is a bad file, not a bug
-        raise InputError(f"cannot read label map {path}: {err}") from None
+        raise InputError(f"cannot read {what} {path}: {_one_line(err)}") from None
     arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., 0]
-    arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise InputError(f"label map {path} is not 2-D (shape {arr.shape})")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{what} {path} holds {arr.dtype} values, not numbers")
+    return arr
+
+
+def _as_ids(arr: np.ndarray, path: Path) -> np.ndarray:
+    """int32 ids from any numeric 2-D map, refusing what cannot be converted exactly."""
+    limit = np.iinfo(np.int32).max
+    if arr.dtype.kind == "b":
+        return arr.astype(np.int32)
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise InputError(f"label map {path} has NaN or infinite values; instance ids must be whole numbers")
+        frac = arr != np.round(arr)
+        if frac.any():
+            raise InputError(f"label map {path} has non-integer values (e.g. {arr[frac].flat[0]:g}); instance ids "
+                             "must be whole numbers (rounding or truncating would merge or drop nuclei)")
+    if arr.size and (arr.max() > limit or arr.min() < -limit):
+        raise InputError(f"label map {path} has instance ids up to {arr.max():.0f}, more than the {limit:,} "
+                         "nucseg handles; renumber them 1..n (skimage.segmentation.relabel_sequential)")
     return arr.astype(np.int32, copy=False)
 
 
+_WARNED_DEPTH: set[str] = set()
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB (alpha dropped, grey expanded)."""
+    """Read an image as HxWx3 uint8 RGB (alpha dropped, grey expanded).
+
+    Deeper integer images (16-bit TIFF/PNG) are scaled to 8 bits by their dtype's range, with one warning per
+    dtype (clipping would turn them white); float images must lie in [0, 1] (anything else is ambiguous).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
@@ -311,14 +402,40 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
             warnings.simplefilter("ignore")
             img = np.asarray(imread(path))
     except Exception as err:
-        raise InputError(f"cannot read image {path}: {err}") from None
+        raise InputError(f"cannot read image {path}: {_one_line(err)}") from None
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     if img.ndim != 3 or img.shape[-1] < 3:
         raise InputError(f"image {path} is not RGB (shape {img.shape})")
     img = img[..., :3]
-    if img.dtype != np.uint8:
-        if img.max() <= 1.0 and img.dtype.kind == "f":
-            img = img * 255.0
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    return img
+    return _to_uint8(img, path)
+
+
+def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
+    kind = img.dtype.kind
+    if img.dtype == np.uint8:
+        return img
+    if kind == "b":
+        return img.astype(np.uint8) * 255
+    if kind == "u":
+        top = np.iinfo(img.dtype).max
+        if str(img.dtype) not in _WARNED_DEPTH:
+            _WARNED_DEPTH.add(str(img.dtype))
+            warnings.warn(f"{path} is a {img.dtype.itemsize * 8}-bit image: scaled to 8 bits (0-{top} -> 0-255); "
+                          "other images of this depth are scaled alike", UserWarning, stacklevel=3)
+        return np.rint(img.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+    if kind == "i":
+        if img.size and (img.min() < 0 or img.max() > 255):
+            raise InputError(f"image {path} has signed {img.dtype} values in [{img.min()}, {img.max()}]; save it "
+                             "as 8- or 16-bit unsigned RGB")
+        return img.astype(np.uint8)
+    if kind == "f":
+        if img.size and not (np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0):
+            raise InputError(f"image {path} has float values outside [0, 1] (min {np.nanmin(img):g}, max "
+                             f"{np.nanmax(img):g}); save it as 8- or 16-bit RGB, or scale it to [0, 1]")
+        return np.rint(img.astype(np.float64) * 255.0).astype(np.uint8)
+    raise InputError(f"image {path} holds {img.dtype} values, not an RGB image")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

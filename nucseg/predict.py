@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -41,20 +42,31 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError, NucsegError, OutputError
+from .errors import DiskFullError, InputError, NucsegError, OutputError
 from .export import (CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, is_nucseg_csv,
                      is_nucseg_geojson, is_nucseg_zarr, write_ome_zarr_labels)
 from .io import check_output, is_nucseg_png, writable_dir, write_json
 from .segmenter import TileSegmenter
-from .slide import TargetView, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp, write_tissue_preview
+from .slide import (TargetView, check_mpp, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp,
+                    write_tissue_preview)
 from .stitch import StitchedLabels, Stitcher
-from .tiling import FLAG_CHUNK, TileCache, cache_dir_name, cache_key, make_grid, read_tiles_parallel, select_tissue_tiles
+from .tiling import (FLAG_CHUNK, TILE_SIZE_RANGE, CacheDamaged, TileCache, cache_dir_name, cache_key, make_grid,
+                     read_tiles_parallel, select_tissue_tiles)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 TISSUE_DETECTOR_VERSION = 1
 PREVIEW_MAX_SIDE = 2000
+# Tile sides the whole-slide path accepts (SAM needs its input size, a multiple of 16; the threshold
+# segmenter takes any size in range). A batch buffer is batch_size x T² x 3 bytes.
+# Limits of the planned grid, checked before the slide is read: a slide that needs more is (nearly always) a
+# wrong µm/px. 10^6 tiles of 512 px at 0.25 µm/px cover 50 cm²; 2e11 target pixels is a 75 x 25 mm glass
+# slide at 0.1 µm/px.
+MAX_TILES = 1_000_000
+MAX_TARGET_PIXELS = 2e11
+# Passes over a slide whose cache turned out damaged (each recomputes only the damaged tiles) before giving up.
+MAX_CACHE_REPAIRS = 2
 
 
 @dataclass
@@ -67,9 +79,15 @@ class PredictConfig:
     overlap: target pixels shared by neighbouring tiles; must exceed the largest nucleus diameter.
     batch_size: tiles per segmenter call (and per parallel read).
     tissue_mask: only segment tiles that intersect detected tissue.
+    tissue_mpp: µm/px of the low-resolution overview the tissue is detected on.
     work_dir: where the zarr resume cache lives (None: a temporary folder, removed afterwards).
+    cache_tiles: keep the tiles read from the slide in the cache (a rerun with another model reuses them).
+    read_workers: threads reading tiles from the slide in parallel.
     csv / labels / preview / tissue_preview: optional extra outputs (None = not written).
     model_fingerprint: identity of the model for the cache (None: ``segmenter.fingerprint`` if present).
+    simplify_tolerance: polygon simplification (target pixels) of the exported outlines.
+    label_chunk: chunk side of the OME-Zarr label image.
+    Ranges and types: :meth:`validate`.
     """
 
     target_mpp: float | None = None
@@ -91,6 +109,49 @@ class PredictConfig:
     roi_class: str | None = None
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
+
+    def validate(self) -> "PredictConfig":
+        """Every field checked for type and range (one-line InputError naming the field and its CLI option).
+
+        Called before any slide is opened, so a wrong type or an absurd value (``tile_size=100000``, which
+        would need a 240 GB batch buffer) is named for what it is instead of failing later as something else.
+        The overlap's upper bound depends on the tile size (checked with the segmenter's, in predict_slide).
+        Returns self.
+        """
+        def name(field: str) -> str:
+            return f"{field} ({_OPTIONS[field]})" if field in _OPTIONS else field
+
+        for f in ("tissue_mask", "cache_tiles"):
+            if not isinstance(getattr(self, f), bool):
+                raise InputError(f"{name(f)} must be True or False, not {getattr(self, f)!r}")
+        for f, lo, hi in (("tile_size", *TILE_SIZE_RANGE), ("overlap", 0, TILE_SIZE_RANGE[1]),
+                          ("batch_size", 1, 4096), ("read_workers", 1, 256), ("label_chunk", 64, 16384)):
+            value = getattr(self, f)
+            if value is None and f == "tile_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+                raise InputError(f"{name(f)} must be an integer in [{lo}, {hi}], not {value!r}")
+        for f in ("target_mpp", "slide_mpp"):
+            if getattr(self, f) is not None:
+                check_mpp(getattr(self, f), name(f))
+        for f, lo, hi in (("tissue_mpp", 1.0, 100.0), ("simplify_tolerance", 0.0, 100.0)):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not lo <= value <= hi:
+                raise InputError(f"{name(f)} must be a number in [{lo:g}, {hi:g}], not {value!r}")
+        if self.roi_class is not None and not isinstance(self.roi_class, str):
+            raise InputError(f"roi_class (--roi-class) must be a string or None, not {self.roi_class!r}")
+        for f in ("work_dir", "csv", "labels", "preview", "tissue_preview", "roi"):
+            value = getattr(self, f)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise InputError(f"{name(f)} must be a path or None, not {value!r}")
+        if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
+            raise InputError(f"model_fingerprint must be a string or None, not {self.model_fingerprint!r}")
+        return self
+
+
+# The command-line option of each PredictConfig field, for messages.
+_OPTIONS = {"target_mpp": "--mpp", "slide_mpp": "--slide-mpp", "tile_size": "--tile-size", "overlap": "--overlap",
+            "batch_size": "--batch-size", "work_dir": "--work-dir", "labels": "--labels"}
 
 
 @dataclass
@@ -169,17 +230,21 @@ def predict_slide(
     try:
         plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
         view, grid, selected = plan.view, plan.grid, plan.selected
+        read_n = pred_n = 0
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work)
-            ready = _Ready(cache.pred_done)
-            with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
-                export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait)
+            for attempt in range(MAX_CACHE_REPAIRS + 1):
                 try:
-                    read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress, ready, export.done)
-                except BaseException:
-                    ready.abort()  # the export thread stops waiting and discards its partial outputs
-                    raise
-                nuclei = export.result()
+                    nuclei, reads, preds = _infer_and_export(cache, plan, segmenter, out_geojson, cfg, progress)
+                    read_n, pred_n = read_n + reads, pred_n + preds
+                    break
+                except CacheDamaged as err:
+                    # The damaged tiles are marked not done; the outputs of this pass were discarded (atomic),
+                    # so another pass predicts only those tiles and writes the outputs whole.
+                    if attempt == MAX_CACHE_REPAIRS:
+                        raise OutputError(f"tile cache {err.root} still returns damaged predictions (tiles "
+                                          f"{err.tiles[:5]}) after {attempt} repairs; its storage may be failing: "
+                                          "delete it (it is only a cache) or use another --work-dir") from None
         if cfg.tissue_preview and plan.tissue is not None:  # with the other outputs: a failed run leaves none
             boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
@@ -192,6 +257,20 @@ def predict_slide(
         slide_mpp=view.mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n,
         warnings=notes,
     )
+
+
+def _infer_and_export(cache: TileCache, plan: "_Plan", segmenter: TileSegmenter, out_geojson: Path,
+                      cfg: PredictConfig, progress: Progress | None) -> tuple[int, int, int]:
+    """Inference over the tiles not done, with the export pass following it: (nuclei, tiles read, predicted)."""
+    ready = _Ready(cache.pred_done)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
+        export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait)
+        try:
+            read_n, pred_n = _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done)
+            return export.result(), read_n, pred_n
+        except BaseException:
+            ready.abort()  # the export thread stops waiting and discards its partial outputs
+            raise
 
 
 # H&E tissue holds thousands of nuclei per mm² (≈ 3,000 in the real tiles of tests/; stroma fewer). Far fewer
@@ -217,6 +296,7 @@ def _few_nuclei_notes(slide_path: Path, nuclei: int, tissue_tiles: int, area_mm2
 
 def _check_settings(segmenter: TileSegmenter, cfg: PredictConfig) -> int:
     """The tile size, after checking the settings that do not need the slide."""
+    cfg.validate()
     tile_size = int(cfg.tile_size or segmenter.tile_size)
     if tile_size != int(segmenter.tile_size):
         raise InputError(f"tile size {tile_size} does not match the model's ({segmenter.tile_size})")
@@ -260,11 +340,15 @@ class _Plan:
 def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig, tile_size: int,
           warn_empty: bool = False) -> _Plan:
     mpp0 = slide_mpp(slide, cfg.slide_mpp, slide_path)
-    target = cfg.target_mpp or getattr(segmenter, "mpp", None) or mpp0
-    if not (target > 0 and math.isfinite(target)):
-        raise InputError(f"target µm/px must be a positive number, not {target}")
+    if cfg.target_mpp:
+        target = check_mpp(cfg.target_mpp, "target_mpp (--mpp)")
+    elif getattr(segmenter, "mpp", None):
+        target = check_mpp(segmenter.mpp, "the model's training µm/px (its adapter's mpp)")
+    else:
+        target = mpp0
     view = TargetView.create(slide, slide_path, mpp0, float(target))
     grid = make_grid(view.width, view.height, tile_size, cfg.overlap)
+    check_grid(grid, view)  # before the tissue detection reads the slide and anything is allocated
     roi = None
     if cfg.roi is not None:  # before the tissue mask: a bad ROI fails before any pixel is read
         from .roi import load_roi
@@ -304,6 +388,17 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
     )
     model = model_fingerprint(segmenter, cfg.model_fingerprint)
     return _Plan(view, grid, selected, tissue, tissue_area, identity, key, digest, model, notes, roi)
+
+
+def check_grid(grid, view: TargetView) -> None:
+    """Refuse a planned grid beyond MAX_TILES / MAX_TARGET_PIXELS, naming the numbers (one line)."""
+    pixels = float(view.width) * float(view.height)
+    if grid.n <= MAX_TILES and pixels <= MAX_TARGET_PIXELS:
+        return
+    raise InputError(f"slide {view.path} at {view.target_mpp:.4g} µm/px (slide {view.mpp0:.4g} µm/px) would be "
+                     f"{view.width:,} x {view.height:,} target pixels ({pixels:.3g}) in {grid.n:,} tiles of "
+                     f"{grid.tile_size} px; the limits are {MAX_TILES:,} tiles and {MAX_TARGET_PIXELS:.3g} pixels: "
+                     "check the µm/px (--slide-mpp, --mpp) and --tile-size")
 
 
 def predict_tile_range(
@@ -410,7 +505,11 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
         have = cache.tiles_done[idx]
         tiles = _host_buffer((len(idx), T, T, 3), segmenter)
         for j in np.flatnonzero(have):
-            tiles[j] = cache.get_tile(int(idx[j]))
+            tile = cache.get_tile(int(idx[j]))
+            if tile is None:  # a damaged chunk: read it from the slide again
+                have[j] = False
+            else:
+                tiles[j] = tile
         fresh = np.flatnonzero(~have)
         if len(fresh):
             tiles[fresh] = read_tiles_parallel(view, cache.coords[idx[fresh]], T, cfg.read_workers)
@@ -590,19 +689,48 @@ def predict_slides(
     ``stop_on_error``); bugs still raise. ``on_start(slide)`` and ``on_result(summary dict)`` are called around
     each slide, as :func:`nucseg.distributed.predict_distributed` calls them.
     """
-    cfg = config or PredictConfig()
+    cfg = (config or PredictConfig()).validate()  # settings that would fail every slide fail the batch at once
     out = Path(out_dir)
     check_output_names(paths, out)
     summaries: list[SlideSummary] = []
+    bug: BaseException | None = None
     for p in paths:
         if on_start:
             on_start(str(p))
-        summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
-                               slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview))
+        try:
+            summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
+                                   slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview))
+        except Exception as err:  # noqa: BLE001 - a bug: this slide failed, the others still get done
+            if stop_on_error or not _slide_specific(err):
+                if on_result:  # the run stops here: its log and summary still count this slide as failed
+                    on_result(SlideSummary.failed(p, " ".join(str(err).split()) or type(err).__name__).to_dict())
+                raise
+            log.error("%s: internal error (a bug in nucseg; traceback at the end of the run): %s: %s", p,
+                      type(err).__name__, " ".join(str(err).split()))
+            bug = bug or err
+            summary = SlideSummary.failed(p, f"internal error: {type(err).__name__}: {' '.join(str(err).split())}")
         summaries.append(summary)
         if on_result:
             on_result(summary.to_dict())
+    if bug is not None:
+        raise bug  # after every other slide is done and logged, as predict_distributed does with a worker's bug
     return summaries
+
+
+def _slide_specific(err: BaseException) -> bool:
+    """Whether an unexpected (non-NucsegError) exception is confined to its slide, so the batch can go on.
+
+    A bug met on one slide (say a geometry library error on an odd polygon) should not cost the slides after
+    it; running out of memory, or errors that fail every slide, should stop the batch at once.
+    """
+    if isinstance(err, (MemoryError, NucsegError)):
+        return False
+    if "torch" in sys.modules:
+        from .infer import is_out_of_memory
+
+        if is_out_of_memory(err):
+            return False
+    return True
 
 
 def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, progress: Progress | None,
@@ -615,7 +743,7 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
     try:
         summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)
     except NucsegError as err:
-        if stop_on_error:
+        if stop_on_error or isinstance(err, DiskFullError):  # a full disk would fail every later slide too
             raise
         log.info("%s failed: %s", p, err)  # the caller reports failures (the CLI: one error line per slide)
         return SlideSummary.failed(p, str(err), time.perf_counter() - t0)

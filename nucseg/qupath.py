@@ -166,14 +166,18 @@ class ImportConfig:
     margin: int = 16  # px around the nuclei's bounding box when no region is drawn
 
     def validate(self) -> "ImportConfig":
-        if not isinstance(self.tile_size, int) or not 32 <= self.tile_size <= 8192:
-            raise InputError(f"--tile-size must be a whole number in 32..8192, not {self.tile_size!r}")
+        from .tiling import TILE_SIZE_RANGE
+        from .slide import MPP_RANGE
+
+        lo, hi = TILE_SIZE_RANGE
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or not lo <= self.tile_size <= hi:
+            raise InputError(f"--tile-size must be a whole number in {lo}..{hi}, not {self.tile_size!r}")
         if not self.organ or any(c in self.organ for c in "/\\\0") or self.organ in (".", ".."):
             raise InputError(f"--organ must be a plain folder name, not {self.organ!r}")
         for name in ("mpp", "slide_mpp"):
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and 0.05 <= v <= 20):
-                raise InputError(f"--{name.replace('_', '-')} must be in 0.05..20 µm/px, not {v!r}")
+            if v is not None and not (math.isfinite(v) and MPP_RANGE[0] <= v <= MPP_RANGE[1]):
+                raise InputError(f"--{name.replace('_', '-')} must be in {MPP_RANGE[0]}..{MPP_RANGE[1]} µm/px, not {v!r}")
         return self
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .io import json_safe, write_json
+from .io import disk_full_error, is_disk_full, json_safe, write_json
 
 
 @dataclass
@@ -77,8 +77,13 @@ class RunLog:
         """Append one event as one line, written by a single flushed write (no torn lines between runs)."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         record = {"time": now, "event": kind, **self._base, **fields}
-        self._fh.write(json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n")
+            self._fh.flush()
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(err, self.path) from None
+            raise
 
     def start(self, slide: str | os.PathLike) -> None:
         self.event("start", slide=str(slide))

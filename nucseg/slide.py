@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 # costs time and blurs, and the scale error is below what annotations resolve.
 MPP_TOLERANCE = 0.02
 WHITE = 255
+# Plausible µm/px of a microscope slide and of a segmentation target: 40x scanners give ~0.12-0.25, thumbnails
+# of a few µm/px are still tissue images. Outside this range the value is a unit mistake (a TIFF saved by an
+# image editor at 72 dpi reads as 352.8 µm/px), and trusting it would plan absurd grids.
+MPP_RANGE = (0.05, 20.0)
+# Target pixels finer than the slide's by more than this factor only invent pixels (and multiply the work).
+MAX_UPSAMPLING = 4.0
 
 
 def open_slide(path: str | os.PathLike):
@@ -38,21 +44,66 @@ def open_slide(path: str | os.PathLike):
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
+        plain = _plain_image_kind(path)
+        if plain:
+            raise SlideError(f"{path} is not a whole-slide image but {plain} (OpenSlide reads scanner formats "
+                             "and tiled TIFFs); use `nucseg segment` for plain images, or convert it to a tiled "
+                             "pyramidal TIFF with its µm/px") from None
         raise SlideError(f"cannot open slide {path}: not a supported whole-slide format, or truncated/corrupt") from None
     except (openslide.OpenSlideError, OSError, ValueError) as err:
         raise SlideError(f"cannot open slide {path}: {_one_line(err)}") from None
+
+
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF87a": "a GIF image",
+          b"GIF89a": "a GIF image"}
+
+
+def _plain_image_kind(path: Path) -> str | None:
+    """What a file OpenSlide refused is, if it is a readable ordinary image; None if it may be a damaged slide.
+
+    OpenSlide reads TIFF only when it is tiled (generic-tiff) or a vendor format; a striped TIFF as image
+    editors and microscope cameras write it is refused like a corrupt file. PNG/JPEG/GIF are never slides.
+    A TIFF that tifffile cannot parse, or whose first page is tiled, is left to the "corrupt" message.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return None
+    import tifffile
+
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # tifffile logs what it finds wrong; the caller's message says it
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.is_tiled:
+                return None
+            if page.nbytes <= 1 << 26:
+                page.asarray(maxworkers=1)  # small enough to prove that it decodes
+            return "a plain (untiled) TIFF image"
+    except Exception:  # noqa: BLE001 - any parse failure means "damaged", which the caller reports
+        return None
+    finally:
+        quiet.setLevel(level)
 
 
 def slide_mpp(slide, override: float | None = None, path: str | os.PathLike | None = None) -> float:
     """Level-0 µm/px: the override if given, else openslide.mpp-x, else the TIFF resolution tags.
 
     Without any of these the physical scale is unknown and every size (and the model's scale) would be a
-    guess, so it is an error that names the ``--slide-mpp`` option.
+    guess, so it is an error that names the ``--slide-mpp`` option; so is a value outside ``MPP_RANGE``
+    (a unit mistake in the metadata), and an override outside it is a bad argument (InputError).
     """
     name = path if path is not None else _slide_name(slide)
     if override is not None:
-        if not (override > 0 and math.isfinite(override)):
-            raise InputError(f"--slide-mpp must be a positive number, not {override}")
+        check_mpp(override, "--slide-mpp")
         return float(override)
     props = slide.properties
     for key in ("openslide.mpp-x", "openslide.mpp-y"):
@@ -61,11 +112,40 @@ def slide_mpp(slide, override: float | None = None, path: str | os.PathLike | No
         except (KeyError, ValueError):
             continue
         if value > 0 and math.isfinite(value):
-            return value
+            return _plausible(value, name, props, key)
     value = _mpp_from_tiff_tags(props)
     if value is not None:
-        return value
+        return _plausible(value, name, props, "tiff")
     raise SlideError(f"slide {name} has no µm/px in its metadata; pass --slide-mpp (e.g. --slide-mpp 0.25)")
+
+
+def check_mpp(value, what: str) -> float:
+    """``value`` as a float if it is a plausible µm/px (``MPP_RANGE``), else an InputError naming ``what``."""
+    lo, hi = MPP_RANGE
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError(value)
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number of µm/px, not {value!r}") from None
+    if not lo <= v <= hi:
+        raise InputError(f"{what} {value!r} is outside the plausible {lo:g}-{hi:g} µm/px (a whole-slide scan at "
+                         "40x is about 0.25, at 20x about 0.5)")
+    return v
+
+
+def _plausible(value: float, name, props, key: str) -> float:
+    lo, hi = MPP_RANGE
+    if lo <= value <= hi:
+        return value
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    if key == "tiff" or (props.get("openslide.vendor") == "generic-tiff" and unit in ("inch", "centimeter")):
+        # OpenSlide derives a generic TIFF's µm/px from these tags; name them, they are what is wrong
+        source = f"from its TIFF resolution tags: {props.get('tiff.XResolution')} pixels per {unit}"
+    else:
+        source = f"{key} in its metadata"
+    raise SlideError(f"slide {name} reports {value:.4g} µm/px ({source}), outside the plausible {lo:g}-{hi:g} "
+                     "µm/px; pass the true value with --slide-mpp (e.g. --slide-mpp 0.25)")
 
 
 def _mpp_from_tiff_tags(props) -> float | None:
@@ -124,6 +204,11 @@ class TargetView:
 
     @classmethod
     def create(cls, slide, path: str | os.PathLike, mpp0: float, target_mpp: float) -> "TargetView":
+        """The view at ``target_mpp``; a target finer than the slide by more than MAX_UPSAMPLING is refused."""
+        if mpp0 / target_mpp > MAX_UPSAMPLING:
+            raise InputError(f"target {target_mpp:g} µm/px is {mpp0 / target_mpp:.3g}x finer than slide {path} "
+                             f"({mpp0:.4g} µm/px); at most {MAX_UPSAMPLING:g}x up-sampling is allowed (check --mpp "
+                             "and --slide-mpp)")
         level = best_level(slide, mpp0, target_mpp)
         level_mpp = mpp0 * float(slide.level_downsamples[level])
         factor = target_mpp / level_mpp

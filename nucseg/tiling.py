@@ -19,6 +19,13 @@ Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings,
 Flags are written after the data they describe (zarr's local store writes each chunk atomically), so a
 killed run leaves at worst un-flagged work that is redone.
 
+Damage is repaired, never fatal: a chunk that fails to decode (a truncated or overwritten file) only costs
+the work it held. A damaged flag or ``n_inst`` chunk counts as "none of its tiles done" (and is rewritten when
+they are), a damaged tile is read from the slide again, and a damaged prediction raises
+:class:`CacheDamaged` with its tiles after marking them not done, so the caller recomputes them. A warning
+says so once per cache. The cache only ever deletes a store it recognises as its own (a zarr v3 group with a
+cache key, or one it left half-created); anything else at its path is an OutputError.
+
 Several processes may fill one cache at once if each owns whole flag chunks (tile ranges aligned to
 ``FLAG_CHUNK``): tiles and predictions have one chunk per tile, and a process only ever writes the flag chunks
 of the tiles it fills, from its own copy. ``nucseg.distributed`` spreads the tiles of a large slide over
@@ -38,15 +45,17 @@ import math
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, OutputError
 
 CACHE_VERSION = 2  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges)
 FLAG_CHUNK = 64
+TILE_SIZE_RANGE = (64, 4096)
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,59 @@ def cache_key(**fields) -> tuple[dict, str]:
     return norm, digest
 
 
+class CacheDamaged(Exception):
+    """Cached predictions of ``tiles`` failed to decode; they are marked not done and must be recomputed."""
+
+    def __init__(self, root: Path, tiles: list[int]):
+        super().__init__(f"tile cache {root}: damaged predictions of tiles {tiles}")
+        self.root = root
+        self.tiles = tiles
+
+
+_GROUP_CHILDREN = {"zarr.json", "coords", "tiles", "tiles_done", "pred"}
+
+
+def is_nucseg_cache(root: Path) -> bool:
+    """Whether ``root`` is (recognisably) a cache this module made, so that replacing it destroys nothing else.
+
+    True for an empty folder, a zarr v3 group whose attrs carry a cache key, and a group killed while being
+    created (no key yet, nothing but the cache's own members); False for anything else, e.g. a user's
+    folder or file that happens to sit at the cache's path.
+    """
+    if root.is_symlink() or not root.is_dir():
+        return False
+    names = set(os.listdir(root))
+    if not names:
+        return True
+    try:
+        meta = json.loads((root / "zarr.json").read_text(encoding="utf-8"))
+        key = meta.get("attributes", {}).get("key")
+        if meta.get("zarr_format") == 3 and meta.get("node_type") == "group" and isinstance(key, dict) \
+                and "cache_version" in key:
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return names <= _GROUP_CHILDREN  # half-created or with damaged metadata: only our own members
+
+
+def _decode_failed(err: BaseException) -> bool:
+    """A chunk read that failed because the stored bytes are damaged (zarr/codec errors), not for lack of memory."""
+    return isinstance(err, Exception) and not isinstance(err, (MemoryError, OutputError))
+
+
+@contextlib.contextmanager
+def _disk_full_is_output_error(root: Path):
+    """ENOSPC/EDQUOT while writing the cache becomes the one-line DiskFullError (exit 6)."""
+    from .io import disk_full_error, is_disk_full
+
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, root) from None
+        raise
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     """Exclusive flock on ``path`` (created if missing) for the duration; a no-op where locks are unsupported."""
@@ -185,33 +247,91 @@ class TileCache:
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.n = len(coords)
         self.coords = coords
-        with _locked(self.root.with_name(self.root.name + ".lock")):
+        self.damaged: set[str] = set()  # what was found damaged (chunk names), for the one warning
+        with _disk_full_is_output_error(self.root), _locked(self.root.with_name(self.root.name + ".lock")):
             self.group = self._open_group(key, coords, create)
             self.pred = self._open_pred(model, create)
         self.tiles = self.group["tiles"]
-        self._tiles_done = np.asarray(self.group["tiles_done"][:], dtype=bool)
-        self._pred_done = np.asarray(self.pred["done"][:], dtype=bool)
-        self._n_inst = np.asarray(self.pred["n_inst"][:], dtype=np.int32)
+        tiles_bad: set[int] = set()
+        pred_bad: set[int] = set()
+        self._tiles_done = self._read_flags(self.group["tiles_done"], bool, False, tiles_bad)
+        n_inst = self._read_flags(self.pred["n_inst"], np.int32, -1, pred_bad)
+        self._pred_done = self._read_flags(self.pred["done"], bool, False, pred_bad) & (n_inst >= 0)
+        self._n_inst = np.maximum(n_inst, 0)
+        if create and (tiles_bad or pred_bad):
+            # Rewrite damaged flag chunks now (as "not done"), or a chunk whose tiles need no more work would
+            # stay damaged. Not in create=False mode: a range task must only write the chunks of its own range.
+            with _disk_full_is_output_error(self.root):
+                first = [c * FLAG_CHUNK for c in sorted(tiles_bad)]
+                _write_chunks(self.group["tiles_done"], self._tiles_done, np.asarray(first, np.int64))
+                first = np.asarray([c * FLAG_CHUNK for c in sorted(pred_bad)], np.int64)
+                _write_chunks(self.pred["n_inst"], self._n_inst, first)
+                _write_chunks(self.pred["done"], self._pred_done, first)
+        self._warn()
+
+    def _read_flags(self, array, dtype, bad, damaged_chunks: set[int]) -> np.ndarray:
+        """A flag array read whole, or chunk by chunk when that fails: a damaged chunk reads as ``bad`` and its
+        index is added to ``damaged_chunks``."""
+        try:
+            return np.asarray(array[:], dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+        out = np.full(self.n, bad, dtype=dtype)
+        for lo in range(0, self.n, FLAG_CHUNK):
+            hi = min(lo + FLAG_CHUNK, self.n)
+            try:
+                out[lo:hi] = array[lo:hi]
+            except Exception as err:  # noqa: BLE001
+                if not _decode_failed(err):
+                    raise
+                self.damaged.add(f"{array.path} chunk {lo // FLAG_CHUNK}")
+                damaged_chunks.add(lo // FLAG_CHUNK)
+        return out
+
+    def _warn(self) -> None:
+        if self.damaged and not getattr(self, "_warned", False):
+            self._warned = True
+            names = sorted(self.damaged)
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            warnings.warn(f"tile cache {self.root}: damaged {', '.join(names[:3])}{more} (a chunk that does not "
+                          "decode); its tiles are read and predicted again", UserWarning, stacklevel=3)
 
     def _open_group(self, key: dict, coords: np.ndarray, create: bool):
         import zarr
 
         group = None
-        if self.root.exists():
+        if self.root.exists() or self.root.is_symlink():
             try:
-                group = zarr.open_group(str(self.root), mode="r+")
-                same = group.attrs.get("key") == key and np.array_equal(group["coords"][:], coords)
+                group = zarr.open_group(str(self.root), mode="r+", zarr_format=3)
+                same = group.attrs.get("key") == key
+                if same:
+                    try:
+                        same = np.array_equal(group["coords"][:], coords)
+                    except Exception as err:  # noqa: BLE001 - our cache with a damaged coords chunk: rewrite it
+                        if not _decode_failed(err):
+                            raise
+                        self.damaged.add("coords")
+                        group["coords"][:] = coords
                 if not same:
                     group = None
-            except Exception:  # unreadable or foreign store: rebuild rather than trust it
+            except Exception as err:  # noqa: BLE001 - unreadable or foreign store: rebuild if it is ours
+                if not _decode_failed(err):
+                    raise
                 group = None
             if group is None and create:
-                shutil.rmtree(self.root, ignore_errors=True)
+                if not is_nucseg_cache(self.root):
+                    raise OutputError(f"{self.root} is in the way of the tile cache and is not one (nucseg never "
+                                      "replaces what it did not make): move it away or use another --work-dir")
+                try:
+                    shutil.rmtree(self.root)
+                except OSError as err:
+                    raise OutputError(f"cannot replace the stale tile cache {self.root}: {err.strerror or err}") from None
         if group is None and not create:
             raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
         if group is None:
             n, T = self.n, self.tile_size
-            group = zarr.open_group(str(self.root), mode="w")
+            group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
             group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
             if n:
                 group["coords"][:] = coords
@@ -229,7 +349,11 @@ class TileCache:
             pred = self.group[path]
             if pred.attrs.get("model") != model or pred["scores"].shape != (n, K):
                 raise KeyError(path)
-        except KeyError:
+        except Exception as err:  # noqa: BLE001 - missing, another model's, or damaged metadata: (re)create
+            if not (isinstance(err, KeyError) or _decode_failed(err)):
+                raise
+            if not isinstance(err, KeyError):
+                self.damaged.add(f"{path} metadata")
             if not create:
                 raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
@@ -245,18 +369,28 @@ class TileCache:
     def tiles_done(self) -> np.ndarray:
         return self._tiles_done.copy()
 
-    def get_tile(self, i: int) -> np.ndarray:
-        return np.asarray(self.tiles[int(i)])
+    def get_tile(self, i: int) -> np.ndarray | None:
+        """Cached tile i, or None (and tile i marked not read, with the one warning) if its chunk is damaged."""
+        try:
+            return np.asarray(self.tiles[int(i)])
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+        self._tiles_done[int(i)] = False
+        self.damaged.add(f"tiles chunk {int(i)}")
+        self._warn()
+        return None
 
     def put_tiles(self, indices: np.ndarray, tiles: np.ndarray) -> None:
         """Write tiles, then mark them done (flag after data: a crash leaves them merely un-flagged)."""
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
-        for i, tile in zip(indices, tiles):
-            self.tiles[int(i)] = tile
-        self._tiles_done[indices] = True
-        _write_chunks(self.group["tiles_done"], self._tiles_done, indices)
+        with _disk_full_is_output_error(self.root):
+            for i, tile in zip(indices, tiles):
+                self.tiles[int(i)] = tile
+            self._tiles_done[indices] = True
+            _write_chunks(self.group["tiles_done"], self._tiles_done, indices)
 
     # ---- predictions -------------------------------------------------------------------------------------
     @property
@@ -278,23 +412,46 @@ class TileCache:
                 raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst[j]} instances in a tile")
             row = np.full(K, np.nan, dtype=np.float32)
             row[: n_inst[j]] = sc[: n_inst[j]]
-            self.pred["labels"][int(i)] = labels[j].astype(np.int32, copy=False)
-            self.pred["scores"][int(i)] = row
+            with _disk_full_is_output_error(self.root):
+                self.pred["labels"][int(i)] = labels[j].astype(np.int32, copy=False)
+                self.pred["scores"][int(i)] = row
         self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
-        _write_chunks(self.pred["n_inst"], self._n_inst, indices)
-        _write_chunks(self.pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
+        with _disk_full_is_output_error(self.root):
+            _write_chunks(self.pred["n_inst"], self._n_inst, indices)
+            _write_chunks(self.pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
 
     def get_labels(self, i: int) -> np.ndarray:
-        """Labels (T, T) int32 of cache tile i."""
-        return np.asarray(self.pred["labels"][int(i)])
+        """Labels (T, T) int32 of cache tile i; a damaged chunk raises CacheDamaged (see discard)."""
+        try:
+            return np.asarray(self.pred["labels"][int(i)])
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+        raise self.discard([int(i)], "labels")
 
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i."""
+        """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i; damaged chunks raise CacheDamaged."""
         n_inst = int(self._n_inst[i])
         labels = self.get_labels(i)
-        scores = np.asarray(self.pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
+        try:
+            scores = np.asarray(self.pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+            raise self.discard([int(i)], "scores") from None
         return labels, scores
+
+    def discard(self, indices: list[int], what: str = "predictions") -> CacheDamaged:
+        """Mark the predictions of ``indices`` not done (here and in the flag chunks on disk, so a rerun redoes
+        them too), warn once, and return the CacheDamaged to raise."""
+        idx = np.asarray(indices, dtype=np.int64)
+        self._pred_done[idx] = False
+        with _disk_full_is_output_error(self.root):
+            _write_chunks(self.pred["done"], self._pred_done, idx)
+        self.damaged.update(f"{what} chunk {i}" for i in indices)
+        self._warn()
+        return CacheDamaged(self.root, [int(i) for i in indices])
 
 
 def _write_chunks(array, values: np.ndarray, indices: np.ndarray) -> None:

@@ -1,0 +1,207 @@
+"""A damaged --work-dir cache is repaired, never fatal, and never a reason to delete what nucseg did not make.
+
+Each case damages one kind of chunk of a finished slide's zarr cache on disk (truncated, or overwritten with
+random bytes), reruns, and checks: one warning, only the damaged work redone, outputs byte-identical to the
+clean run, and a clean cache afterwards. Batches record a slide whose cache stays damaged, or a bug met on
+one slide, as failed in run-summary.json and go on with the next slide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nucseg.predict as predict_mod
+from nucseg.classical import ThresholdSegmenter
+from nucseg.errors import OutputError
+from nucseg.predict import PredictConfig, predict_slide
+from nucseg.synthslide import make_synthetic_slide
+from nucseg.tiling import TileCache, is_nucseg_cache
+from nucseg_cli.main import main
+
+T, OVERLAP = 128, 24
+SEG = ThresholdSegmenter(tile_size=T)
+
+
+def _cfg(out: Path, work: Path, **kw) -> PredictConfig:
+    return PredictConfig(tile_size=T, overlap=OVERLAP, work_dir=work, csv=out / "s.csv", labels=out / "s.labels.zarr",
+                         **kw)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run(slide: Path, out: Path, work: Path, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = predict_slide(slide, out / "s.geojson", SEG, _cfg(out, work, **kw))
+    return summary, [str(w.message) for w in caught if "tile cache" in str(w.message)]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repair")
+    slide = root / "s.tif"
+    make_synthetic_slide(slide, 600, 500, mpp=0.5, nuclei=60, tissue_fraction=1.0, pyramid=False, seed=5)
+    summary, notes = _run(slide, root / "out", root / "work")
+    assert notes == [] and summary.predicted_tiles == summary.tissue_tiles == 30
+    [cache] = (root / "work").glob("*.zarr")
+    return {"slide": slide, "out": _files(root / "out"), "work": root / "work", "cache": cache.name,
+            "nuclei": summary.nuclei}
+
+
+def _truncate(f: Path) -> None:
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+
+
+def _garbage(f: Path) -> None:
+    f.write_bytes(np.random.default_rng(1).integers(0, 256, max(os.path.getsize(f), 16), np.uint8).tobytes())
+
+
+def _pred(cache: Path) -> Path:
+    [pred] = (p for p in (cache / "pred").iterdir() if p.is_dir())
+    return pred
+
+
+CASES = [
+    # (id, chunk file under the cache, damage, tiles predicted again, other model fingerprint)
+    ("labels-truncated", lambda c: _pred(c) / "labels/c/7/0/0", _truncate, 1, None),
+    ("labels-garbage", lambda c: _pred(c) / "labels/c/12/0/0", _garbage, 1, None),
+    ("scores-truncated", lambda c: _pred(c) / "scores/c/3/0", _truncate, 1, None),
+    ("done-flags-truncated", lambda c: _pred(c) / "done/c/0", _truncate, 30, None),
+    ("n_inst-garbage", lambda c: _pred(c) / "n_inst/c/0", _garbage, 30, None),
+    ("tiles_done-garbage", lambda c: c / "tiles_done/c/0", _garbage, 0, None),
+    ("coords-garbage", lambda c: c / "coords/c/0/0", _garbage, 0, None),
+    ("pred-metadata-garbage", lambda c: _pred(c) / "zarr.json", _garbage, 30, None),
+    # tiles are only read back when a prediction is missing: predict with another model fingerprint
+    ("tile-truncated", lambda c: c / "tiles/c/4/0/0/0", _truncate, 30, "another-model"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_damaged_chunks_are_recomputed_and_outputs_identical(case, clean, tmp_path):
+    _, chunk, damage, redone, model = case
+    work = tmp_path / "work"
+    shutil.copytree(clean["work"], work)
+    f = chunk(work / clean["cache"])
+    assert f.is_file(), f
+    damage(f)
+    out = tmp_path / "out"
+    summary, notes = _run(clean["slide"], out, work, model_fingerprint=model)
+    assert summary.predicted_tiles == redone
+    if model is None and redone == 0:
+        assert len(notes) == 1  # flags of tiles whose predictions are all there: the tiles are merely re-read
+        assert summary.read_tiles == 0
+    if model is not None:
+        assert summary.read_tiles == 1  # only the damaged tile came from the slide again
+    assert len(notes) == 1 and "its tiles are read and predicted again" in notes[0]
+    assert _files(out) == clean["out"]  # byte-identical to the clean run
+    again, notes = _run(clean["slide"], tmp_path / "again", work, model_fingerprint=model)
+    assert notes == [] and again.predicted_tiles == 0 and again.read_tiles == 0  # the cache is whole again
+    assert _files(tmp_path / "again") == clean["out"]
+
+
+def test_damage_that_survives_repair_is_one_error(clean, tmp_path, monkeypatch):
+    """Storage that keeps returning damaged bytes: a bounded number of passes, then one OutputError."""
+    work = tmp_path / "work"
+    shutil.copytree(clean["work"], work)
+    calls = []
+
+    def always_damaged(self, i):
+        calls.append(i)
+        raise self.discard([int(i)], "labels")
+
+    monkeypatch.setattr(TileCache, "get_prediction", always_damaged)
+    with pytest.raises(OutputError, match=r"still returns damaged predictions \(tiles \[0\]\) after 2 repairs"):
+        _run(clean["slide"], tmp_path / "out", work)
+    assert len(calls) == predict_mod.MAX_CACHE_REPAIRS + 1
+    assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == {}
+
+
+def test_the_cache_never_deletes_a_folder_it_did_not_make(clean, tmp_path):
+    work = tmp_path / "work"
+    mine = work / clean["cache"]
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my thesis")
+    assert not is_nucseg_cache(mine)
+    with pytest.raises(OutputError, match=f"{mine} is in the way of the tile cache and is not one"):
+        _run(clean["slide"], tmp_path / "out", work)
+    assert (mine / "notes.txt").read_text() == "my thesis"
+    mine.rename(tmp_path / "moved")
+    mine.write_text("a file")  # a file in the way
+    with pytest.raises(OutputError, match="is in the way"):
+        _run(clean["slide"], tmp_path / "out", work)
+    assert mine.read_text() == "a file"
+
+
+def test_a_half_created_cache_of_ours_is_rebuilt(clean, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(clean["work"], work)
+    cache = work / clean["cache"]
+    meta = json.loads((cache / "zarr.json").read_text())
+    meta["attributes"].pop("key")  # killed before the key was written
+    (cache / "zarr.json").write_text(json.dumps(meta))
+    assert is_nucseg_cache(cache)
+    summary, _ = _run(clean["slide"], tmp_path / "out", work)
+    assert summary.predicted_tiles == 30
+    assert _files(tmp_path / "out") == clean["out"]
+    (cache / "zarr.json").write_bytes(b"\x00garbage")  # our members, metadata unreadable: still ours
+    assert is_nucseg_cache(cache)
+    summary, _ = _run(clean["slide"], tmp_path / "out2", work)
+    assert summary.predicted_tiles == 30
+
+
+def _batch(tmp_path: Path, slides: list[Path]) -> tuple[Path, list[str]]:
+    (tmp_path / "list.txt").write_text("".join(f"{s}\n" for s in slides))
+    return tmp_path / "out", ["-q", "predict", "--input-list", str(tmp_path / "list.txt"), "--out-dir",
+                              str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--segmenter", "threshold",
+                              "--tile-size", str(T), "--overlap", str(OVERLAP)]
+
+
+def test_a_batch_counts_a_slide_whose_cache_stays_damaged_and_goes_on(clean, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.tif"
+    shutil.copyfile(clean["slide"], bad)
+    original = TileCache.get_prediction
+
+    def damaged_for_bad(self, i):
+        if self.root.name.startswith("bad-"):
+            raise self.discard([int(i)], "labels")
+        return original(self, i)
+
+    monkeypatch.setattr(TileCache, "get_prediction", damaged_for_bad)
+    out, argv = _batch(tmp_path, [bad, clean["slide"]])
+    assert main(argv) == 9
+    err = capsys.readouterr().err
+    assert f"nucseg: error: {bad}: tile cache" in err and "Traceback" not in err
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["failed"] == 1 and summary["done"] == 1
+    assert summary["failures"][0]["slide"] == str(bad)
+    assert (out / "s.geojson").is_file() and not (out / "bad.geojson").exists()
+
+
+def test_a_bug_on_one_slide_is_counted_the_batch_goes_on_and_the_bug_is_raised(clean, tmp_path, monkeypatch):
+    buggy = tmp_path / "buggy.tif"
+    shutil.copyfile(clean["slide"], buggy)
+    original = predict_mod._stitch_and_export
+
+    def export(cache, plan, out, cfg, wait=lambda ci: None):
+        if plan.view.path.name == "buggy.tif":
+            raise ZeroDivisionError("a bug")
+        return original(cache, plan, out, cfg, wait)
+
+    monkeypatch.setattr(predict_mod, "_stitch_and_export", export)
+    out, argv = _batch(tmp_path, [buggy, clean["slide"]])
+    with pytest.raises(ZeroDivisionError, match="a bug"):  # a bug keeps its traceback, after the other slides
+        main(argv)
+    summary = json.loads((out / "run-summary.json").read_text())
+    assert summary["failed"] == 1 and summary["done"] == 1
+    assert summary["failures"][0] == {"slide": str(buggy), "error": "internal error: ZeroDivisionError: a bug"}
+    assert (out / "s.geojson").is_file()
