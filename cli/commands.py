@@ -396,3 +396,10 @@ def demo_data(args: argparse.Namespace) -> int:
 
     print(make_demo_dataset(args.out, tiles_per_organ=args.tiles_per_organ, size=args.size, seed=args.seed))
     return 0
+
+
+def export_peft(args: argparse.Namespace) -> int:
+    from nucseg.peft_export import export_peft as run
+
+    print(run(args.adapter, args.out, args.checkpoint))
+    return 0

@@ -183,7 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.demo_data)
+    _add_sharing_commands(sub)
     return ap
+
+
+def _add_sharing_commands(sub) -> None:
+    """Commands that make artifacts for other tools: export-peft."""
+    p = sub.add_parser(
+        "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
+        description="Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
+        "the SAM model nucseg builds (exact: same embeddings and masks). The foreground head goes in "
+        "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
+        "'nucseg merge').",
+        epilog="example:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
+        "  from nucseg.sam import load_sam; from peft import PeftModel\n"
+        "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
+        "  model = PeftModel.from_pretrained(sam, 'runs/lora/peft')",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path, help="nucseg adapter folder (from train or cv)")
+    p.add_argument("out", type=Path, help="output folder (new, or a previous PEFT export to replace)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the base checkpoint; needed only for adapters that trained the prompt encoder")
+    p.set_defaults(func=commands.export_peft)
 
 
 def main(argv: list[str] | None = None) -> int:
