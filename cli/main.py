@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sharing_commands(sub) -> None:
-    """Commands that make artifacts for other tools: export-peft."""
+    """Commands that make or fetch artifacts shared with other people and tools: export-peft, data fetch."""
     p = sub.add_parser(
         "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
         description="Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
@@ -205,6 +205,21 @@ def _add_sharing_commands(sub) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the base checkpoint; needed only for adapters that trained the prompt encoder")
     p.set_defaults(func=commands.export_peft)
+
+    p = sub.add_parser("data", help="public training data: fetch NuInsSeg into the layout train and cv read")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = dsub.add_parser(
+        "fetch", help="download, verify and unpack a public dataset (resumes an interrupted download)",
+        description="Download the official archive (NuInsSeg: Zenodo record 10518968, DOI 10.5281/zenodo.10518968, "
+        "about 1.6 GB), check it against the size and checksum the record publishes and every member's CRC, and "
+        "unpack it into DIR/NuInsSeg. Rerun the same command after an interruption: the download resumes.",
+        epilog="example:\n  nucseg data fetch nuinsseg data/\n  nucseg train --data data/NuInsSeg --out runs/lora "
+        "--checkpoint sam_vit_b_01ec64.pth", formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("name", choices=["nuinsseg"], help="the dataset")
+    f.add_argument("dir", type=Path, help="destination folder; the dataset lands in DIR/NuInsSeg")
+    f.add_argument("--keep-archive", action="store_true",
+                   help="keep the verified .zip after unpacking (default: remove it)")
+    p.set_defaults(func=commands.data)
 
 
 def main(argv: list[str] | None = None) -> int:
