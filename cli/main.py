@@ -12,6 +12,7 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from pathlib import Path
@@ -191,10 +192,10 @@ def _add_sharing_commands(sub) -> None:
     """Commands that make or fetch artifacts shared with other people and tools: export-peft, data fetch."""
     p = sub.add_parser(
         "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
-        description="Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
+        description=textwrap.fill("Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
         "the SAM model nucseg builds (exact: same embeddings and masks). The foreground head goes in "
         "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
-        "'nucseg merge').",
+        "'nucseg merge').", 100),
         epilog="example:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
         "  from nucseg.sam import load_sam; from peft import PeftModel\n"
         "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
@@ -210,9 +211,9 @@ def _add_sharing_commands(sub) -> None:
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     f = dsub.add_parser(
         "fetch", help="download, verify and unpack a public dataset (resumes an interrupted download)",
-        description="Download the official archive (NuInsSeg: Zenodo record 10518968, DOI 10.5281/zenodo.10518968, "
-        "about 1.6 GB), check it against the size and checksum the record publishes and every member's CRC, and "
-        "unpack it into DIR/NuInsSeg. Rerun the same command after an interruption: the download resumes.",
+        description=textwrap.fill("Download the official archive (NuInsSeg: Zenodo record 10518968, DOI "
+        "10.5281/zenodo.10518968), check it against the size and checksum the record publishes and every member's CRC, and "
+        "unpack it into DIR/NuInsSeg. Rerun the same command after an interruption: the download resumes.", 100),
         epilog="example:\n  nucseg data fetch nuinsseg data/\n  nucseg train --data data/NuInsSeg --out runs/lora "
         "--checkpoint sam_vit_b_01ec64.pth", formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("name", choices=["nuinsseg"], help="the dataset")

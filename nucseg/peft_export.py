@@ -113,8 +113,13 @@ def to_peft(info: AdapterInfo, tensors: dict[str, torch.Tensor]) -> PeftExport:
         "base_model_name_or_path": None,
     }
     if not patterns:  # decoder only: PEFT needs a target; its placeholder targets nothing
-        from peft.utils.constants import DUMMY_TARGET_MODULES
+        try:
+            from peft.utils.constants import DUMMY_TARGET_MODULES
+        except ImportError:
+            import peft
 
+            raise CheckpointError(f"peft {peft.__version__} has no placeholder target, so it cannot hold a "
+                                  "decoder-only adapter; upgrade peft (tested with 0.21)") from None
         config["target_modules"] = DUMMY_TARGET_MODULES
     else:
         config["target_modules"] = "|".join(f"(?:{p})" for p in patterns)
