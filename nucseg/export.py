@@ -260,11 +260,11 @@ def label_colors(max_id: int) -> list[dict]:
 
 
 def _halve_mean(img: np.ndarray) -> np.ndarray:
-    """(h, w, 3) uint8 -> 2x smaller by 2x2 means (odd edges repeated)."""
+    """(h, w, 3) uint8 -> 2x smaller by 2x2 means, rounded (odd edges repeated); integer sums, no floats."""
     h, w = img.shape[:2]
-    img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge").astype(np.float32)
-    small = img.reshape(img.shape[0] // 2, 2, img.shape[1] // 2, 2, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    total = img[0::2, 0::2].astype(np.uint16) + img[1::2, 0::2] + img[0::2, 1::2] + img[1::2, 1::2]
+    return ((total + 2) // 4).astype(np.uint8)
 
 
 def write_ome_zarr_labels(
@@ -300,6 +300,8 @@ def write_ome_zarr_labels(
 
     path = Path(path)
     compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    # H&E pixels compress hardly better at higher levels (7.6 vs 7.8 MB on CMU-1-Small-Region), at 2x the time
+    rgb_compressor = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.NOSHUFFLE)
     keys = {"name": "v2", "separator": "/"}
     space = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
     with atomic_path(path, is_dir=True) as tmp:
@@ -312,7 +314,7 @@ def write_ome_zarr_labels(
         for lvl, arr in enumerate(levels):
             h, w = arr.shape[:2]
             z = root.create_array(str(lvl), shape=(3, h, w), chunks=(3, min(chunk, h), min(chunk, w)), dtype="uint8",
-                                  fill_value=0, compressors=compressor, chunk_key_encoding=keys)
+                                  fill_value=0, compressors=rgb_compressor, chunk_key_encoding=keys)
             z[:] = np.moveaxis(arr, -1, 0)
             img_datasets.append({"path": str(lvl), "coordinateTransformations": [
                 {"type": "scale", "scale": [1.0, scale, scale]}, {"type": "translation", "translation": [0.0, shift, shift]}]})
