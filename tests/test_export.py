@@ -268,3 +268,14 @@ def test_gzip_output_is_the_same_collection(tmp_path):
     # gzip header carries no timestamp: a rerun is byte-identical
     predict_slide(slide, tmp_path / "b.geojson.gz", ThresholdSegmenter(), cfg)
     assert (tmp_path / "b.geojson.gz").read_bytes() == raw
+
+
+def test_label_colors_are_distinct_for_neighbouring_ids_and_capped():
+    from nucseg.export import LABEL_COLOR_LIMIT, label_colors
+
+    colors = label_colors(500)
+    assert colors[0] == {"label-value": 0, "rgba": [0, 0, 0, 0]} and [c["label-value"] for c in colors] == list(range(501))
+    rgb = np.array([c["rgba"][:3] for c in colors[1:]])
+    assert (np.abs(np.diff(rgb, axis=0)).sum(axis=1) > 60).all()  # ids n and n+1 (often touching) differ clearly
+    assert all(c["rgba"][3] == 255 for c in colors[1:]) and rgb.min() >= 0 and rgb.max() <= 255
+    assert label_colors(LABEL_COLOR_LIMIT + 1) == [] and len(label_colors(0)) == 1
