@@ -402,3 +402,28 @@ def demo_data(args: argparse.Namespace) -> int:
 
     print(make_demo_dataset(args.out, tiles_per_organ=args.tiles_per_organ, size=args.size, seed=args.seed))
     return 0
+
+
+def export_peft(args: argparse.Namespace) -> int:
+    from nucseg.peft_export import export_peft as run
+
+    print(run(args.adapter, args.out, args.checkpoint))
+    return 0
+
+
+def data(args: argparse.Namespace) -> int:
+    from nucseg.datasets import fetch_dataset
+
+    bar = _bar(args, unit="B", unit_scale=True, desc=args.name)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total or None
+        bar.n = done
+        bar.refresh()
+
+    try:
+        root = fetch_dataset(args.name, args.dir, progress=progress, keep_archive=args.keep_archive)
+    finally:
+        bar.close()
+    print(root)
+    return 0

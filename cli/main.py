@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from pathlib import Path
@@ -359,7 +360,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=count(32, 4096), default=256, help="image side in px")
     p.add_argument("--seed", type=SEED, default=0, help="random seed")
     p.set_defaults(func=commands.demo_data)
+    _add_sharing_commands(sub)
     return ap
+
+
+def _add_sharing_commands(sub) -> None:
+    """Commands that make or fetch artifacts shared with other people and tools: export-peft, data fetch."""
+    p = sub.add_parser(
+        "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
+        description=textwrap.fill("Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
+        "the SAM model nucseg builds (exact: same embeddings and masks). The foreground head goes in "
+        "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
+        "'nucseg merge').", 100),
+        epilog="example:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
+        "  from nucseg.sam import load_sam; from peft import PeftModel\n"
+        "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
+        "  model = PeftModel.from_pretrained(sam, 'runs/lora/peft')",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", type=Path, help="nucseg adapter folder (from train or cv)")
+    p.add_argument("out", type=Path, help="output folder (new, or a previous PEFT export to replace)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the base checkpoint; needed only for adapters that trained the prompt encoder")
+    p.set_defaults(func=commands.export_peft)
+
+    p = sub.add_parser("data", help="public training data: fetch NuInsSeg into the layout train and cv read")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = dsub.add_parser(
+        "fetch", help="download, verify and unpack a public dataset (resumes an interrupted download)",
+        description=textwrap.fill("Download the official archive (NuInsSeg: Zenodo record 10518968, DOI "
+        "10.5281/zenodo.10518968), check it against the size and checksum the record publishes and every member's CRC, and "
+        "unpack it into DIR/NuInsSeg. Rerun the same command after an interruption: the download resumes.", 100),
+        epilog="example:\n  nucseg data fetch nuinsseg data/\n  nucseg train --data data/NuInsSeg --out runs/lora "
+        "--checkpoint sam_vit_b_01ec64.pth", formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("name", choices=["nuinsseg"], help="the dataset")
+    f.add_argument("dir", type=Path, help="destination folder; the dataset lands in DIR/NuInsSeg")
+    f.add_argument("--keep-archive", action="store_true",
+                   help="keep the verified .zip after unpacking (default: remove it)")
+    p.set_defaults(func=commands.data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,9 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
             **meta,
         }
         write_json(tmp / META, full)
+        from .modelcard import write_model_card
+
+        write_model_card(tmp, full)  # README.md: the same provenance, for people
     return path
 
 

@@ -28,6 +28,7 @@ from .evaluate import evaluate_arrays
 from .infer import InferConfig, SamTileSegmenter, segment_tiles
 from .io import atomic_path, write_json
 from .lora import MethodConfig
+from .modelcard import write_model_card
 from .sam import load_sam
 from .train import TrainConfig, finetune, pick_device
 
@@ -176,6 +177,7 @@ def run_cv(
                 overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
             meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
             write_json(res.adapter / "nucseg.json", meta)
+            write_model_card(res.adapter, meta)  # the card shows the fold's metrics too
             write_json(metrics_path, result)
         rows.append(result["mean"])
         fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"]})

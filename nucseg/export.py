@@ -275,40 +275,106 @@ def outline_pixels(xy: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------------------- OME-Zarr
+LABEL_IMAGE_MAX_SIDE = 8192  # the RGB image under the labels: at most this many pixels along its longer side
+LABEL_COLOR_LIMIT = 65536  # per-nucleus colours in the label metadata up to this many ids (else the viewer's own)
+
+
+def label_colors(max_id: int) -> list[dict]:
+    """NGFF ``image-label`` colours: background transparent, nucleus ids on a golden-ratio hue walk (so
+    neighbouring ids, often touching nuclei, differ in colour). Empty above :data:`LABEL_COLOR_LIMIT` ids,
+    where the list would bloat the metadata and viewers colour labels themselves."""
+    from skimage.color import hsv2rgb
+
+    if max_id > LABEL_COLOR_LIMIT:
+        return []
+    ids = np.arange(1, max_id + 1)
+    hsv = np.stack([(ids * 0.6180339887) % 1.0, np.full(len(ids), 0.8), np.full(len(ids), 1.0)], axis=-1)
+    rgb = np.rint(hsv2rgb(hsv[None])[0] * 255).astype(int).tolist() if len(ids) else []
+    return [{"label-value": 0, "rgba": [0, 0, 0, 0]}] + [
+        {"label-value": i, "rgba": [*c, 255]} for i, c in zip(ids.tolist(), rgb)]
+
+
+def _halve_mean(img: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> 2x smaller by 2x2 means, rounded (odd edges repeated); integer sums, no floats."""
+    h, w = img.shape[:2]
+    img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    total = img[0::2, 0::2].astype(np.uint16) + img[1::2, 0::2] + img[0::2, 1::2] + img[1::2, 1::2]
+    return ((total + 2) // 4).astype(np.uint8)
+
+
 def write_ome_zarr_labels(
     path: str | os.PathLike,
     height: int,
     width: int,
     region: Callable[[int, int, int, int], np.ndarray],
     mpp: float,
+    image: np.ndarray,
+    image_mpp: float,
     level0_scale: float = 1.0,
     chunk: int = 1024,
     name: str = "nuclei",
     max_levels: int = 8,
 ) -> None:
-    """Write an NGFF 0.4 label image (zarr v2, "/" chunk keys) with a 2x nearest-neighbour pyramid.
+    """Write an NGFF 0.4 OME-Zarr (zarr v2, "/" chunk keys) that napari opens as an image with its labels:
 
-    ``region(y0, y1, x0, x1)`` returns global ids for a box of the target-resolution image; it is called
-    once per level-0 chunk, and each coarser level is built chunk by chunk from the one above, so memory
-    holds a few chunks only. Axes are (y, x) in micrometres; ``level0_scale`` (slide level-0 pixels per
-    label pixel) is recorded so that pixel-space viewers can align it with the slide.
+        path/             multiscales: the slide as RGB (c, y, x), downsampled (``image`` at ``image_mpp``),
+                          a 2x mean pyramid; omero: red, green and blue channels
+        path/labels/      {"labels": [name]}
+        path/labels/name  the label image: multiscales (y, x) with a 2x nearest-neighbour pyramid, and
+                          ``image-label`` (colours, ``source.image`` pointing at the image)
+
+    ``region(y0, y1, x0, x1)`` returns global ids for a box of the target-resolution label image (``mpp``
+    µm/px); it is called once per level-0 chunk, and each coarser level is built chunk by chunk from the one
+    above, so memory holds a few chunks only (plus ``image``, at most :data:`LABEL_IMAGE_MAX_SIDE` wide).
+    Axes are in micrometres: label pixel (r, c) sits at (r, c) x mpp, the image's pixels at their centres
+    relative to that (a translation), so both overlay exactly. ``level0_scale`` (slide level-0 pixels per
+    label pixel) is recorded so that pixel-space viewers can align the labels with the slide.
     """
     import numcodecs
     import zarr
 
     path = Path(path)
+    compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    # H&E pixels compress hardly better at higher levels (7.6 vs 7.8 MB on CMU-1-Small-Region), at 2x the time
+    rgb_compressor = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.NOSHUFFLE)
+    keys = {"name": "v2", "separator": "/"}
+    space = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
     with atomic_path(path, is_dir=True, owned=is_nucseg_zarr) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+        # the image: level 0 as given, then 2x means until it fits one chunk
+        levels = [np.ascontiguousarray(image[..., :3])]
+        while len(levels) < max_levels and max(levels[-1].shape[:2]) > chunk:
+            levels.append(_halve_mean(levels[-1]))
+        img_datasets, scale, shift = [], float(image_mpp), 0.5 * (float(image_mpp) - mpp)
+        for lvl, arr in enumerate(levels):
+            h, w = arr.shape[:2]
+            z = root.create_array(str(lvl), shape=(3, h, w), chunks=(3, min(chunk, h), min(chunk, w)), dtype="uint8",
+                                  fill_value=0, compressors=rgb_compressor, chunk_key_encoding=keys)
+            z[:] = np.moveaxis(arr, -1, 0)
+            img_datasets.append({"path": str(lvl), "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, scale, scale]}, {"type": "translation", "translation": [0.0, shift, shift]}]})
+            shift, scale = shift + 0.5 * scale, 2 * scale  # a 2x2 mean's centre
+        root.attrs.update({
+            "multiscales": [{"version": "0.4", "name": "slide", "type": "mean",
+                             "axes": [{"name": "c", "type": "channel"}, *space], "datasets": img_datasets}],
+            "omero": {"version": "0.4", "name": "slide", "rdefs": {"model": "color"}, "channels": [
+                {"label": lab, "color": col, "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
+                 "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+                for lab, col in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))]},
+            "nucseg": {"image_mpp": float(image_mpp), "labels": f"labels/{name}", "label_mpp": mpp},
+        })
+        labels_group = root.create_group("labels")
+        labels_group.attrs.update({"labels": [name]})
+        group = labels_group.create_group(name)
         shapes = [(height, width)]
         while len(shapes) < max_levels and max(shapes[-1]) > chunk:
             h, w = shapes[-1]
             shapes.append((max(1, (h + 1) // 2), max(1, (w + 1) // 2)))
         arrays = []
         for lvl, (h, w) in enumerate(shapes):
-            arrays.append(root.create_array(
+            arrays.append(group.create_array(
                 str(lvl), shape=(h, w), chunks=(min(chunk, max(h, 1)), min(chunk, max(w, 1))), dtype="int32",
-                fill_value=0, compressors=compressor, chunk_key_encoding={"name": "v2", "separator": "/"},
+                fill_value=0, compressors=compressor, chunk_key_encoding=keys,
             ))
         max_id = 0
         for y0 in range(0, height, chunk):
@@ -331,15 +397,8 @@ def write_ome_zarr_labels(
             {"path": str(lvl), "coordinateTransformations": [{"type": "scale", "scale": [mpp * 2**lvl, mpp * 2**lvl]}]}
             for lvl in range(len(shapes))
         ]
-        root.attrs.update({
-            "multiscales": [{
-                "version": "0.4",
-                "name": name,
-                "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
-                         {"name": "x", "type": "space", "unit": "micrometer"}],
-                "datasets": datasets,
-                "type": "nearest",
-            }],
-            "image-label": {"version": "0.4"},
+        group.attrs.update({
+            "multiscales": [{"version": "0.4", "name": name, "axes": space, "datasets": datasets, "type": "nearest"}],
+            "image-label": {"version": "0.4", "colors": label_colors(max_id), "source": {"image": "../../"}},
             "nucseg": {"max_id": max_id, "mpp": mpp, "level0_scale": level0_scale},
         })

@@ -7,6 +7,11 @@ A job killed with SIGKILL cannot remove its temporary, so the next writer of the
 temporary is held under an exclusive ``flock`` by the process writing it, and a temporary nobody holds is
 a leftover of a dead writer. Shards writing other outputs into the same folder are never touched, and a
 second live writer of the same output keeps its temporary.
+
+Outputs get the modes the user's umask gives a plain ``open()`` (0644 files, 0755 folders under umask 022),
+whatever wrote them: some writers create private files (safetensors' ``save_file`` writes 0600), which
+colleagues on shared lab storage could not read. :func:`atomic_path` applies the umask to everything under
+the temporary before the rename, so every output benefits.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -32,6 +39,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _ID_LEN = 12  # hex digits of a temporary's id: ".<name>.tmp-<id><suffix>"
 _LOCK = ".lock"  # a temporary folder is guarded by the sibling file ".<name>.tmp-<id>.lock"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UMASK_LOCK = threading.Lock()
 
 
 def temp_prefix(path: str | os.PathLike) -> str:
@@ -75,6 +83,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, owned: Owned | No
         if is_dir:
             tmp.mkdir()
         yield tmp
+        apply_umask(tmp)
         if is_dir and path.exists():
             os.replace(path, old)  # folders cannot be renamed over: move the old one aside under our lock
         os.replace(tmp, path)
@@ -156,6 +165,48 @@ def is_nucseg_tiff(path: Path) -> bool:
             return tag is not None and str(tag.value).startswith(SOFTWARE)
     except Exception:
         return False
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` alone must set it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # set-and-restore is process-wide: serialise it against our other threads
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permission bits a plain ``open()``/``mkdir()``
+    would have under the current umask. Only for paths this program just created (a temporary of
+    :func:`atomic_path`): writers that create private files (safetensors writes 0600) then follow the umask
+    like every other output. Executable files stay executable; symbolic links are left alone.
+    """
+    mask = current_umask()
+    fmode, xmode = 0o666 & ~mask, 0o777 & ~mask
+
+    def fix(p: str, st: os.stat_result) -> None:
+        if stat.S_ISLNK(st.st_mode):
+            return
+        want = xmode if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else fmode
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(p, want)
+
+    path = os.fspath(path)
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return  # the caller wrote nothing (atomic_path's rename then reports it)
+    fix(path, top)
+    if stat.S_ISDIR(top.st_mode):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                p = os.path.join(root, name)
+                fix(p, os.lstat(p))
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:

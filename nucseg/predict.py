@@ -43,8 +43,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import DiskFullError, InputError, NucsegError, OutputError
-from .export import (CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, is_nucseg_csv,
-                     is_nucseg_geojson, is_nucseg_zarr, write_ome_zarr_labels)
+from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons,
+                     is_nucseg_csv, is_nucseg_geojson, is_nucseg_zarr, write_ome_zarr_labels)
 from .io import check_output, is_nucseg_png, writable_dir, write_json
 from .segmenter import TileSegmenter
 from .slide import (TargetView, check_mpp, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp,
@@ -582,8 +582,11 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                     w.write(rec)
     if cfg.labels:
         stitched = StitchedLabels(grid, selected, stitcher.kept, cache.get_labels)
+        W0, H0 = slide.level_dimensions[0]  # the RGB image beneath the labels, downsampled to a bounded size
+        image, image_mpp = read_overview(slide, view.path, mpp0,
+                                         max(view.target_mpp, max(W0, H0) * mpp0 / LABEL_IMAGE_MAX_SIDE))
         write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
-                              level0_scale=scale, chunk=cfg.label_chunk)
+                              image=image, image_mpp=image_mpp, level0_scale=scale, chunk=cfg.label_chunk)
     return stitcher.count
 
 

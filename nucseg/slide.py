@@ -307,8 +307,11 @@ def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float
                 bh, bw = min(step, out_h - oy), min(step, out_w - ox)
                 loc = (int(round(ox * block * ds)), int(round(oy * block * ds)))
                 region = slide.read_region(loc, level, (bw * block, bh * block))
-                rgb = composite_white(np.asarray(region)).astype(np.float32)
-                small = rgb.reshape(bh, block, bw, block, 3).mean(axis=(1, 3))
+                rgb = composite_white(np.asarray(region))
+                if block == 1:  # the level itself: nothing to average
+                    out[oy : oy + bh, ox : ox + bw] = rgb
+                    continue
+                small = rgb.astype(np.float32).reshape(bh, block, bw, block, 3).mean(axis=(1, 3))
                 out[oy : oy + bh, ox : ox + bw] = np.clip(np.rint(small), 0, 255).astype(np.uint8)
     except openslide.OpenSlideError as err:
         raise SlideError(f"cannot read slide {path}: {_one_line(err)} (truncated or corrupt?)") from None

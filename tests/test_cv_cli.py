@@ -33,6 +33,8 @@ def test_cv_writes_every_file_and_resumes(demo, tmp_path, capsys):
         assert len(list((d / "overlays").glob("*.png"))) == 3
         meta = json.loads((d / "train/adapter/nucseg.json").read_text())
         assert meta["cv"]["fold"] == f and set(meta["metrics"]) >= {"dice", "aji", "pq"}
+        card = (d / "train/adapter/README.md").read_text()  # the model card shows the fold's metrics too
+        assert f"fold {f} of a 2-fold" in card and meta["weights_sha256"] in card
     summary = json.loads((out / "summary.json").read_text())
     assert summary["folds_total"] == 2 and len(summary["folds"]) == 2
     for m in ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95"):

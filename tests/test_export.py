@@ -29,7 +29,7 @@ def cmu_run(cmu_svs, tmp_path_factory):
     cfg = PredictConfig(work_dir=d / "work", csv=d / "cmu.csv", labels=d / "cmu.labels.zarr", preview=d / "cmu.png")
     summary = predict_slide(cmu_svs, d / "cmu.geojson", ThresholdSegmenter(), cfg)
     fc = json.loads((d / "cmu.geojson").read_text(encoding="utf-8"))
-    labels = np.asarray(zarr.open_group(str(d / "cmu.labels.zarr"), mode="r")["0"][:])
+    labels = np.asarray(zarr.open_group(str(d / "cmu.labels.zarr"), mode="r")["labels/nuclei/0"][:])
     return d, summary, fc, labels
 
 
@@ -81,17 +81,18 @@ def test_polygons_cover_their_stitched_pixels(cmu_run):
 def test_ome_zarr_labels_are_the_stitched_ids(cmu_run):
     d, summary, fc, labels = cmu_run
     root = d / "cmu.labels.zarr"
-    zattrs = json.loads((root / ".zattrs").read_text())
     assert json.loads((root / ".zgroup").read_text())["zarr_format"] == 2
+    assert json.loads((root / "labels" / ".zattrs").read_text()) == {"labels": ["nuclei"]}
+    zattrs = json.loads((root / "labels" / "nuclei" / ".zattrs").read_text())
     ms = zattrs["multiscales"][0]
     assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
-    assert "image-label" in zattrs
+    assert zattrs["image-label"]["source"] == {"image": "../../"}
     scales = [ds["coordinateTransformations"][0]["scale"] for ds in ms["datasets"]]
     assert scales[0] == pytest.approx([0.499, 0.499]) and all(
         s[0] == pytest.approx(scales[0][0] * 2**i) for i, s in enumerate(scales))
     assert len(ms["datasets"]) >= 2 and labels.shape == (H0, W0)
     group = zarr.open_group(str(root), mode="r")
-    lvl1 = np.asarray(group["1"][:])
+    lvl1 = np.asarray(group["labels/nuclei/1"][:])
     np.testing.assert_array_equal(lvl1, labels[::2, ::2])
     # level 0 holds exactly the exported nuclei, each with the area its Feature reports
     ids = np.array([f["properties"]["nucleusId"] for f in fc["features"]])
@@ -106,6 +107,71 @@ def test_ome_zarr_labels_are_the_stitched_ids(cmu_run):
     for gid in ids[::50]:
         sl = objs[gid - 1]
         assert ndi.label(labels[sl] == gid, structure=np.ones((3, 3)))[1] == 1
+
+
+def test_ome_zarr_is_an_image_with_a_nuclei_labels_child_for_ome_zarr_py(cmu_run, cmu_svs):
+    """What napari's OME-Zarr plugin sees: ome-zarr-py reads the store as an RGB image whose labels child is
+    the nuclei, with colours, both in micrometres and overlaying exactly."""
+    import openslide
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Labels, Multiscales, OMERO, Reader
+
+    d, summary, fc, labels = cmu_run
+    nodes = list(Reader(parse_url(str(d / "cmu.labels.zarr")))())
+    image = nodes[0]
+    assert image.load(Multiscales) is not None and image.load(OMERO) is not None and image.load(Label) is None
+    assert [a["name"] for a in image.metadata["axes"]] == ["c", "y", "x"]
+    assert image.metadata["channel_names"] == ["red", "green", "blue"]
+    rgb = np.asarray(image.data[0])
+    assert rgb.shape == (3, H0, W0) and rgb.dtype == np.uint8  # the CMU region is small: full target resolution
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        ref = np.asarray(s.read_region((0, 0), 0, (W0, H0)).convert("RGB"))
+    assert np.abs(rgb.transpose(1, 2, 0).astype(int) - ref).mean() < 1.0  # it is the slide
+    children = [n for n in nodes if n.load(Label) is not None]
+    assert len(children) == 1 and any(n.load(Labels) is not None for n in nodes)
+    nuclei = children[0]
+    assert nuclei.metadata["name"] == "nuclei"
+    np.testing.assert_array_equal(np.asarray(nuclei.data[0]), labels)
+    assert len(nuclei.data) == len(image.data)  # here the image is at the labels' resolution: same pyramid
+    colors = nuclei.metadata["color"]
+    assert colors[0][3] == 0 and len(colors) == labels.max() + 1 and all(c[3] == 1 for k, c in colors.items() if k)
+    # and the NGFF 0.4 schema validators agree
+    from ome_zarr_models.v04.image import Image
+    from ome_zarr_models.v04.image_label import ImageLabel
+
+    group = zarr.open_group(str(d / "cmu.labels.zarr"), mode="r")
+    Image.from_zarr(group)
+    ImageLabel.from_zarr(group["labels/nuclei"])
+    img_t = image.metadata["coordinateTransformations"]
+    lab_t = nuclei.metadata["coordinateTransformations"]
+    for lvl in range(len(image.data)):
+        assert img_t[lvl][0]["scale"][1:] == pytest.approx(lab_t[lvl][0]["scale"])
+
+
+def test_ome_zarr_downsampled_image_overlays_the_labels(tmp_path, monkeypatch):
+    """A slide larger than the image limit: the RGB image is coarser than the labels, and its pixel centres
+    (scale + translation) land where the label pixels they summarise are."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    import nucseg.predict as predict
+
+    slide = tmp_path / "big.tif"
+    make_synthetic_slide(slide, 1400, 1000, mpp=0.5, nuclei=120, tissue_fraction=1.0, seed=5)
+    monkeypatch.setattr(predict, "LABEL_IMAGE_MAX_SIDE", 350)  # 4x coarser than the labels
+    predict_slide(slide, tmp_path / "big.geojson", ThresholdSegmenter(),
+                  PredictConfig(labels=tmp_path / "big.zarr", label_chunk=256))
+    nodes = list(Reader(parse_url(str(tmp_path / "big.zarr")))())
+    image, nuclei = nodes[0], next(n for n in nodes if n.load(Label) is not None)
+    rgb, lab = np.asarray(image.data[0]), np.asarray(nuclei.data[0])
+    assert lab.shape == (1000, 1400) and rgb.shape == (3, 250, 350)
+    t = image.metadata["coordinateTransformations"][0]
+    assert t[0]["scale"] == pytest.approx([1, 2.0, 2.0]) and t[1]["translation"] == pytest.approx([0, 0.75, 0.75])
+    # nuclei are dark in H&E: image pixels over labelled areas are darker than over background
+    fg = lab.reshape(250, 4, 350, 4).mean(axis=(1, 3)) > 0.99
+    bg = lab.reshape(250, 4, 350, 4).max(axis=(1, 3)) == 0
+    grey = rgb.mean(axis=0)
+    assert fg.sum() > 100 and grey[fg].mean() < grey[bg].mean() - 30
 
 
 def test_csv_matches_features(cmu_run):
@@ -202,3 +268,14 @@ def test_gzip_output_is_the_same_collection(tmp_path):
     # gzip header carries no timestamp: a rerun is byte-identical
     predict_slide(slide, tmp_path / "b.geojson.gz", ThresholdSegmenter(), cfg)
     assert (tmp_path / "b.geojson.gz").read_bytes() == raw
+
+
+def test_label_colors_are_distinct_for_neighbouring_ids_and_capped():
+    from nucseg.export import LABEL_COLOR_LIMIT, label_colors
+
+    colors = label_colors(500)
+    assert colors[0] == {"label-value": 0, "rgba": [0, 0, 0, 0]} and [c["label-value"] for c in colors] == list(range(501))
+    rgb = np.array([c["rgba"][:3] for c in colors[1:]])
+    assert (np.abs(np.diff(rgb, axis=0)).sum(axis=1) > 60).all()  # ids n and n+1 (often touching) differ clearly
+    assert all(c["rgba"][3] == 255 for c in colors[1:]) and rgb.min() >= 0 and rgb.max() <= 255
+    assert label_colors(LABEL_COLOR_LIMIT + 1) == [] and len(label_colors(0)) == 1

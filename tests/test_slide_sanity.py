@@ -57,19 +57,19 @@ def _written(root: Path) -> list[Path]:
 
 
 CASES = [
-    # (id, extra argv, slide key, exit code, text of the error line)
+    # (id, extra argv, slide key, exit code, text of the error line); option values are refused by the CLI's
+    # argument types, the library's own checks (PredictConfig.validate, check_mpp) are tested below
     ("metadata-72dpi", [], "dpi72", 5, "reports 352.8 µm/px (from its TIFF resolution tags: 72 pixels per inch), "
                                        "outside the plausible 0.05-20 µm/px; pass the true value with --slide-mpp"),
-    ("slide-mpp-huge", ["--slide-mpp", "352.8"], "slide", 2, "slide_mpp (--slide-mpp) 352.8 is outside the plausible 0.05-20"),
-    ("slide-mpp-tiny", ["--slide-mpp", "1e-9"], "slide", 2, "slide_mpp (--slide-mpp) 1e-09 is outside the plausible"),
-    ("slide-mpp-zero", ["--slide-mpp", "0"], "slide", 2, "slide_mpp (--slide-mpp) 0.0 is outside the plausible"),
-    ("slide-mpp-nan", ["--slide-mpp", "nan"], "slide", 2, "slide_mpp (--slide-mpp) nan is outside the plausible"),
-    ("mpp-huge", ["--mpp", "1e300"], "slide", 2, "target_mpp (--mpp) 1e+300 is outside the plausible"),
-    ("mpp-zero", ["--mpp", "0"], "slide", 2, "target_mpp (--mpp) 0.0 is outside the plausible"),
+    ("slide-mpp-huge", ["--slide-mpp", "352.8"], "slide", 2, "argument --slide-mpp: must be a finite number in [0.05, 20], not '352.8'"),
+    ("slide-mpp-tiny", ["--slide-mpp", "1e-9"], "slide", 2, "argument --slide-mpp: must be a finite number in [0.05, 20]"),
+    ("slide-mpp-zero", ["--slide-mpp", "0"], "slide", 2, "argument --slide-mpp: must be a finite number in [0.05, 20]"),
+    ("slide-mpp-nan", ["--slide-mpp", "nan"], "slide", 2, "argument --slide-mpp: must be a finite number in [0.05, 20]"),
+    ("mpp-huge", ["--mpp", "1e300"], "slide", 2, "argument --mpp: must be a finite number in [0.05, 20]"),
+    ("mpp-zero", ["--mpp", "0"], "slide", 2, "argument --mpp: must be a finite number in [0.05, 20]"),
     ("upsampling", ["--mpp", "0.1"], "slide", 2, "target 0.1 µm/px is 5x finer than slide"),
-    ("tile-size-huge", ["--tile-size", "100000"], "slide", 2, "tile_size (--tile-size) must be an integer in "
-                                                             "[64, 4096], not 100000"),
-    ("batch-size-zero", ["--batch-size", "0"], "slide", 2, "batch_size (--batch-size) must be an integer in [1,"),
+    ("tile-size-huge", ["--tile-size", "100000"], "slide", 2, "argument --tile-size: must be a whole number in 64..4096"),
+    ("batch-size-zero", ["--batch-size", "0"], "slide", 2, "argument --batch-size: must be a whole number in 1..4096"),
     ("png", [], "png", 5, "is not a whole-slide image but a PNG image"),
     ("jpeg", [], "jpg", 5, "is not a whole-slide image but a JPEG image"),
     ("striped-tiff", [], "striped", 5, "is not a whole-slide image but a plain (untiled) TIFF image"),
@@ -198,10 +198,15 @@ def test_predict_config_validate_accepts_the_defaults_and_sensible_values(tmp_pa
 
 
 def test_a_bad_setting_fails_a_batch_at_once_not_every_slide(files, tmp_path, capsys):
+    from nucseg.predict import predict_slides
+
     out = tmp_path / "out"
     rc = main(["-q", "predict", str(files["slide"]), str(files["dpi72"]), "--out-dir", str(out), *THRESHOLD,
                "--tile-size", "100000"])
-    _check(rc, capsys.readouterr().err, 2, "tile_size (--tile-size) must be an integer in [64, 4096]")
+    _check(rc, capsys.readouterr().err, 2, "argument --tile-size: must be a whole number in 64..4096")
+    with pytest.raises(InputError, match=r"tile_size \(--tile-size\) must be an integer in \[64, 4096\]"):
+        predict_slides([files["slide"], files["dpi72"]], out, ThresholdSegmenter(tile_size=256),
+                       PredictConfig(tile_size=100000))
     assert _written(tmp_path) == []  # not even a run log
 
 

@@ -136,7 +136,7 @@ def seam_slide(tmp_path_factory):
     out = d / "seams.geojson"
     cfg = PredictConfig(tile_size=TILE, overlap=OVERLAP, labels=d / "seams.labels.zarr", work_dir=d / "work")
     summary = predict_slide(d / "seams.tif", out, ThresholdSegmenter(), cfg)
-    labels = np.asarray(zarr.open_group(str(d / "seams.labels.zarr"), mode="r")["0"][:])
+    labels = np.asarray(zarr.open_group(str(d / "seams.labels.zarr"), mode="r")["labels/nuclei/0"][:])
     return d, gt, summary, labels, json.loads(out.read_text())
 
 
