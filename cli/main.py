@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-class", default=None, metavar="NAME",
                    help="with a GeoJSON --roi: only the annotations of this QuPath classification")
     p.add_argument("--tissue-preview", action="store_true", help="write <out>.tissue.png")
-    p.add_argument("--labels", type=Path, help="also write an OME-Zarr label image (one slide)")
-    p.add_argument("--labels-all", action="store_true", help="several slides: an OME-Zarr label image each")
+    p.add_argument("--labels", type=Path, help="also write an OME-Zarr (one slide): the slide downsampled with the "
+                   "nuclei as labels/nuclei, so 'napari out.zarr' shows both")
+    p.add_argument("--labels-all", action="store_true", help="several slides: such an OME-Zarr each")
     p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process every N-th slide of the list starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
@@ -360,11 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=count(32, 4096), default=256, help="image side in px")
     p.add_argument("--seed", type=SEED, default=0, help="random seed")
     p.set_defaults(func=commands.demo_data)
-    _add_sharing_commands(sub)
+    _add_sharing_commands(sub, common)
     return ap
 
 
-def _add_sharing_commands(sub) -> None:
+def _add_sharing_commands(sub, common: list) -> None:
     """Commands that make or fetch artifacts shared with other people and tools: export-peft, data fetch."""
     p = sub.add_parser(
         "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
@@ -372,26 +373,27 @@ def _add_sharing_commands(sub) -> None:
         "the SAM model nucseg builds (exact: same embeddings and masks). The foreground head goes in "
         "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
         "'nucseg merge').", 100),
-        epilog="example:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
+        epilog="examples:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
         "  from nucseg.sam import load_sam; from peft import PeftModel\n"
         "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
         "  model = PeftModel.from_pretrained(sam, 'runs/lora/peft')",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        parents=common, formatter_class=_Formatter)
     p.add_argument("adapter", type=Path, help="nucseg adapter folder (from train or cv)")
     p.add_argument("out", type=Path, help="output folder (new, or a previous PEFT export to replace)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the base checkpoint; needed only for adapters that trained the prompt encoder")
     p.set_defaults(func=commands.export_peft)
 
-    p = sub.add_parser("data", help="public training data: fetch NuInsSeg into the layout train and cv read")
+    p = sub.add_parser("data", help="public training data: fetch NuInsSeg into the layout train and cv read",
+                       epilog="examples:\n  nucseg data fetch nuinsseg data/", parents=common, formatter_class=_Formatter)
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     f = dsub.add_parser(
         "fetch", help="download, verify and unpack a public dataset (resumes an interrupted download)",
         description=textwrap.fill("Download the official archive (NuInsSeg: Zenodo record 10518968, DOI "
         "10.5281/zenodo.10518968), check it against the size and checksum the record publishes and every member's CRC, and "
         "unpack it into DIR/NuInsSeg. Rerun the same command after an interruption: the download resumes.", 100),
-        epilog="example:\n  nucseg data fetch nuinsseg data/\n  nucseg train --data data/NuInsSeg --out runs/lora "
-        "--checkpoint sam_vit_b_01ec64.pth", formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="examples:\n  nucseg data fetch nuinsseg data/\n  nucseg train --data data/NuInsSeg --out runs/lora "
+        "--checkpoint sam_vit_b_01ec64.pth", parents=common, formatter_class=_Formatter)
     f.add_argument("name", choices=["nuinsseg"], help="the dataset")
     f.add_argument("dir", type=Path, help="destination folder; the dataset lands in DIR/NuInsSeg")
     f.add_argument("--keep-archive", action="store_true",
