@@ -16,8 +16,10 @@ a ``fingerprint`` (str or callable) that changes with their weights/settings, el
 Overlap: three things run at once. A reader thread reads the next batch of tiles while the segmenter runs on
 the current one (into pinned host memory when the segmenter is on CUDA, so the upload is asynchronous), and
 the stitch/export pass runs in its own thread, following the inference tile by tile in cache order as
-predictions land in the zarr cache, instead of starting after the last tile (stitching and writing polygons
-cost about as much CPU time as the model on small tiles).
+predictions land in the zarr cache, instead of starting after the last tile. The per-tile part of that pass
+(ownership rule, outlines, measurements) runs in ``export_workers`` processes on runs of consecutive tiles;
+the export thread assigns global ids and writes, in cache order, so outputs do not depend on the number of
+workers. Every stage's time (CPU and wall, workers included) is in ``SlideSummary.stages``.
 """
 
 from __future__ import annotations
@@ -29,24 +31,29 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import uuid
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import shapely
 
 from .errors import InputError, NucsegError, OutputError
-from .export import CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons, write_ome_zarr_labels
+from .export import (CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter, instance_polygons,
+                     write_ome_zarr_labels)
 from .io import writable_dir, write_json
 from .segmenter import TileSegmenter
 from .slide import TargetView, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp, write_tissue_preview
-from .stitch import StitchedLabels, Stitcher
+from .stitch import StitchedLabels, Stitcher, keep_mask
 from .tiling import FLAG_CHUNK, TileCache, cache_dir_name, cache_key, make_grid, read_tiles_parallel, select_tissue_tiles
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,9 @@ class PredictConfig:
     work_dir: where the zarr resume cache lives (None: a temporary folder, removed afterwards).
     csv / labels / preview / tissue_preview: optional extra outputs (None = not written).
     model_fingerprint: identity of the model for the cache (None: ``segmenter.fingerprint`` if present).
+    export_workers: processes for the per-tile export work (None: up to 8, one per CPU, on slides of at least
+    ``EXPORT_PROCESS_MIN_TILES`` tiles, else 1; 1: no extra process, all in the export thread).
+    command: the command line recorded in the run summary (None: this process's ``sys.argv``).
     """
 
     target_mpp: float | None = None
@@ -88,6 +98,9 @@ class PredictConfig:
     model_fingerprint: str | None = None
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
+    export_workers: int | None = None
+    export_chunk: int = 4
+    command: str | None = None
 
 
 @dataclass
@@ -97,6 +110,10 @@ class SlideSummary:
     tiles: tiles in the full grid; tissue_tiles: those segmented (all of them when tissue_mask is off, and
     then tissue_area_mm2 is the whole slide's area). read_tiles / predicted_tiles: work done in *this* run
     (0 when everything came from the resume cache). skipped: predict_slides found complete outputs.
+    provenance: what produced the outputs (:func:`provenance`, plus the command line). stages: seconds per
+    stage of this run, ``{"read": {"cpu": .., "wall": ..}, ...}`` (plan: opening, tissue detection; read,
+    cache, infer, stitch, polygons, write; CPU is the thread's own, so zarr's codec threads are not in
+    "cache"; wall times of concurrent stages overlap; worker_cpu: the export processes' CPU).
     """
 
     slide: str
@@ -113,6 +130,8 @@ class SlideSummary:
     skipped: bool = False
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -150,7 +169,8 @@ def predict_slide(
     config: PredictConfig | None = None,
     progress: Progress | None = None,
 ) -> SlideSummary:
-    """Segment every nucleus of one slide and write ``out_geojson`` (``.geojson`` or ``.geojson.gz``).
+    """Segment every nucleus of one slide and write ``out_geojson``: GeoJSON (``.geojson``, ``.geojson.gz``)
+    or, for a name ending ``.parquet``, GeoParquet.
 
     Raises InputError (bad path/arguments), SlideError (unreadable slide, missing µm/px), OutputError
     (unwritable output); a no-tissue slide writes an empty FeatureCollection and warns.
@@ -163,11 +183,15 @@ def predict_slide(
     outputs = [p for p in (out_geojson, cfg.csv, cfg.labels, cfg.preview, cfg.tissue_preview) if p is not None]
     for p in outputs:
         check_writable(p)
+    times = StageTimes()
 
-    slide = open_slide(slide_path)
+    with times("plan"):
+        slide = open_slide(slide_path)
     try:
-        plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
+        with times("plan"):  # µm/px, tissue detection, grid
+            plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
         view, grid, selected = plan.view, plan.grid, plan.selected
+        prov = provenance(segmenter, cfg, plan)
         if cfg.tissue_preview and plan.tissue is not None:
             boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
@@ -175,9 +199,9 @@ def predict_slide(
             cache = plan.open_cache(work)
             ready = _Ready(cache.pred_done)
             with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
-                export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait)
+                export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov)
                 try:
-                    read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress, ready, export.done)
+                    read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress, ready, export.done, times=times)
                 except BaseException:
                     ready.abort()  # the export thread stops waiting and discards its partial outputs
                     raise
@@ -188,8 +212,64 @@ def predict_slide(
         slide=str(slide_path), nuclei=nuclei, tiles=grid.n, tissue_tiles=int(len(selected)),
         tissue_area_mm2=float(plan.tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
         slide_mpp=view.mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n,
-        warnings=plan.notes,
+        warnings=plan.notes, provenance={**prov, "command": cfg.command or shlex.join(sys.argv)},
+        stages=times.to_dict(),
     )
+
+
+def provenance(segmenter: TileSegmenter, cfg: PredictConfig, plan: "_Plan") -> dict:
+    """What produced a slide's outputs, written into them (GeoJSON member / GeoParquet metadata ``nucseg``).
+
+    Deterministic on purpose (no time, host or command line: those go to the run summary only), so that
+    reruns, resumed runs and cluster runs keep producing byte-identical files. ``segmenter`` is the
+    segmenter's own ``provenance`` (for SAM: weights identity = base checkpoint fingerprint + adapter
+    SHA-256, prompt settings and thresholds) where it has one.
+    """
+    from . import __version__
+
+    seg = getattr(segmenter, "provenance", None)
+    seg = seg() if callable(seg) else seg
+    return {
+        "nucseg_version": __version__,
+        "segmenter": seg,  # None where the segmenter does not describe itself
+        "slide_mpp": plan.view.mpp0,
+        "target_mpp": plan.view.target_mpp,
+        "tile_size": int(plan.grid.tile_size),
+        "overlap": int(plan.grid.overlap),
+        "tissue_mask": bool(cfg.tissue_mask),
+        "simplify_tolerance": cfg.simplify_tolerance,
+        "coordinates": "level-0 pixels, pixel (r, c) covers [c, c+1) x [r, r+1)",
+    }
+
+
+class StageTimes:
+    """CPU (this thread's) and wall seconds per named stage, summed over threads and worker processes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.thread_time() - c0, time.perf_counter() - w0)
+
+    def add(self, stage: str, cpu: float, wall: float) -> None:
+        with self._lock:
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu
+            self.wall[stage] = self.wall.get(stage, 0.0) + wall
+
+    def merge(self, other: dict) -> None:
+        for stage, v in other.items():
+            self.add(stage, v["cpu"], v["wall"])
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            return {k: {"cpu": round(self.cpu[k], 4), "wall": round(self.wall[k], 4)} for k in self.cpu}
 
 
 def _check_settings(segmenter: TileSegmenter, cfg: PredictConfig) -> int:
@@ -341,9 +421,9 @@ def _host_buffer(shape: tuple[int, ...], segmenter: TileSegmenter) -> np.ndarray
 def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter, cfg: PredictConfig,
                    progress: Progress | None, ready: _Ready | None = None,
                    stopped: Callable[[], bool] = lambda: False,
-                   tiles: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading the next
-    batch while the model runs.
+                   tiles: tuple[int, int] | None = None, times: StageTimes | None = None) -> tuple[int, int]:
+    """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading (and
+    caching) the next batch while the model runs, and writing predictions to the cache in a third thread.
 
     ``ready`` is told about every finished batch; ``stopped()`` true (the export thread failed) ends early.
     """
@@ -357,55 +437,205 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
         progress(done, total)
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     read_n = 0
+    times = times or StageTimes()
+    timed_view = _TimedView(view, times)
 
     def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read a batch (reader thread) and cache the freshly read tiles right here, off the model's thread."""
         have = cache.tiles_done[idx]
         tiles = _host_buffer((len(idx), T, T, 3), segmenter)
-        for j in np.flatnonzero(have):
-            tiles[j] = cache.get_tile(int(idx[j]))
+        with times("cache"):
+            for j in np.flatnonzero(have):
+                tiles[j] = cache.get_tile(int(idx[j]))
         fresh = np.flatnonzero(~have)
         if len(fresh):
-            tiles[fresh] = read_tiles_parallel(view, cache.coords[idx[fresh]], T, cfg.read_workers)
+            tiles[fresh] = read_tiles_parallel(timed_view, cache.coords[idx[fresh]], T, cfg.read_workers)
+            if cfg.cache_tiles:
+                with times("cache"):
+                    cache.put_tiles(idx[fresh], tiles[fresh])
         return tiles, idx[fresh]
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool:
+    def store(idx: np.ndarray, labels: np.ndarray, scores: list) -> None:
+        """Write a batch's predictions (cache-writer thread), then tell the export pass and the progress bar."""
+        nonlocal done
+        with times("cache"):
+            cache.put_predictions(idx, labels, scores)
+        if ready is not None:
+            ready.mark(idx)
+        done += len(idx)
+        if progress is not None:
+            progress(done, total)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-cache") as writer:
         future = pool.submit(load, batches[0]) if batches else None
+        writes: deque = deque()
         for b, idx in enumerate(batches):
             if stopped():
                 break
             tiles, fresh = future.result()
             future = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-            if cfg.cache_tiles and len(fresh):
-                pos = np.searchsorted(idx, fresh)
-                cache.put_tiles(fresh, tiles[pos])
             read_n += len(fresh)
-            result = segmenter(tiles)
-            labels = np.asarray(result.labels)
+            with times("infer"):
+                result = segmenter(tiles)
+                labels = np.asarray(result.labels)
             if labels.shape != (len(idx), T, T) or len(result.scores) != len(idx):
                 raise ValueError(f"segmenter returned labels {labels.shape} and {len(result.scores)} score arrays "
                                  f"for a batch of {len(idx)} tiles of {T} px")
-            cache.put_predictions(idx, labels, result.scores)
-            if ready is not None:
-                ready.mark(idx)
-            done += len(idx)
-            if progress is not None:
-                progress(done, total)
+            writes.append(writer.submit(store, idx, labels, list(result.scores)))
+            while len(writes) > 2 or (writes and writes[0].done()):  # bounded; raises a failed write's error
+                writes.popleft().result()
+        while writes:
+            writes.popleft().result()
     return read_n, len(todo)
 
 
+class _TimedView:
+    """A TargetView whose reads count toward the "read" stage (reads run in dask's threads)."""
+
+    def __init__(self, view: TargetView, times: StageTimes):
+        self._view, self._times = view, times
+
+    def read(self, x: int, y: int, size: int) -> np.ndarray:
+        with self._times("read"):
+            return self._view.read(x, y, size)
+
+
+EXPORT_PROCESS_MIN_TILES = 64
+
+
+def export_workers(cfg: PredictConfig, n_tiles: int) -> int:
+    """How many processes do the per-tile export work (1: none, the export thread does it).
+
+    Daemonic processes (a dask worker under a nanny) may not start children: there it is always 1.
+    """
+    import multiprocessing
+
+    if cfg.export_workers is not None and cfg.export_workers < 1:
+        raise InputError(f"export workers must be >= 1, not {cfg.export_workers}")
+    if multiprocessing.current_process().daemon:
+        return 1
+    if cfg.export_workers is not None:
+        return int(cfg.export_workers)
+    if n_tiles < EXPORT_PROCESS_MIN_TILES:
+        return 1  # a process pool costs about a second to start: not worth it on small slides
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """What the per-tile export needs, small and picklable: where the predictions are, how tiles sit."""
+
+    cache_root: str
+    pred_path: str
+    grid: object
+    grid_index: np.ndarray
+    coords: np.ndarray
+    scale: float
+    target_mpp: float
+    mpp0: float
+    tolerance: float
+
+
+@dataclass
+class _TileNuclei:
+    """The kept nuclei of one cache tile, measured and outlined; ids are assigned by the export thread."""
+
+    ci: int
+    local_ids: np.ndarray
+    batch: NucleusBatch
+
+
+_ARRAYS: dict[tuple[str, str], tuple] = {}
+
+
+def _pred_arrays(job: _ExportJob) -> tuple:
+    """(labels, scores) arrays of the cache's predictions, opened once per worker process (read-only)."""
+    import zarr
+
+    key = (job.cache_root, job.pred_path)
+    if key not in _ARRAYS:
+        pred = zarr.open_group(job.cache_root, mode="r")[job.pred_path]
+        _ARRAYS.clear()
+        _ARRAYS[key] = (pred["labels"], pred["scores"])
+    return _ARRAYS[key]
+
+
+def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = None) -> tuple[list[_TileNuclei], dict]:
+    """Ownership rule, outlines and measurements of cache tiles [start, stop) (in a worker or the export thread).
+
+    Returns the tiles' nuclei and this call's stage times (thread CPU and wall, plus the process CPU time as
+    ``worker_cpu`` so that a benchmark can count what worker processes spent).
+    """
+    times = StageTimes()
+    cpu0 = time.process_time()
+    in_worker = pred is None
+    labels_arr, scores_arr = _pred_arrays(job) if in_worker else pred
+    with times("cache"):
+        labels_all = np.asarray(labels_arr[start:stop])
+        scores_all = np.asarray(scores_arr[start:stop])
+    out = []
+    grid = job.grid
+    for k, ci in enumerate(range(start, stop)):
+        labels = labels_all[k]
+        g = int(job.grid_index[ci])
+        ix, iy = g % grid.nx, g // grid.nx
+        x0, y0 = (int(v) for v in grid.origin(g))
+        with times("stitch"):
+            keep, area, sx, sy = keep_mask(labels, x0, y0, grid, ix, iy)
+            local = np.flatnonzero(keep).astype(np.int32)
+        if not len(local):
+            continue
+        with times("polygons"):
+            polys = instance_polygons(labels, local, x0, y0, job.scale, job.tolerance)
+            a = area[local]
+            scale = job.scale
+            batch = NucleusBatch.from_polygons(
+                np.zeros(len(local), np.int64), polys,
+                (sx[local] / a + 0.5) * scale, (sy[local] / a + 0.5) * scale,
+                a * job.target_mpp**2, shapely.length(polys) * job.mpp0, scores_all[k, local - 1])
+        out.append(_TileNuclei(ci, local, batch))
+    if in_worker:
+        times.add("worker_cpu", time.process_time() - cpu0, 0.0)
+    return out, times.to_dict()
+
+
+def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes from a fork server (never fork this threaded process: zarr, dask and openslide hold
+    threads and locks); the server is started once per process and preloads the export modules."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["nucseg.predict"])
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _open_output(out: Path, slide_key: str, prov: dict):
+    if out.name.lower().endswith(".parquet"):
+        return GeoParquetWriter(out, slide_key=slide_key, provenance=prov)
+    return GeoJSONWriter(out, slide_key=slide_key, provenance=prov)
+
+
 def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: PredictConfig,
-                       wait: Callable[[int], None] = lambda ci: None) -> int:
+                       wait: Callable[[int], None] = lambda ci: None, times: StageTimes | None = None,
+                       prov: dict | None = None) -> int:
     """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer.
 
     ``wait(ci)`` returns once tile ci's prediction is in the cache (so the pass can follow a running inference).
+    Runs of ``export_chunk`` tiles go to worker processes (at most two runs per worker in flight, so memory
+    stays flat); results come back in cache order, get their global ids here and are written.
     """
     view, grid, selected = plan.view, plan.grid, plan.selected
     slide, mpp0 = view.slide, view.mpp0
+    times = times or StageTimes()
     stitcher = Stitcher(grid, selected)
-    scale = view.scale
-    area_um2_per_px = view.target_mpp**2
+    job = _ExportJob(str(cache.root), cache.pred.path, grid, np.asarray(selected), cache.coords, view.scale,
+                     view.target_mpp, mpp0, cfg.simplify_tolerance)
+    workers = export_workers(cfg, cache.n)
+    chunk = max(1, int(cfg.export_chunk))
     with contextlib.ExitStack() as stack:
-        writers: list = [stack.enter_context(GeoJSONWriter(out_geojson, slide_key=plan.identity))]
+        writers: list = [stack.enter_context(_open_output(out_geojson, plan.identity, prov))]
         if cfg.csv:
             writers.append(stack.enter_context(CSVWriter(cfg.csv)))
         if cfg.preview:
@@ -413,30 +643,37 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
             preview_mpp = max(mpp0, max(W0, H0) * mpp0 / PREVIEW_MAX_SIDE)
             overview, ov_mpp = read_overview(slide, view.path, mpp0, preview_mpp)
             writers.append(stack.enter_context(PreviewWriter(cfg.preview, overview, ov_mpp / mpp0)))
-        for ci in range(cache.n):
-            wait(ci)
-            labels, scores = cache.get_prediction(ci)
-            kept = stitcher.add(ci, labels, scores)
-            if not len(kept):
+
+        def finish(result: tuple[list[_TileNuclei], dict]) -> None:
+            tiles, t = result
+            times.merge(t)
+            for tile in tiles:
+                with times("stitch"):
+                    tile.batch.ids = stitcher.add_kept(tile.ci, tile.local_ids)
+                with times("write"):
+                    for w in writers:
+                        w.write_batch(tile.batch)
+
+        pool = stack.enter_context(_process_pool(workers)) if workers > 1 else None
+        pending: deque = deque()
+        for start in range(0, cache.n, chunk):
+            stop = min(start + chunk, cache.n)
+            for ci in range(start, stop):
+                wait(ci)
+            if pool is None:
+                finish(_export_chunk(job, start, stop, cache.prediction_arrays))
                 continue
-            x0, y0 = (int(v) for v in cache.coords[ci])
-            polys = instance_polygons(labels, kept.local_ids, x0, y0, scale, cfg.simplify_tolerance)
-            for k, poly in enumerate(polys):
-                rec = NucleusRecord(
-                    id=int(kept.global_ids[k]),
-                    polygon=poly,
-                    centroid_x=(float(kept.cx[k]) + 0.5) * scale,
-                    centroid_y=(float(kept.cy[k]) + 0.5) * scale,
-                    area_um2=float(kept.area_px[k]) * area_um2_per_px,
-                    perimeter_um=float(poly.length) * mpp0,
-                    score=float(kept.scores[k]),
-                )
-                for w in writers:
-                    w.write(rec)
+            pending.append(pool.submit(_export_chunk, job, start, stop))
+            while len(pending) > 2 * workers or (pending and pending[0].done()):
+                finish(pending.popleft().result())
+        while pending:
+            finish(pending.popleft().result())
+        stitcher.finish(cache.n)
     if cfg.labels:
         stitched = StitchedLabels(grid, selected, stitcher.kept, cache.get_labels)
-        write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
-                              level0_scale=scale, chunk=cfg.label_chunk)
+        with times("write"):
+            write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
+                                  level0_scale=view.scale, chunk=cfg.label_chunk)
     return stitcher.count
 
 

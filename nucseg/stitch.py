@@ -101,11 +101,9 @@ class Stitcher:
         x0, y0 = (int(v) for v in self.grid.origin(g))
         keep, area, sx, sy = keep_mask(labels, x0, y0, self.grid, ix, iy)
         local = np.flatnonzero(keep).astype(np.int32)
-        gids = np.arange(self.next_id, self.next_id + len(local), dtype=np.int64)
-        self.next_id += len(local)
         if len(self.kept) != cache_index:
             raise ValueError("tiles must be added in cache order, each once")
-        self.kept.append((local, gids))
+        gids = self.add_kept(cache_index, local)
         sc = np.asarray(scores, dtype=np.float32)
         tile_scores = sc[local - 1] if len(local) else np.zeros(0, np.float32)
         a = area[local]
@@ -117,6 +115,25 @@ class Stitcher:
             cy=sy[local] / np.maximum(a, 1),
             scores=tile_scores,
         )
+
+    def add_kept(self, cache_index: int, local_ids: np.ndarray) -> np.ndarray:
+        """Global ids for the kept ``local_ids`` of a tile whose ownership rule ran elsewhere (a worker).
+
+        Tiles come in cache order; tiles skipped in between kept nothing. Returns the new global ids.
+        """
+        if cache_index < len(self.kept):
+            raise ValueError("tiles must be added in cache order, each once")
+        self.finish(cache_index)
+        local = np.asarray(local_ids, dtype=np.int32)
+        gids = np.arange(self.next_id, self.next_id + len(local), dtype=np.int64)
+        self.next_id += len(local)
+        self.kept.append((local, gids))
+        return gids
+
+    def finish(self, n_tiles: int) -> None:
+        """Record tiles up to ``n_tiles`` that were never added as keeping nothing."""
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.int64))
+        self.kept.extend([empty] * (n_tiles - len(self.kept)))
 
     @property
     def count(self) -> int:

@@ -188,10 +188,15 @@ class TileCache:
         with _locked(self.root.with_name(self.root.name + ".lock")):
             self.group = self._open_group(key, coords, create)
             self.pred = self._open_pred(model, create)
-        self.tiles = self.group["tiles"]
-        self._tiles_done = np.asarray(self.group["tiles_done"][:], dtype=bool)
-        self._pred_done = np.asarray(self.pred["done"][:], dtype=bool)
-        self._n_inst = np.asarray(self.pred["n_inst"][:], dtype=np.int32)
+        # Array handles opened once (each group lookup reads metadata from disk); chunks are written without
+        # first comparing them with the fill value (a full pass over every tile).
+        fast = {"write_empty_chunks": True}
+        self.tiles = self.group["tiles"].with_config(fast)
+        self._flags = self.group["tiles_done"]
+        self._pred = {k: self.pred[k].with_config(fast) for k in ("labels", "scores", "n_inst", "done")}
+        self._tiles_done = np.asarray(self._flags[:], dtype=bool)
+        self._pred_done = np.asarray(self._pred["done"][:], dtype=bool)
+        self._n_inst = np.asarray(self._pred["n_inst"][:], dtype=np.int32)
 
     def _open_group(self, key: dict, coords: np.ndarray, create: bool):
         import zarr
@@ -215,7 +220,8 @@ class TileCache:
             group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
             if n:
                 group["coords"][:] = coords
-            group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255)
+            group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255,
+                               compressors=_fast_zstd())
             group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
             group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
         return group
@@ -233,8 +239,10 @@ class TileCache:
             if not create:
                 raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
-            pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0)
-            pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan)
+            pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0,
+                              compressors=_fast_zstd())
+            pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan,
+                              compressors=_fast_zstd())
             pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0)
             pred.create_array("done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
             pred.attrs["model"] = model  # last, as the group's key: a half-created group is recreated
@@ -253,10 +261,10 @@ class TileCache:
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
-        for i, tile in zip(indices, tiles):
-            self.tiles[int(i)] = tile
+        for a, b in _runs(indices):  # one zarr write per run of consecutive tiles (chunks encoded concurrently)
+            self.tiles[int(indices[a]) : int(indices[b - 1]) + 1] = tiles[a:b]
         self._tiles_done[indices] = True
-        _write_chunks(self.group["tiles_done"], self._tiles_done, indices)
+        _write_chunks(self._flags, self._tiles_done, indices)
 
     # ---- predictions -------------------------------------------------------------------------------------
     @property
@@ -269,6 +277,7 @@ class TileCache:
             return
         K = self.max_instances
         n_inst = np.zeros(len(indices), np.int32)
+        rows = np.full((len(indices), K), np.nan, dtype=np.float32)
         for j, i in enumerate(indices):
             sc = np.asarray(scores[j], dtype=np.float32).ravel()
             n_inst[j] = int(labels[j].max()) if labels[j].size else 0
@@ -276,25 +285,46 @@ class TileCache:
                 raise ValueError(f"tile {int(i)} has {n_inst[j]} instances, more than the cache holds ({K})")
             if len(sc) < n_inst[j]:
                 raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst[j]} instances in a tile")
-            row = np.full(K, np.nan, dtype=np.float32)
-            row[: n_inst[j]] = sc[: n_inst[j]]
-            self.pred["labels"][int(i)] = labels[j].astype(np.int32, copy=False)
-            self.pred["scores"][int(i)] = row
+            rows[j, : n_inst[j]] = sc[: n_inst[j]]
+        labels = np.asarray(labels).astype(np.int32, copy=False)
+        for a, b in _runs(indices):
+            lo, hi = int(indices[a]), int(indices[b - 1]) + 1
+            self._pred["labels"][lo:hi] = labels[a:b]
+            self._pred["scores"][lo:hi] = rows[a:b]
         self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
-        _write_chunks(self.pred["n_inst"], self._n_inst, indices)
-        _write_chunks(self.pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
+        _write_chunks(self._pred["n_inst"], self._n_inst, indices)
+        _write_chunks(self._pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
+
+    @property
+    def prediction_arrays(self) -> tuple:
+        """(labels, scores) zarr arrays, for readers of many tiles at once."""
+        return self._pred["labels"], self._pred["scores"]
 
     def get_labels(self, i: int) -> np.ndarray:
         """Labels (T, T) int32 of cache tile i."""
-        return np.asarray(self.pred["labels"][int(i)])
+        return np.asarray(self._pred["labels"][int(i)])
 
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i."""
         n_inst = int(self._n_inst[i])
         labels = self.get_labels(i)
-        scores = np.asarray(self.pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
+        scores = np.asarray(self._pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
         return labels, scores
+
+
+def _fast_zstd():
+    """zstd level 1: on RGB tiles 3x faster to write than zarr's default (level 3) at the same size (2.8x)."""
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=1)
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) position ranges of ``indices`` (ascending) that hold consecutive values."""
+    cut = np.flatnonzero(np.diff(indices) != 1) + 1
+    edges = np.r_[0, cut, len(indices)]
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _write_chunks(array, values: np.ndarray, indices: np.ndarray) -> None:
