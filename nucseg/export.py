@@ -152,7 +152,9 @@ def outline_rings(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.
     compact = np.concatenate([m, m[two]])
     slot[compact * 4 + edges[:, 0]] = np.arange(len(cells))
     step = np.array([-(W + 1), 1, W + 1, -1], dtype=np.int64)[edges[:, 1]]
-    across = np.searchsorted(cell, cells + step)
+    where = np.empty((H + 1) * (W + 1), dtype=np.int32)  # flat cell -> its index in ``cell`` (mixed cells only)
+    where[cell] = np.arange(len(cell), dtype=np.int32)
+    across = where[cells + step].astype(np.int64)
     nxt = slot[across * 4 + (edges[:, 1] + 2) % 4]
     ci, cj = np.divmod(cells, W + 1)
     rows2 = 2 * ci[:, None] + _EDGE2[edges, 0]  # doubled padded coordinates of both ends
@@ -172,11 +174,19 @@ def outline_rings(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.
     compact[sel] = np.arange(len(sel))
     c_root = compact[root[sel]]
     pos = _cycle_positions(compact[nxt[sel]], c_root)
-    o = np.lexsort((pos, lab[sel]))
-    xy = np.column_stack([cols2[sel, 0][o], rows2[sel, 0][o]]) * 0.5 - 1.0  # undo doubling and padding
-    labs = lab[sel][o]
-    starts = np.flatnonzero(np.r_[True, labs[1:] != labs[:-1]])
-    return labs[starts], xy, np.r_[starts, len(labs)].astype(np.int64)
+    # rings in label order, each vertex scattered to (ring start + its position along the ring): no sort
+    rings = np.flatnonzero(c_root == np.arange(len(sel)))
+    ring_lab = lab[sel][rings]
+    order = np.argsort(ring_lab)
+    length = np.bincount(c_root, minlength=len(sel))[rings[order]]
+    starts = np.zeros(len(sel), dtype=np.int64)
+    starts[rings[order]] = np.cumsum(length) - length
+    dest = starts[c_root] + pos
+    xy = np.empty((len(sel), 2), dtype=np.float64)
+    xy[dest, 0] = cols2[sel, 0]
+    xy[dest, 1] = rows2[sel, 0]
+    xy = xy * 0.5 - 1.0  # undo doubling and padding
+    return ring_lab[order], xy, np.r_[0, np.cumsum(length)].astype(np.int64)
 
 
 def tile_polygons(labels: np.ndarray, keep: np.ndarray, tolerance: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
@@ -323,9 +333,10 @@ def feature_id(slide_key: str, nucleus_id: int) -> str:
 
 def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
     """The QuPath detection Features of a batch as plain dicts (coordinates stay numpy rows for orjson)."""
-    area = np.round(batch.area_um2, 4).tolist()
-    perim = np.round(batch.perimeter_um, 4).tolist()
-    score = np.round(batch.score, 5).tolist()
+    # Python's round (exact decimal rounding), as the GeoJSON always had: np.round can differ on near-ties
+    area = [round(v, 4) for v in batch.area_um2.tolist()]
+    perim = [round(v, 4) for v in batch.perimeter_um.tolist()]
+    score = [round(v, 5) for v in batch.score.tolist()]
     for i, (gid, ring) in enumerate(zip(batch.ids.tolist(), batch.rings())):
         yield {
             "type": "Feature",

@@ -197,9 +197,11 @@ def predict_slide(
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work)
-            ready = _Ready(cache.pred_done)
+            handoff = 4 * max(cfg.batch_size, cfg.export_chunk) if export_workers(cfg, cache.n) == 1 else 0
+            ready = _Ready(cache.pred_done, keep=handoff)
             with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
-                export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov)
+                export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov,
+                                     ready.take)
                 try:
                     read_n, pred_n = _run_segmenter(cache, view, segmenter, cfg, progress, ready, export.done, times=times)
                 except BaseException:
@@ -385,17 +387,35 @@ class _Aborted(Exception):
 
 
 class _Ready:
-    """Which cache tiles have predictions; the export pass waits on it while inference is still running."""
+    """Which cache tiles have predictions; the export pass waits on it while inference is still running.
 
-    def __init__(self, done: np.ndarray):
+    It also hands the export the predictions it has just seen written (at most ``keep`` tiles), so that an
+    export following the inference need not read them back from the cache.
+    """
+
+    def __init__(self, done: np.ndarray, keep: int = 0):
         self._done = np.array(done, dtype=bool)
         self._cond = threading.Condition()
         self._aborted = False
+        self._keep = keep
+        self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def mark(self, idx: np.ndarray) -> None:
+    def mark(self, idx: np.ndarray, labels: np.ndarray | None = None, scores: list | None = None) -> None:
         with self._cond:
             self._done[idx] = True
+            if labels is not None:
+                for j, i in enumerate(np.asarray(idx).tolist()):
+                    if len(self._recent) < self._keep:  # full: the export reads the rest from the cache
+                        self._recent[i] = (np.asarray(labels[j], dtype=np.int32), np.asarray(scores[j], dtype=np.float32))
             self._cond.notify_all()
+
+    def take(self, start: int, stop: int) -> tuple[np.ndarray, list] | None:
+        """Predictions of tiles [start, stop) as written to the cache, if all were handed over (else None)."""
+        with self._cond:
+            got = [self._recent.pop(i, None) for i in range(start, stop)]
+        if any(g is None for g in got):
+            return None
+        return np.stack([g[0] for g in got]), [g[1] for g in got]
 
     def abort(self) -> None:
         with self._cond:
@@ -461,7 +481,7 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
         with times("cache"):
             cache.put_predictions(idx, labels, scores)
         if ready is not None:
-            ready.mark(idx)
+            ready.mark(idx, labels, scores)
         done += len(idx)
         if progress is not None:
             progress(done, total)
@@ -561,7 +581,8 @@ def _pred_arrays(job: _ExportJob) -> tuple:
     return _ARRAYS[key]
 
 
-def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = None) -> tuple[list[_TileNuclei], dict]:
+def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = None,
+                  preloaded: tuple | None = None) -> tuple[list[_TileNuclei], dict]:
     """Ownership rule, outlines and measurements of cache tiles [start, stop) (in a worker or the export thread).
 
     Returns the tiles' nuclei and this call's stage times (thread CPU and wall, plus the process CPU time as
@@ -570,10 +591,13 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
     times = StageTimes()
     cpu0 = time.process_time()
     in_worker = pred is None
-    labels_arr, scores_arr = _pred_arrays(job) if in_worker else pred
-    with times("cache"):
-        labels_all = np.asarray(labels_arr[start:stop])
-        scores_all = np.asarray(scores_arr[start:stop])
+    if preloaded is not None:  # handed over by the inference (the same values as in the cache)
+        labels_all, scores_all = preloaded
+    else:
+        labels_arr, scores_arr = _pred_arrays(job) if in_worker else pred
+        with times("cache"):
+            labels_all = np.asarray(labels_arr[start:stop])
+            scores_all = np.asarray(scores_arr[start:stop])
     out = []
     grid = job.grid
     for k, ci in enumerate(range(start, stop)):
@@ -593,7 +617,7 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
             batch = NucleusBatch.from_polygons(
                 np.zeros(len(local), np.int64), polys,
                 (sx[local] / a + 0.5) * scale, (sy[local] / a + 0.5) * scale,
-                a * job.target_mpp**2, shapely.length(polys) * job.mpp0, scores_all[k, local - 1])
+                a * job.target_mpp**2, shapely.length(polys) * job.mpp0, scores_all[k][local - 1])
         out.append(_TileNuclei(ci, local, batch))
     if in_worker:
         times.add("worker_cpu", time.process_time() - cpu0, 0.0)
@@ -619,7 +643,7 @@ def _open_output(out: Path, slide_key: str, prov: dict):
 
 def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: PredictConfig,
                        wait: Callable[[int], None] = lambda ci: None, times: StageTimes | None = None,
-                       prov: dict | None = None) -> int:
+                       prov: dict | None = None, take: Callable[[int, int], tuple | None] = lambda a, b: None) -> int:
     """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer.
 
     ``wait(ci)`` returns once tile ci's prediction is in the cache (so the pass can follow a running inference).
@@ -661,7 +685,7 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
             for ci in range(start, stop):
                 wait(ci)
             if pool is None:
-                finish(_export_chunk(job, start, stop, cache.prediction_arrays))
+                finish(_export_chunk(job, start, stop, cache.prediction_arrays, take(start, stop)))
                 continue
             pending.append(pool.submit(_export_chunk, job, start, stop))
             while len(pending) > 2 * workers or (pending and pending[0].done()):

@@ -230,9 +230,10 @@ def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float
                 bh, bw = min(step, out_h - oy), min(step, out_w - ox)
                 loc = (int(round(ox * block * ds)), int(round(oy * block * ds)))
                 region = slide.read_region(loc, level, (bw * block, bh * block))
-                rgb = composite_white(np.asarray(region)).astype(np.float32)
-                small = rgb.reshape(bh, block, bw, block, 3).mean(axis=(1, 3))
-                out[oy : oy + bh, ox : ox + bw] = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+                rgb = composite_white(np.asarray(region))
+                # exact integer block sums (no float copy of the block), then the rounded mean
+                total = rgb.reshape(bh, block, bw, block, 3).sum(axis=(1, 3), dtype=np.uint32)
+                out[oy : oy + bh, ox : ox + bw] = np.clip(np.rint(total / (block * block)), 0, 255).astype(np.uint8)
     except openslide.OpenSlideError as err:
         raise SlideError(f"cannot read slide {path}: {_one_line(err)} (truncated or corrupt?)") from None
     return out, level_mpp * block

@@ -46,15 +46,6 @@ class KeptInstances:
         return len(self.local_ids)
 
 
-@lru_cache(maxsize=4)
-def _pixel_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cols, rows) float64 of every pixel of an h x w tile, raveled; built once per tile shape (read-only)."""
-    cols = np.tile(np.arange(w, dtype=np.float64), h)
-    rows = np.repeat(np.arange(h, dtype=np.float64), w)
-    cols.flags.writeable = rows.flags.writeable = False
-    return cols, rows
-
-
 def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy: int) -> tuple[np.ndarray, ...]:
     """Apply the ownership rule to one tile's labels (vectorised with bincount).
 
@@ -63,11 +54,14 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
     T = labels.shape[0]
     n = int(labels.max()) if labels.size else 0
     flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.int64)
-    cols, rows = _pixel_coords(*labels.shape)
+    # only the labelled pixels (a third of a dense tile): index 0 (background) keeps area 0, it is never kept
+    on = np.flatnonzero(flat)
+    lab = flat[on]
+    r, c = np.divmod(on, labels.shape[1])
+    area = np.bincount(lab, minlength=n + 1).astype(np.int64)
     # Sums of integer coordinates are exact in float64 (far below 2**53); adding area * origin keeps it exact.
-    sx = np.bincount(flat, weights=cols, minlength=n + 1) + area * float(x0)
-    sy = np.bincount(flat, weights=rows, minlength=n + 1) + area * float(y0)
+    sx = np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1) + area * float(x0)
+    sy = np.bincount(lab, weights=r.astype(np.float64), minlength=n + 1) + area * float(y0)
     x_lo, x_hi, y_lo, y_hi = grid.owned(ix, iy)
     a = area.astype(np.float64)
     owned = (sx >= x_lo * a) & (sx < x_hi * a) & (sy >= y_lo * a) & (sy < y_hi * a)

@@ -221,7 +221,7 @@ class TileCache:
             if n:
                 group["coords"][:] = coords
             group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255,
-                               compressors=_fast_zstd())
+                               compressors=_fast_lz4())
             group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
             group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
         return group
@@ -314,10 +314,17 @@ class TileCache:
 
 
 def _fast_zstd():
-    """zstd level 1: on RGB tiles 3x faster to write than zarr's default (level 3) at the same size (2.8x)."""
+    """zstd level 1 for label maps: faster than zarr's default (level 3), same size (they compress ~80x)."""
     from zarr.codecs import ZstdCodec
 
     return ZstdCodec(level=1)
+
+
+def _fast_lz4():
+    """Blosc lz4 for RGB tiles: ~4x less CPU per tile than zarr's default zstd (level 3), ~7 % larger."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
 
 
 def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
