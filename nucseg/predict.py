@@ -183,7 +183,7 @@ def predict_slide(
     outputs = [p for p in (out_geojson, cfg.csv, cfg.labels, cfg.preview, cfg.tissue_preview) if p is not None]
     for p in outputs:
         check_writable(p)
-    times = StageTimes()
+    times = StageTimes(STAGES)
 
     with times("plan"):
         slide = open_slide(slide_path)
@@ -244,13 +244,19 @@ def provenance(segmenter: TileSegmenter, cfg: PredictConfig, plan: "_Plan") -> d
     }
 
 
-class StageTimes:
-    """CPU (this thread's) and wall seconds per named stage, summed over threads and worker processes."""
+STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "write")
 
-    def __init__(self):
+
+class StageTimes:
+    """CPU (this thread's) and wall seconds per named stage, summed over threads and worker processes.
+
+    ``stages``: names reported even when they took no time (so every summary has the same keys).
+    """
+
+    def __init__(self, stages: tuple[str, ...] = ()):
         self._lock = threading.Lock()
-        self.cpu: dict[str, float] = {}
-        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = dict.fromkeys(stages, 0.0)
+        self.wall: dict[str, float] = dict.fromkeys(stages, 0.0)
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
