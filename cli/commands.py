@@ -266,7 +266,8 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
     from nucseg.runlog import RunLog
 
     check_output_names(slides, args.out)
-    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview}
+    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview,
+              "parquet": args.parquet}
     # Everything that would fail every slide fails here, before anything is written.
     if args.scheduler:
         from nucseg.distributed import check_cluster_settings

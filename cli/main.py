@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, help="also write an OME-Zarr label image (one slide)")
     p.add_argument("--labels-all", action="store_true", help="several slides: an OME-Zarr label image each")
     p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
+    p.add_argument("--parquet", action="store_true", help="several slides: write GeoParquet <stem>.parquet")
     p.add_argument("--export-workers", type=int, default=None, metavar="N",
-                   help="processes for outlines and measurements (default: one per CPU, up to 8, on slides of "
-                   "64+ tiles; 1: none)")
+                   help="processes for outlines and measurements (default: one per CPU but one, up to 8, on "
+                   "slides of 64+ tiles; 1: none)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process every N-th slide starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",

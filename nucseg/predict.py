@@ -76,8 +76,8 @@ class PredictConfig:
     work_dir: where the zarr resume cache lives (None: a temporary folder, removed afterwards).
     csv / labels / preview / tissue_preview: optional extra outputs (None = not written).
     model_fingerprint: identity of the model for the cache (None: ``segmenter.fingerprint`` if present).
-    export_workers: processes for the per-tile export work (None: up to 8, one per CPU, on slides of at least
-    ``EXPORT_PROCESS_MIN_TILES`` tiles, else 1; 1: no extra process, all in the export thread).
+    export_workers: processes for the per-tile export work (None: one per CPU but one, up to 8, on slides of at
+    least ``EXPORT_PROCESS_MIN_TILES`` tiles, else 1; 1: no extra process, all in the export thread).
     command: the command line recorded in the run summary (None: this process's ``sys.argv``).
     """
 
@@ -545,7 +545,10 @@ def export_workers(cfg: PredictConfig, n_tiles: int) -> int:
         return int(cfg.export_workers)
     if n_tiles < EXPORT_PROCESS_MIN_TILES:
         return 1  # a process pool costs about a second to start: not worth it on small slides
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # one CPU stays with this process (reading, feeding the model, caching, writing); with 2 CPUs that leaves
+    # one worker, i.e. the export thread itself (measured faster than 2 processes on 2 busy cores)
+    return max(1, min(8, cpus - 1))
 
 
 @dataclass(frozen=True)
@@ -739,10 +742,14 @@ def check_writable(path: str | os.PathLike) -> None:
 
 # -------------------------------------------------------------------------------------------- many slides
 def slide_outputs(slide: str | os.PathLike, out_dir: Path, gz: bool = False, csv: bool = False,
-                  labels: bool = False, preview: bool = False) -> dict[str, Path]:
-    """The per-slide output paths predict_slides uses (``<out_dir>/<slide stem>.*``)."""
+                  labels: bool = False, preview: bool = False, parquet: bool = False) -> dict[str, Path]:
+    """The per-slide output paths predict_slides uses (``<out_dir>/<slide stem>.*``).
+
+    ``"geojson"`` is the nuclei output: ``.geojson``, ``.geojson.gz`` (gz) or GeoParquet ``.parquet`` (parquet).
+    """
     stem = Path(slide).stem
-    paths = {"geojson": out_dir / f"{stem}.geojson{'.gz' if gz else ''}", "summary": out_dir / f"{stem}.summary.json"}
+    main = f"{stem}.parquet" if parquet else f"{stem}.geojson{'.gz' if gz else ''}"
+    paths = {"geojson": out_dir / main, "summary": out_dir / f"{stem}.summary.json"}
     if csv:
         paths["csv"] = out_dir / f"{stem}.csv"
     if labels:
@@ -789,6 +796,7 @@ def predict_slides(
     csv: bool = False,
     labels: bool = False,
     preview: bool = False,
+    parquet: bool = False,
     overwrite: bool = False,
     stop_on_error: bool = False,
     on_start: Callable[[str], None] | None = None,
@@ -810,7 +818,8 @@ def predict_slides(
         if on_start:
             on_start(str(p))
         summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
-                               slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview))
+                               slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview,
+                                             parquet=parquet))
         summaries.append(summary)
         if on_result:
             on_result(summary.to_dict())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -180,3 +181,30 @@ def test_entry_points_are_lazy_top_level_names():
             "from nucseg import predict_slide, PredictConfig; import nucseg.predict as P; "
             "assert predict_slide is P.predict_slide and PredictConfig is P.PredictConfig")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_writes_geoparquet_for_one_slide_and_for_a_batch(small_slide, tmp_path):
+    """``-o x.parquet`` (one slide) and ``--parquet`` (--out-dir): GeoParquet with the provenance; a rerun of
+    the batch skips the finished slide."""
+    gpd = pytest.importorskip("geopandas")
+    import pyarrow.parquet as papq
+
+    nucseg = str(Path(sys.executable).parent / "nucseg")
+    path, gt = small_slide
+    one = tmp_path / "one.parquet"
+    r = subprocess.run([nucseg, "-q", "predict", str(path), "-o", str(one), "--segmenter", "threshold"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    df = gpd.read_parquet(one)
+    assert len(df) == gt.max() and df.geometry.is_valid.all()
+    assert json.loads(papq.read_schema(one).metadata[b"nucseg"])["target_mpp"] == 0.5
+    out = tmp_path / "batch"
+    argv = [nucseg, "-q", "predict", str(path), "--out-dir", str(out), "--parquet", "--segmenter", "threshold"]
+    assert subprocess.run(argv, capture_output=True, text=True).returncode == 0
+    batch = out / f"{path.stem}.parquet"
+    assert len(gpd.read_parquet(batch)) == gt.max() and not (out / f"{path.stem}.geojson").exists()
+    stamp = batch.stat().st_mtime_ns
+    assert subprocess.run(argv, capture_output=True, text=True).returncode == 0
+    assert batch.stat().st_mtime_ns == stamp  # finished: skipped
+    summary = json.loads((out / f"{path.stem}.summary.json").read_text())
+    assert "predict" in summary["provenance"]["command"] and summary["stages"]["polygons"]["cpu"] >= 0
