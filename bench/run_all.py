@@ -11,9 +11,11 @@ bench/results/*.json); this only runs them in turn and prints the headline figur
 * bench_decoder.py: mask decoder cost per prompt, segment-anything's vs nucseg's fast path;
 * bench_native_vs_1024.py: encoder at 512 px vs 1024 px, vit_tiny and vit_b (one tile each);
 * bench_slide_scaling.py: slides of area A and 4A, wall time and peak RSS;
+* bench_host.py: the whole-slide host path (read, cache, stitch, polygons, write) with an instant segmenter
+  on the real .svs, the legacy code (from git) vs today's, 1 and 2 export processes;
 * bench_gpu.py: only when torch sees a CUDA device.
 
-    .venv/bin/python bench/run_all.py [--only amg,decoder,native,slide,gpu] [--threads 1]
+    .venv/bin/python bench/run_all.py [--only amg,decoder,native,slide,host,gpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -84,6 +86,14 @@ def summary() -> None:
             if "end_to_end_s" in row:
                 line += f"; end to end {row['end_to_end_ratio_1024_over_512']:.1f}x"
             print(line)
+    host = RESULTS / "host_cpu.json"
+    if host.is_file():
+        from bench_host import table as host_table
+
+        r = json.loads(host.read_text())
+        print(f"\nwhole-slide host path, instant segmenter ({r['slide']}; {host.relative_to(HERE.parent)}, "
+              f"measured {r['date']}):")
+        print(host_table(r))
     scaling = RESULTS / "slide_scaling_cpu.json"
     if scaling.is_file():
         r = json.loads(scaling.read_text())
@@ -93,7 +103,7 @@ def summary() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="amg,decoder,native,slide,gpu")
+    ap.add_argument("--only", default="amg,decoder,native,slide,host,gpu")
     ap.add_argument("--train", action="store_true", help="first train the benchmark weights if they are missing")
     ap.add_argument("--threads", type=int, help="torch CPU threads for the CPU benchmarks (1 on a shared machine)")
     args = ap.parse_args()
@@ -109,6 +119,8 @@ def main() -> int:
         run("bench_native_vs_1024.py", "--models", "vit_tiny,vit_b", "--e2e-models", "vit_tiny", *threads)
     if "slide" in only:
         run("bench_slide_scaling.py", "--side", "3072")
+    if "host" in only:
+        run("bench_host.py")
     if "gpu" in only:
         if torch.cuda.is_available():
             run("bench_gpu.py", "--out", str(RESULTS / "gpu.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -217,12 +218,13 @@ def predict(args: argparse.Namespace) -> int:
     spec = _segmenter_spec(args)
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
-                        work_dir=args.work_dir).validate()  # a bad value fails the run here, not every slide
+                        work_dir=args.work_dir, export_workers=args.export_workers,
+                        command=shlex.join(sys.argv)).validate()  # a bad value fails the run here, not every slide
     if args.tiles_per_task is not None and not args.scheduler:
         raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
-    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json"))
+    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json", ".parquet"))
     if single and not args.scheduler:
-        base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json")
+        base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json").removesuffix(".parquet")
         cfg.csv = Path(base + ".csv") if args.csv else None
         cfg.preview = Path(base + ".preview.png") if args.preview else None
         cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
@@ -235,7 +237,7 @@ def predict(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         return _report(summaries, args.json)
-    if single or args.out.suffix in (".geojson", ".gz", ".json"):
+    if single or args.out.suffix in (".geojson", ".gz", ".json", ".parquet"):
         raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
     if args.labels:
         raise InputError("--labels PATH is for one slide; with several, use --labels-all")
@@ -253,7 +255,8 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
     from nucseg.runlog import RunLog
 
     check_output_names(slides, args.out)
-    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview}
+    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview,
+              "parquet": args.parquet}
     # Everything that would fail every slide fails here, before anything is written.
     if args.scheduler:
         from nucseg.distributed import check_cluster_settings

@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "segment every nucleus of whole-slide images into GeoJSON")
     p.add_argument("slides", nargs="*", type=Path, help="slides (.svs, .ndpi, .mrxs, .scn, tiled .tif, ...)")
     p.add_argument("-o", "--out", "--out-dir", dest="out", type=Path,
-                   help="output .geojson[.gz] (one slide) or folder (several slides, --input-list, --scheduler)")
+                   help="output .geojson[.gz] or .parquet (GeoParquet) for one slide, or a folder (several "
+                   "slides, --input-list, --scheduler)")
     p.add_argument("--input-list", type=Path, help="text file with one slide path per line (UTF-8; # comments)")
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
     p.add_argument("--segmenter", default="sam", choices=["sam", "threshold"],
@@ -309,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "nuclei as labels/nuclei, so 'napari out.zarr' shows both")
     p.add_argument("--labels-all", action="store_true", help="several slides: such an OME-Zarr each")
     p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
+    p.add_argument("--parquet", action="store_true", help="several slides: write GeoParquet <stem>.parquet")
+    p.add_argument("--export-workers", type=int, default=None, metavar="N",
+                   help="processes for outlines and measurements (default: one per CPU but one, up to 8, on "
+                   "slides of 64+ tiles; 1: none)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process every N-th slide of the list starting at I (default: from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",

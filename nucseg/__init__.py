@@ -1,3 +1,30 @@
-"""nucseg: fine-tune Segment Anything with LoRA on H&E nuclei, segment every nucleus of whole slides."""
+"""nucseg: fine-tune Segment Anything with LoRA on H&E nuclei, segment every nucleus of whole slides.
+
+The whole-slide entry points are importable from here (``nucseg.predict_slide``, ``nucseg.PredictConfig``,
+...) but loaded lazily, on first use, so that ``import nucseg`` stays cheap (no openslide, zarr or torch).
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "predict_slide": "nucseg.predict",
+    "predict_slides": "nucseg.predict",
+    "PredictConfig": "nucseg.predict",
+    "SlideSummary": "nucseg.predict",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'nucseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

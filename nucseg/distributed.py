@@ -197,6 +197,7 @@ def predict_distributed(
     csv: bool = False,
     labels: bool = False,
     preview: bool = False,
+    parquet: bool = False,
     tiles_per_task: int = DEFAULT_TILES_PER_TASK,
     on_start: Callable[[str], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
@@ -218,7 +219,7 @@ def predict_distributed(
     per = -(-tiles_per_task // FLAG_CHUNK) * FLAG_CHUNK
     out = Path(out_dir)
     check_output_names(slides, out)
-    extras = {"gz": gz, "csv": csv, "labels": labels, "preview": preview}
+    extras = {"gz": gz, "csv": csv, "labels": labels, "preview": preview, "parquet": parquet}
     stage: dict = {}  # future -> ("plan" | "slide", index into slides)
     pending = as_completed()
 

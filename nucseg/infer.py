@@ -219,6 +219,7 @@ class SamTileSegmenter:
         self.stats = {"tiles": 0, "prompts_grid": 0, "prompts_decoded": 0}
         settings = json.dumps(self.cfg.to_dict(), sort_keys=True)
         self.fingerprint = hashlib.sha256(f"{identity}|{self.tile_size}|{settings}".encode()).hexdigest()
+        self.identity = identity
         # Work sizes: cache-sized decoder chunks on CPU, halved on out-of-memory and kept small afterwards. Not
         # part of the fingerprint: results do not depend on them.
         self.decoder_chunk = self.cfg.decoder_batch
@@ -227,6 +228,16 @@ class SamTileSegmenter:
             self.decoder_chunk = max(1, min(self.cfg.decoder_batch, CPU_DECODER_BYTES // tokens))
         self.encoder_chunk: int | None = None  # None: the whole batch at once
         self._warned_oom = False
+
+    @property
+    def provenance(self) -> dict:
+        """What the whole-slide outputs record about the model (nucseg.predict.provenance): the weights'
+        identity (for an adapter: ``<base checkpoint fingerprint>+<adapter weights SHA-256>``), the tile size,
+        µm/px, and every inference setting (prompting, IoU / stability thresholds, NMS)."""
+        base, _, adapter = str(self.identity).partition("+")
+        return {"type": "sam", "weights": self.identity, "base_fingerprint": base,
+                "adapter_sha256": adapter or None, "tile_size": int(self.tile_size), "mpp": self.mpp,
+                "fingerprint": self.fingerprint, "settings": self.cfg.to_dict()}
 
     @property
     def autocast(self) -> bool:

@@ -16,8 +16,10 @@ a ``fingerprint`` (str or callable) that changes with their weights/settings, el
 Overlap: three things run at once. A reader thread reads the next batch of tiles while the segmenter runs on
 the current one (into pinned host memory when the segmenter is on CUDA, so the upload is asynchronous), and
 the stitch/export pass runs in its own thread, following the inference tile by tile in cache order as
-predictions land in the zarr cache, instead of starting after the last tile (stitching and writing polygons
-cost about as much CPU time as the model on small tiles).
+predictions land in the zarr cache, instead of starting after the last tile. The per-tile part of that pass
+(ownership rule, outlines, measurements) runs in ``export_workers`` processes on runs of consecutive tiles;
+the export thread assigns global ids and writes, in cache order, so outputs do not depend on the number of
+workers. Every stage's time (CPU and wall, workers included) is in ``SlideSummary.stages``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -36,22 +39,24 @@ import threading
 import time
 import uuid
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import shapely
 
 from .errors import DiskFullError, InputError, NucsegError, OutputError
-from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, NucleusRecord, PreviewWriter, instance_polygons,
-                     is_nucseg_csv, is_nucseg_geojson, is_nucseg_zarr, write_ome_zarr_labels)
+from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
+                     instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, write_ome_zarr_labels)
 from .io import check_output, is_nucseg_png, writable_dir, write_json
 from .segmenter import TileSegmenter
 from .slide import (TargetView, check_mpp, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp,
                     write_tissue_preview)
-from .stitch import StitchedLabels, Stitcher
-from .tiling import (FLAG_CHUNK, TILE_SIZE_RANGE, CacheDamaged, TileCache, cache_dir_name, cache_key, make_grid,
-                     read_tiles_parallel, select_tissue_tiles)
+from .stitch import StitchedLabels, Stitcher, keep_mask
+from .tiling import (FLAG_CHUNK, TILE_SIZE_RANGE, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key,
+                     make_grid, read_tiles_parallel, select_tissue_tiles)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,9 @@ class PredictConfig:
     simplify_tolerance: polygon simplification (target pixels) of the exported outlines.
     label_chunk: chunk side of the OME-Zarr label image.
     Ranges and types: :meth:`validate`.
+    export_workers: processes for the per-tile export work (None: one per CPU but one, up to 8, on slides of at
+    least ``EXPORT_PROCESS_MIN_TILES`` tiles, else 1; 1: no extra process, all in the export thread).
+    command: the command line recorded in the run summary (None: this process's ``sys.argv``).
     """
 
     target_mpp: float | None = None
@@ -109,6 +117,9 @@ class PredictConfig:
     roi_class: str | None = None
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
+    export_workers: int | None = None
+    export_chunk: int = 4
+    command: str | None = None
 
     def validate(self) -> "PredictConfig":
         """Every field checked for type and range (one-line InputError naming the field and its CLI option).
@@ -161,6 +172,10 @@ class SlideSummary:
     tiles: tiles in the full grid; tissue_tiles: those segmented (all of them when tissue_mask is off, and
     then tissue_area_mm2 is the whole slide's area). read_tiles / predicted_tiles: work done in *this* run
     (0 when everything came from the resume cache). skipped: predict_slides found complete outputs.
+    provenance: what produced the outputs (:func:`provenance`, plus the command line). stages: seconds per
+    stage of this run, ``{"read": {"cpu": .., "wall": ..}, ...}`` (plan: opening, tissue detection; read,
+    cache, infer, stitch, polygons, write; CPU is the thread's own, so zarr's codec threads are not in
+    "cache"; wall times of concurrent stages overlap; worker_cpu: the export processes' CPU).
     """
 
     slide: str
@@ -177,6 +192,8 @@ class SlideSummary:
     skipped: bool = False
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -214,7 +231,8 @@ def predict_slide(
     config: PredictConfig | None = None,
     progress: Progress | None = None,
 ) -> SlideSummary:
-    """Segment every nucleus of one slide and write ``out_geojson`` (``.geojson`` or ``.geojson.gz``).
+    """Segment every nucleus of one slide and write ``out_geojson``: GeoJSON (``.geojson``, ``.geojson.gz``)
+    or, for a name ending ``.parquet``, GeoParquet.
 
     Raises InputError (bad path/arguments), SlideError (unreadable slide, missing µm/px), OutputError
     (unwritable output); a no-tissue slide writes an empty FeatureCollection and warns.
@@ -225,17 +243,22 @@ def predict_slide(
     out_geojson = Path(out_geojson)
     tile_size = _check_settings(segmenter, cfg)
     check_outputs(slide_path, out_geojson, cfg)
+    times = StageTimes(STAGES)
 
-    slide = open_slide(slide_path)
+    with times("plan"):
+        slide = open_slide(slide_path)
     try:
-        plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
+        with times("plan"):  # µm/px, tissue detection, grid
+            plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
         view, grid, selected = plan.view, plan.grid, plan.selected
+        prov = provenance(segmenter, cfg, plan)
         read_n = pred_n = 0
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work)
             for attempt in range(MAX_CACHE_REPAIRS + 1):
                 try:
-                    nuclei, reads, preds = _infer_and_export(cache, plan, segmenter, out_geojson, cfg, progress)
+                    nuclei, reads, preds = _infer_and_export(cache, plan, segmenter, out_geojson, cfg, progress,
+                                                             times, prov)
                     read_n, pred_n = read_n + reads, pred_n + preds
                     break
                 except CacheDamaged as err:
@@ -255,18 +278,22 @@ def predict_slide(
         slide=str(slide_path), nuclei=nuclei, tiles=grid.n, tissue_tiles=int(len(selected)),
         tissue_area_mm2=float(plan.tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
         slide_mpp=view.mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n,
-        warnings=notes,
+        warnings=notes, provenance={**prov, "command": cfg.command or shlex.join(sys.argv)},
+        stages=times.to_dict(),
     )
 
 
 def _infer_and_export(cache: TileCache, plan: "_Plan", segmenter: TileSegmenter, out_geojson: Path,
-                      cfg: PredictConfig, progress: Progress | None) -> tuple[int, int, int]:
+                      cfg: PredictConfig, progress: Progress | None, times: "StageTimes",
+                      prov: dict) -> tuple[int, int, int]:
     """Inference over the tiles not done, with the export pass following it: (nuclei, tiles read, predicted)."""
-    ready = _Ready(cache.pred_done)
+    handoff = 4 * max(cfg.batch_size, cfg.export_chunk) if export_workers(cfg, cache.n) == 1 else 0
+    ready = _Ready(cache.pred_done, keep=handoff)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
-        export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait)
+        export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov, ready.take)
         try:
-            read_n, pred_n = _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done)
+            read_n, pred_n = _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done,
+                                            times=times)
             return export.result(), read_n, pred_n
         except BaseException:
             ready.abort()  # the export thread stops waiting and discards its partial outputs
@@ -292,6 +319,67 @@ def _few_nuclei_notes(slide_path: Path, nuclei: int, tissue_tiles: int, area_mm2
            f"the inference thresholds")
     warnings.warn(msg, UserWarning, stacklevel=3)
     return [msg]
+
+
+def provenance(segmenter: TileSegmenter, cfg: PredictConfig, plan: "_Plan") -> dict:
+    """What produced a slide's outputs, written into them (GeoJSON member / GeoParquet metadata ``nucseg``).
+
+    Deterministic on purpose (no time, host or command line: those go to the run summary only), so that
+    reruns, resumed runs and cluster runs keep producing byte-identical files. ``segmenter`` is the
+    segmenter's own ``provenance`` (for SAM: weights identity = base checkpoint fingerprint + adapter
+    SHA-256, prompt settings and thresholds) where it has one.
+    """
+    from . import __version__
+
+    seg = getattr(segmenter, "provenance", None)
+    seg = seg() if callable(seg) else seg
+    return {
+        "nucseg_version": __version__,
+        "segmenter": seg,  # None where the segmenter does not describe itself
+        "slide_mpp": plan.view.mpp0,
+        "target_mpp": plan.view.target_mpp,
+        "tile_size": int(plan.grid.tile_size),
+        "overlap": int(plan.grid.overlap),
+        "tissue_mask": bool(cfg.tissue_mask),
+        "simplify_tolerance": cfg.simplify_tolerance,
+        "coordinates": "level-0 pixels, pixel (r, c) covers [c, c+1) x [r, r+1)",
+    }
+
+
+STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "write")
+
+
+class StageTimes:
+    """CPU (this thread's) and wall seconds per named stage, summed over threads and worker processes.
+
+    ``stages``: names reported even when they took no time (so every summary has the same keys).
+    """
+
+    def __init__(self, stages: tuple[str, ...] = ()):
+        self._lock = threading.Lock()
+        self.cpu: dict[str, float] = dict.fromkeys(stages, 0.0)
+        self.wall: dict[str, float] = dict.fromkeys(stages, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.thread_time() - c0, time.perf_counter() - w0)
+
+    def add(self, stage: str, cpu: float, wall: float) -> None:
+        with self._lock:
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu
+            self.wall[stage] = self.wall.get(stage, 0.0) + wall
+
+    def merge(self, other: dict) -> None:
+        for stage, v in other.items():
+            self.add(stage, v["cpu"], v["wall"])
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            return {k: {"cpu": round(self.cpu[k], 4), "wall": round(self.wall[k], 4)} for k in self.cpu}
 
 
 def _check_settings(segmenter: TileSegmenter, cfg: PredictConfig) -> int:
@@ -322,14 +410,6 @@ class _Plan:
     model: str
     notes: list[str]
     roi: object = None  # nucseg.roi.Roi: nuclei are kept only if their centroid lies inside
-
-    def stitcher(self) -> Stitcher:
-        """The stitcher of this run: the ownership rule, plus the region of interest if there is one."""
-        if self.roi is None:
-            return Stitcher(self.grid, self.selected)
-        scale = self.view.scale
-        return Stitcher(self.grid, self.selected,
-                        inside=lambda cx, cy: self.roi.contains((cx + 0.5) * scale, (cy + 0.5) * scale))
 
     def open_cache(self, work: Path, create: bool = True) -> TileCache:
         T = self.grid.tile_size
@@ -448,17 +528,35 @@ class _Aborted(Exception):
 
 
 class _Ready:
-    """Which cache tiles have predictions; the export pass waits on it while inference is still running."""
+    """Which cache tiles have predictions; the export pass waits on it while inference is still running.
 
-    def __init__(self, done: np.ndarray):
+    It also hands the export the predictions it has just seen written (at most ``keep`` tiles), so that an
+    export following the inference need not read them back from the cache.
+    """
+
+    def __init__(self, done: np.ndarray, keep: int = 0):
         self._done = np.array(done, dtype=bool)
         self._cond = threading.Condition()
         self._aborted = False
+        self._keep = keep
+        self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def mark(self, idx: np.ndarray) -> None:
+    def mark(self, idx: np.ndarray, labels: np.ndarray | None = None, scores: list | None = None) -> None:
         with self._cond:
             self._done[idx] = True
+            if labels is not None:
+                for j, i in enumerate(np.asarray(idx).tolist()):
+                    if len(self._recent) < self._keep:  # full: the export reads the rest from the cache
+                        self._recent[i] = (np.asarray(labels[j], dtype=np.int32), np.asarray(scores[j], dtype=np.float32))
             self._cond.notify_all()
+
+    def take(self, start: int, stop: int) -> tuple[np.ndarray, list] | None:
+        """Predictions of tiles [start, stop) as written to the cache, if all were handed over (else None)."""
+        with self._cond:
+            got = [self._recent.pop(i, None) for i in range(start, stop)]
+        if any(g is None for g in got):
+            return None
+        return np.stack([g[0] for g in got]), [g[1] for g in got]
 
     def abort(self) -> None:
         with self._cond:
@@ -484,9 +582,9 @@ def _host_buffer(shape: tuple[int, ...], segmenter: TileSegmenter) -> np.ndarray
 def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter, cfg: PredictConfig,
                    progress: Progress | None, ready: _Ready | None = None,
                    stopped: Callable[[], bool] = lambda: False,
-                   tiles: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading the next
-    batch while the model runs.
+                   tiles: tuple[int, int] | None = None, times: StageTimes | None = None) -> tuple[int, int]:
+    """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading (and
+    caching) the next batch while the model runs, and writing predictions to the cache in a third thread.
 
     ``ready`` is told about every finished batch; ``stopped()`` true (the export thread failed) ends early.
     """
@@ -500,59 +598,221 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
         progress(done, total)
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     read_n = 0
+    times = times or StageTimes()
+    timed_view = _TimedView(view, times)
 
     def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read a batch (reader thread) and cache the freshly read tiles right here, off the model's thread."""
         have = cache.tiles_done[idx]
         tiles = _host_buffer((len(idx), T, T, 3), segmenter)
-        for j in np.flatnonzero(have):
-            tile = cache.get_tile(int(idx[j]))
-            if tile is None:  # a damaged chunk: read it from the slide again
-                have[j] = False
-            else:
-                tiles[j] = tile
+        with times("cache"):
+            for j in np.flatnonzero(have):
+                tile = cache.get_tile(int(idx[j]))
+                if tile is None:  # a damaged chunk: read it from the slide again
+                    have[j] = False
+                else:
+                    tiles[j] = tile
         fresh = np.flatnonzero(~have)
         if len(fresh):
-            tiles[fresh] = read_tiles_parallel(view, cache.coords[idx[fresh]], T, cfg.read_workers)
+            tiles[fresh] = read_tiles_parallel(timed_view, cache.coords[idx[fresh]], T, cfg.read_workers)
+            if cfg.cache_tiles:
+                with times("cache"):
+                    cache.put_tiles(idx[fresh], tiles[fresh])
         return tiles, idx[fresh]
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool:
+    def store(idx: np.ndarray, labels: np.ndarray, scores: list) -> None:
+        """Write a batch's predictions (cache-writer thread), then tell the export pass and the progress bar."""
+        nonlocal done
+        with times("cache"):
+            cache.put_predictions(idx, labels, scores)
+        if ready is not None:
+            ready.mark(idx, labels, scores)
+        done += len(idx)
+        if progress is not None:
+            progress(done, total)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-cache") as writer:
         future = pool.submit(load, batches[0]) if batches else None
+        writes: deque = deque()
         for b, idx in enumerate(batches):
             if stopped():
                 break
             tiles, fresh = future.result()
             future = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-            if cfg.cache_tiles and len(fresh):
-                pos = np.searchsorted(idx, fresh)
-                cache.put_tiles(fresh, tiles[pos])
             read_n += len(fresh)
-            result = segmenter(tiles)
-            labels = np.asarray(result.labels)
+            with times("infer"):
+                result = segmenter(tiles)
+                labels = np.asarray(result.labels)
             if labels.shape != (len(idx), T, T) or len(result.scores) != len(idx):
                 raise ValueError(f"segmenter returned labels {labels.shape} and {len(result.scores)} score arrays "
                                  f"for a batch of {len(idx)} tiles of {T} px")
-            cache.put_predictions(idx, labels, result.scores)
-            if ready is not None:
-                ready.mark(idx)
-            done += len(idx)
-            if progress is not None:
-                progress(done, total)
+            writes.append(writer.submit(store, idx, labels, list(result.scores)))
+            while len(writes) > 2 or (writes and writes[0].done()):  # bounded; raises a failed write's error
+                writes.popleft().result()
+        while writes:
+            writes.popleft().result()
     return read_n, len(todo)
 
 
+class _TimedView:
+    """A TargetView whose reads count toward the "read" stage (reads run in dask's threads)."""
+
+    def __init__(self, view: TargetView, times: StageTimes):
+        self._view, self._times = view, times
+
+    def read(self, x: int, y: int, size: int) -> np.ndarray:
+        with self._times("read"):
+            return self._view.read(x, y, size)
+
+
+EXPORT_PROCESS_MIN_TILES = 64
+
+
+def export_workers(cfg: PredictConfig, n_tiles: int) -> int:
+    """How many processes do the per-tile export work (1: none, the export thread does it).
+
+    Daemonic processes (a dask worker under a nanny) may not start children: there it is always 1.
+    """
+    import multiprocessing
+
+    if cfg.export_workers is not None and cfg.export_workers < 1:
+        raise InputError(f"export workers must be >= 1, not {cfg.export_workers}")
+    if multiprocessing.current_process().daemon:
+        return 1
+    if cfg.export_workers is not None:
+        return int(cfg.export_workers)
+    if n_tiles < EXPORT_PROCESS_MIN_TILES:
+        return 1  # a process pool costs about a second to start: not worth it on small slides
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # one CPU stays with this process (reading, feeding the model, caching, writing); with 2 CPUs that leaves
+    # one worker, i.e. the export thread itself (measured faster than 2 processes on 2 busy cores)
+    return max(1, min(8, cpus - 1))
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """What the per-tile export needs, small and picklable: where the predictions are, how tiles sit."""
+
+    cache_root: str
+    pred_path: str
+    grid: object
+    grid_index: np.ndarray
+    coords: np.ndarray
+    scale: float
+    target_mpp: float
+    mpp0: float
+    tolerance: float
+    roi: object = None  # nucseg.roi.Roi (picklable): a nucleus is kept only if its centroid lies inside
+
+
+@dataclass
+class _TileNuclei:
+    """The kept nuclei of one cache tile, measured and outlined; ids are assigned by the export thread."""
+
+    ci: int
+    local_ids: np.ndarray
+    batch: NucleusBatch
+
+
+_ARRAYS: dict[tuple[str, str], tuple] = {}
+
+
+def _pred_arrays(job: _ExportJob) -> tuple:
+    """(labels, scores) arrays of the cache's predictions, opened once per worker process (read-only)."""
+    import zarr
+
+    key = (job.cache_root, job.pred_path)
+    if key not in _ARRAYS:
+        pred = zarr.open_group(job.cache_root, mode="r")[job.pred_path]
+        _ARRAYS.clear()
+        _ARRAYS[key] = (pred["labels"], pred["scores"])
+    return _ARRAYS[key]
+
+
+def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = None,
+                  preloaded: tuple | None = None) -> tuple[list[_TileNuclei], dict]:
+    """Ownership rule, outlines and measurements of cache tiles [start, stop) (in a worker or the export thread).
+
+    Returns the tiles' nuclei and this call's stage times (thread CPU and wall, plus the process CPU time as
+    ``worker_cpu`` so that a benchmark can count what worker processes spent).
+    """
+    times = StageTimes()
+    cpu0 = time.process_time()
+    in_worker = pred is None
+    if preloaded is not None:  # handed over by the inference (the same values as in the cache)
+        labels_all, scores_all = preloaded
+    else:
+        labels_arr, scores_arr = _pred_arrays(job) if in_worker else pred
+        with times("cache"):
+            labels_all = np.asarray(labels_arr[start:stop])
+            scores_all = np.asarray(scores_arr[start:stop])
+    out = []
+    grid = job.grid
+    for k, ci in enumerate(range(start, stop)):
+        labels = labels_all[k]
+        g = int(job.grid_index[ci])
+        ix, iy = g % grid.nx, g // grid.nx
+        x0, y0 = (int(v) for v in grid.origin(g))
+        with times("stitch"):
+            keep, area, sx, sy = keep_mask(labels, x0, y0, grid, ix, iy)
+            if job.roi is not None and keep.any():  # before ids are given, so they stay consecutive
+                cand = np.flatnonzero(keep)
+                cx, cy = (sx[cand] / area[cand] + 0.5) * job.scale, (sy[cand] / area[cand] + 0.5) * job.scale
+                keep[cand] = job.roi.contains(cx, cy)
+            local = np.flatnonzero(keep).astype(np.int32)
+        if not len(local):
+            continue
+        with times("polygons"):
+            polys = instance_polygons(labels, local, x0, y0, job.scale, job.tolerance)
+            a = area[local]
+            scale = job.scale
+            batch = NucleusBatch.from_polygons(
+                np.zeros(len(local), np.int64), polys,
+                (sx[local] / a + 0.5) * scale, (sy[local] / a + 0.5) * scale,
+                a * job.target_mpp**2, shapely.length(polys) * job.mpp0, scores_all[k][local - 1])
+        out.append(_TileNuclei(ci, local, batch))
+    if in_worker:
+        times.add("worker_cpu", time.process_time() - cpu0, 0.0)
+    return out, times.to_dict()
+
+
+def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes from a fork server (never fork this threaded process: zarr, dask and openslide hold
+    threads and locks); the server is started once per process and preloads the export modules."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["nucseg.predict"])
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _open_output(out: Path, slide_key: str, prov: dict):
+    if out.name.lower().endswith(".parquet"):
+        return GeoParquetWriter(out, slide_key=slide_key, provenance=prov)
+    return GeoJSONWriter(out, slide_key=slide_key, provenance=prov)
+
+
 def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: PredictConfig,
-                       wait: Callable[[int], None] = lambda ci: None) -> int:
+                       wait: Callable[[int], None] = lambda ci: None, times: StageTimes | None = None,
+                       prov: dict | None = None, take: Callable[[int, int], tuple | None] = lambda a, b: None) -> int:
     """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer.
 
     ``wait(ci)`` returns once tile ci's prediction is in the cache (so the pass can follow a running inference).
+    Runs of ``export_chunk`` tiles go to worker processes (at most two runs per worker in flight, so memory
+    stays flat); results come back in cache order, get their global ids here and are written.
     """
     view, grid, selected = plan.view, plan.grid, plan.selected
     slide, mpp0 = view.slide, view.mpp0
-    stitcher = plan.stitcher()
-    scale = view.scale
-    area_um2_per_px = view.target_mpp**2
+    times = times or StageTimes()
+    stitcher = Stitcher(grid, selected)
+    job = _ExportJob(str(cache.root), cache.pred.path, grid, np.asarray(selected), cache.coords, view.scale,
+                     view.target_mpp, mpp0, cfg.simplify_tolerance, plan.roi)
+    workers = export_workers(cfg, cache.n)
+    chunk = max(1, int(cfg.export_chunk))
     with contextlib.ExitStack() as stack:
-        writers: list = [stack.enter_context(GeoJSONWriter(out_geojson, slide_key=plan.identity))]
+        writers: list = [stack.enter_context(_open_output(out_geojson, plan.identity, prov))]
         if cfg.csv:
             writers.append(stack.enter_context(CSVWriter(cfg.csv)))
         if cfg.preview:
@@ -560,33 +820,55 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
             preview_mpp = max(mpp0, max(W0, H0) * mpp0 / PREVIEW_MAX_SIDE)
             overview, ov_mpp = read_overview(slide, view.path, mpp0, preview_mpp)
             writers.append(stack.enter_context(PreviewWriter(cfg.preview, overview, ov_mpp / mpp0)))
-        for ci in range(cache.n):
-            wait(ci)
-            labels, scores = cache.get_prediction(ci)
-            kept = stitcher.add(ci, labels, scores)
-            if not len(kept):
+
+        def finish(result: tuple[list[_TileNuclei], dict]) -> None:
+            tiles, t = result
+            times.merge(t)
+            for tile in tiles:
+                with times("stitch"):
+                    tile.batch.ids = stitcher.add_kept(tile.ci, tile.local_ids)
+                with times("write"):
+                    for w in writers:
+                        w.write_batch(tile.batch)
+
+        def result(start: int, stop: int, get: Callable[[], tuple]) -> tuple:
+            """A chunk's result; a prediction chunk that does not decode becomes the cache's CacheDamaged (its
+            tile marked not done), so predict_slide predicts it again."""
+            try:
+                return get()
+            except Exception as err:  # noqa: BLE001 - only decode failures are converted
+                if not _decode_failed(err):
+                    raise
+                for ci in range(start, stop):
+                    cache.get_prediction(ci)  # raises CacheDamaged for the damaged tile(s)
+                raise
+
+        pool = stack.enter_context(_process_pool(workers)) if workers > 1 else None
+        pending: deque = deque()
+        for start in range(0, cache.n, chunk):
+            stop = min(start + chunk, cache.n)
+            for ci in range(start, stop):
+                wait(ci)
+            if pool is None:
+                finish(result(start, stop, lambda: _export_chunk(job, start, stop, cache.prediction_arrays,
+                                                                 take(start, stop))))
                 continue
-            x0, y0 = (int(v) for v in cache.coords[ci])
-            polys = instance_polygons(labels, kept.local_ids, x0, y0, scale, cfg.simplify_tolerance)
-            for k, poly in enumerate(polys):
-                rec = NucleusRecord(
-                    id=int(kept.global_ids[k]),
-                    polygon=poly,
-                    centroid_x=(float(kept.cx[k]) + 0.5) * scale,
-                    centroid_y=(float(kept.cy[k]) + 0.5) * scale,
-                    area_um2=float(kept.area_px[k]) * area_um2_per_px,
-                    perimeter_um=float(poly.length) * mpp0,
-                    score=float(kept.scores[k]),
-                )
-                for w in writers:
-                    w.write(rec)
+            pending.append((start, stop, pool.submit(_export_chunk, job, start, stop)))
+            while len(pending) > 2 * workers or (pending and pending[0][2].done()):
+                a, b, fut = pending.popleft()
+                finish(result(a, b, fut.result))
+        while pending:
+            a, b, fut = pending.popleft()
+            finish(result(a, b, fut.result))
+        stitcher.finish(cache.n)
     if cfg.labels:
         stitched = StitchedLabels(grid, selected, stitcher.kept, cache.get_labels)
         W0, H0 = slide.level_dimensions[0]  # the RGB image beneath the labels, downsampled to a bounded size
         image, image_mpp = read_overview(slide, view.path, mpp0,
                                          max(view.target_mpp, max(W0, H0) * mpp0 / LABEL_IMAGE_MAX_SIDE))
-        write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
-                              image=image, image_mpp=image_mpp, level0_scale=scale, chunk=cfg.label_chunk)
+        with times("write"):
+            write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
+                                  image=image, image_mpp=image_mpp, level0_scale=view.scale, chunk=cfg.label_chunk)
     return stitcher.count
 
 
@@ -615,7 +897,7 @@ def _work_dir(work_dir: str | os.PathLike | None):
 def check_outputs(slide_path: Path, out_geojson: Path, cfg: PredictConfig) -> None:
     """Fail before any work if an output cannot be created (missing permission, parent is a file...), would
     replace something nucseg did not write, would overwrite the slide, or two outputs share one path."""
-    kinds = [(out_geojson, is_nucseg_geojson), (cfg.csv, is_nucseg_csv), (cfg.labels, is_nucseg_zarr),
+    kinds = [(out_geojson, is_nucseg_table), (cfg.csv, is_nucseg_csv), (cfg.labels, is_nucseg_zarr),
              (cfg.preview, is_nucseg_png), (cfg.tissue_preview, is_nucseg_png)]
     paths = [Path(p) for p, _ in kinds if p is not None]
     resolved = [p.resolve() for p in paths]
@@ -629,10 +911,14 @@ def check_outputs(slide_path: Path, out_geojson: Path, cfg: PredictConfig) -> No
 
 # -------------------------------------------------------------------------------------------- many slides
 def slide_outputs(slide: str | os.PathLike, out_dir: Path, gz: bool = False, csv: bool = False,
-                  labels: bool = False, preview: bool = False) -> dict[str, Path]:
-    """The per-slide output paths predict_slides uses (``<out_dir>/<slide stem>.*``)."""
+                  labels: bool = False, preview: bool = False, parquet: bool = False) -> dict[str, Path]:
+    """The per-slide output paths predict_slides uses (``<out_dir>/<slide stem>.*``).
+
+    ``"geojson"`` is the nuclei output: ``.geojson``, ``.geojson.gz`` (gz) or GeoParquet ``.parquet`` (parquet).
+    """
     stem = Path(slide).stem
-    paths = {"geojson": out_dir / f"{stem}.geojson{'.gz' if gz else ''}", "summary": out_dir / f"{stem}.summary.json"}
+    main = f"{stem}.parquet" if parquet else f"{stem}.geojson{'.gz' if gz else ''}"
+    paths = {"geojson": out_dir / main, "summary": out_dir / f"{stem}.summary.json"}
     if csv:
         paths["csv"] = out_dir / f"{stem}.csv"
     if labels:
@@ -679,6 +965,7 @@ def predict_slides(
     csv: bool = False,
     labels: bool = False,
     preview: bool = False,
+    parquet: bool = False,
     overwrite: bool = False,
     stop_on_error: bool = False,
     on_start: Callable[[str], None] | None = None,
@@ -702,7 +989,8 @@ def predict_slides(
             on_start(str(p))
         try:
             summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
-                                   slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview))
+                                   slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview,
+                                                 parquet=parquet))
         except Exception as err:  # noqa: BLE001 - a bug: this slide failed, the others still get done
             if stop_on_error or not _slide_specific(err):
                 if on_result:  # the run stops here: its log and summary still count this slide as failed

@@ -249,31 +249,39 @@ class TargetView:
     def _read_resampled(self, x: int, y: int, size: int) -> np.ndarray:
         """Anti-aliased resampling whose value at a target pixel depends only on its global position.
 
-        Sample positions are computed from *global* target indices (so every tile computes bit-identical
-        positions and interpolation weights), the window is read with a margin wider than the Gaussian
-        support, and interpolation is skimage's bilinear warp.
+        Sample positions come from *global* target indices, split exactly (float64) into an integer level pixel
+        and a 1/32-pixel interpolation step, and OpenCV interpolates with those fixed-point maps (integer
+        arithmetic): every tile computes bit-identical values for the pixels it shares with another. The window
+        is read with a margin wider than the anti-aliasing Gaussian (OpenCV's bit-exact 8-bit blur,
+        sigma = (factor - 1) / 2 when shrinking, as skimage.transform.resize), so borders never matter.
         """
-        from scipy import ndimage as ndi
-        from skimage.transform import warp
+        import cv2
 
         f = self.factor
-        sigma = max(0.0, (f - 1.0) / 2.0)  # skimage.transform.resize's anti-aliasing choice
+        sigma = max(0.0, (f - 1.0) / 2.0)
         margin = int(math.ceil(4 * sigma)) + 2
         wx, wy = int(math.floor(x * f)) - margin, int(math.floor(y * f)) - margin
         ww = int(math.ceil((x + size) * f)) + margin - wx
         wh = int(math.ceil((y + size) * f)) + margin - wy
-        window = self._read_level(wx, wy, ww, wh).astype(np.float64)
+        window = self._read_level(wx, wy, ww, wh)
         if sigma > 0:
-            window = ndi.gaussian_filter(window, sigma=(sigma, sigma, 0), mode="nearest")
+            window = cv2.GaussianBlur(window, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
 
-        def inverse_map(cr: np.ndarray) -> np.ndarray:
-            # output (col, row) -> global target index -> level coordinate of its centre -> window coordinate
-            gx = (cr[:, 0] + x + 0.5) * f - 0.5
-            gy = (cr[:, 1] + y + 0.5) * f - 0.5
-            return np.column_stack([gx - wx, gy - wy])
+        def axis(start: int, origin: int) -> tuple[np.ndarray, np.ndarray]:
+            # output index -> global target index -> level coordinate of its centre -> (window pixel, 1/32 step)
+            g = (np.arange(start, start + size, dtype=np.float64) + 0.5) * f - 0.5
+            whole = np.floor(g)
+            frac = np.rint((g - whole) * 32).astype(np.int64)
+            whole = whole.astype(np.int64) + (frac == 32)
+            return whole - origin, frac % 32
 
-        out = warp(window, inverse_map, output_shape=(size, size), order=1, mode="edge", preserve_range=True)
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        ix, fx = axis(x, wx)
+        iy, fy = axis(y, wy)
+        xy = np.empty((size, size, 2), dtype=np.int16)
+        xy[..., 0] = ix[None, :]
+        xy[..., 1] = iy[:, None]
+        steps = (fy[:, None] * 32 + fx[None, :]).astype(np.uint16)
+        return cv2.remap(window, xy, steps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def composite_white(rgba: np.ndarray) -> np.ndarray:
@@ -311,8 +319,9 @@ def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float
                 if block == 1:  # the level itself: nothing to average
                     out[oy : oy + bh, ox : ox + bw] = rgb
                     continue
-                small = rgb.astype(np.float32).reshape(bh, block, bw, block, 3).mean(axis=(1, 3))
-                out[oy : oy + bh, ox : ox + bw] = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+                # exact integer block sums (no float copy of the block), then the rounded mean
+                total = rgb.reshape(bh, block, bw, block, 3).sum(axis=(1, 3), dtype=np.uint32)
+                out[oy : oy + bh, ox : ox + bw] = np.clip(np.rint(total / (block * block)), 0, 255).astype(np.uint8)
     except openslide.OpenSlideError as err:
         raise SlideError(f"cannot read slide {path}: {_one_line(err)} (truncated or corrupt?)") from None
     return out, level_mpp * block

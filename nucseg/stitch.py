@@ -46,15 +46,6 @@ class KeptInstances:
         return len(self.local_ids)
 
 
-@lru_cache(maxsize=4)
-def _pixel_coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cols, rows) float64 of every pixel of an h x w tile, raveled; built once per tile shape (read-only)."""
-    cols = np.tile(np.arange(w, dtype=np.float64), h)
-    rows = np.repeat(np.arange(h, dtype=np.float64), w)
-    cols.flags.writeable = rows.flags.writeable = False
-    return cols, rows
-
-
 def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy: int) -> tuple[np.ndarray, ...]:
     """Apply the ownership rule to one tile's labels (vectorised with bincount).
 
@@ -63,11 +54,14 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
     T = labels.shape[0]
     n = int(labels.max()) if labels.size else 0
     flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.int64)
-    cols, rows = _pixel_coords(*labels.shape)
+    # only the labelled pixels (a third of a dense tile): index 0 (background) keeps area 0, it is never kept
+    on = np.flatnonzero(flat)
+    lab = flat[on]
+    r, c = np.divmod(on, labels.shape[1])
+    area = np.bincount(lab, minlength=n + 1).astype(np.int64)
     # Sums of integer coordinates are exact in float64 (far below 2**53); adding area * origin keeps it exact.
-    sx = np.bincount(flat, weights=cols, minlength=n + 1) + area * float(x0)
-    sy = np.bincount(flat, weights=rows, minlength=n + 1) + area * float(y0)
+    sx = np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1) + area * float(x0)
+    sy = np.bincount(lab, weights=r.astype(np.float64), minlength=n + 1) + area * float(y0)
     x_lo, x_hi, y_lo, y_hi = grid.owned(ix, iy)
     a = area.astype(np.float64)
     owned = (sx >= x_lo * a) & (sx < x_hi * a) & (sy >= y_lo * a) & (sy < y_hi * a)
@@ -89,12 +83,8 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
 class Stitcher:
     """Assigns global ids tile by tile; feed tiles in cache order with :meth:`add`."""
 
-    def __init__(self, grid: TileGrid, grid_index: np.ndarray,
-                 inside: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
-        """``inside(cx, cy)``: an extra rule on centroids (target px, pixel-centre convention), e.g. a region
-        of interest; a nucleus failing it is dropped before ids are given, so ids stay consecutive."""
+    def __init__(self, grid: TileGrid, grid_index: np.ndarray):
         self.grid = grid
-        self.inside = inside
         self.grid_index = np.asarray(grid_index, dtype=np.int64)
         self.next_id = 1
         self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # per cache tile: (local_ids, global_ids)
@@ -104,15 +94,10 @@ class Stitcher:
         ix, iy = g % self.grid.nx, g // self.grid.nx
         x0, y0 = (int(v) for v in self.grid.origin(g))
         keep, area, sx, sy = keep_mask(labels, x0, y0, self.grid, ix, iy)
-        if self.inside is not None and keep.any():
-            cand = np.flatnonzero(keep)
-            keep[cand] = self.inside(sx[cand] / area[cand], sy[cand] / area[cand])
         local = np.flatnonzero(keep).astype(np.int32)
-        gids = np.arange(self.next_id, self.next_id + len(local), dtype=np.int64)
-        self.next_id += len(local)
         if len(self.kept) != cache_index:
             raise ValueError("tiles must be added in cache order, each once")
-        self.kept.append((local, gids))
+        gids = self.add_kept(cache_index, local)
         sc = np.asarray(scores, dtype=np.float32)
         tile_scores = sc[local - 1] if len(local) else np.zeros(0, np.float32)
         a = area[local]
@@ -124,6 +109,25 @@ class Stitcher:
             cy=sy[local] / np.maximum(a, 1),
             scores=tile_scores,
         )
+
+    def add_kept(self, cache_index: int, local_ids: np.ndarray) -> np.ndarray:
+        """Global ids for the kept ``local_ids`` of a tile whose ownership rule ran elsewhere (a worker).
+
+        Tiles come in cache order; tiles skipped in between kept nothing. Returns the new global ids.
+        """
+        if cache_index < len(self.kept):
+            raise ValueError("tiles must be added in cache order, each once")
+        self.finish(cache_index)
+        local = np.asarray(local_ids, dtype=np.int32)
+        gids = np.arange(self.next_id, self.next_id + len(local), dtype=np.int64)
+        self.next_id += len(local)
+        self.kept.append((local, gids))
+        return gids
+
+    def finish(self, n_tiles: int) -> None:
+        """Record tiles up to ``n_tiles`` that were never added as keeping nothing."""
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.int64))
+        self.kept.extend([empty] * (n_tiles - len(self.kept)))
 
     @property
     def count(self) -> int:

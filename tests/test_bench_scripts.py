@@ -29,3 +29,4 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu(shared_data: Path, tmp_path):
     assert rows[("grid", 1)]["prompts_decoded_per_tile"] == 16  # 4 x 4 grid, every point decoded
     slide = report["slide"]
     assert slide["tissue_tiles"] >= 1 and slide["wall_s"] > 0 and slide["s_per_mm2"] > 0
+    assert slide["bound_by"] in slide["lanes_wall_s"] and {"read", "infer", "polygons", "write"} <= set(slide["stages"])

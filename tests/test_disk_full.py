@@ -90,10 +90,10 @@ def test_real_full_filesystem_stops_a_batch_and_says_so(slides, tiny_fs, capsys)
 
 @pytest.mark.parametrize("code,text", [(errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded")])
 def test_injected_while_writing_the_geojson(slides, tmp_path, monkeypatch, capsys, code, text):
-    def full(self, rec):
+    def full(self, batch):
         raise OSError(code, "injected")
 
-    monkeypatch.setattr(export_mod.GeoJSONWriter, "write", full)
+    monkeypatch.setattr(export_mod.GeoJSONWriter, "write_batch", full)
     out = tmp_path / "out"
     rc = main(["-q", "predict", str(slides[0]), "-o", str(out / "s0.geojson"), "--csv", "--preview", *THRESHOLD])
     line = _one_error(rc, capsys.readouterr().err, f"{text} while writing to {out} (")

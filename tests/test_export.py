@@ -51,8 +51,9 @@ def test_geojson_is_valid_qupath_detections_on_the_slide(cmu_run):
         props = f["properties"]
         assert props["objectType"] == "detection"
         assert props["classification"]["name"] == "Nucleus" and len(props["classification"]["color"]) == 3
-        meas = {m["name"]: m["value"] for m in props["measurements"]}
+        meas = props["measurements"]  # the map form QuPath 0.4+ writes
         assert set(meas) == {"Area µm^2", "Perimeter µm", "Score"}
+        assert props["metadata"] == {"nucleusId": str(props["nucleusId"])}  # where QuPath keeps the id
         assert meas["Area µm^2"] > 0 and meas["Perimeter µm"] > 0 and 0 <= meas["Score"] <= 1
     assert len({f["id"] for f in feats}) == len(feats)
 
@@ -100,7 +101,7 @@ def test_ome_zarr_labels_are_the_stitched_ids(cmu_run):
     np.testing.assert_array_equal(np.sort(ids), present)
     counts = np.bincount(labels.ravel())
     for f in fc["features"][::25]:
-        area = {m["name"]: m["value"] for m in f["properties"]["measurements"]}["Area µm^2"]
+        area = f["properties"]["measurements"]["Area µm^2"]
         assert counts[f["properties"]["nucleusId"]] * 0.499**2 == pytest.approx(area, abs=1e-3)
     # every nucleus is one 8-connected region
     objs = ndi.find_objects(labels)
@@ -189,7 +190,7 @@ def test_csv_matches_features(cmu_run):
         cy, cx = np.add(ndi.center_of_mass(labels[sl] == gid), (sl[0].start, sl[1].start))  # pixel centres
         assert float(row["centroid_x"]) == pytest.approx(cx + 0.5, abs=0.01)  # level-0 pixel-edge coordinates
         assert float(row["centroid_y"]) == pytest.approx(cy + 0.5, abs=0.01)
-        meas = {m["name"]: m["value"] for m in f["properties"]["measurements"]}
+        meas = f["properties"]["measurements"]
         assert float(row["area_um2"]) == pytest.approx(meas["Area µm^2"], abs=1e-3)
 
 

@@ -193,7 +193,7 @@ def test_geojson_marker_is_a_foreign_member(inputs, tmp_path):
     out = tmp_path / "x.geojson"
     assert main(_predict(inputs, out)) == 0
     doc = geojson.loads(out.read_text())
-    assert doc.is_valid and doc["nucseg"]["version"] and len(doc["features"]) > 0
+    assert doc.is_valid and doc["nucseg"]["nucseg_version"] and len(doc["features"]) > 0
 
 
 def test_segment_refuses_to_write_over_its_inputs(inputs, tmp_path, capsys):
