@@ -308,3 +308,30 @@ def test_old_method_files_still_load():
            "train_prompt_encoder": False}
     cfg = MethodConfig.from_dict(old)
     assert not cfg.dora and not cfg.rslora and cfg.adapter_dim is None and cfg.scale == 1.0
+
+
+@pytest.mark.parametrize("flags", [["--method", "adapter", "--adapter-dim", "4"],
+                                   ["--method", "medsa", "--adapter-scale", "0.25", "--freeze-decoder"],
+                                   ["--dora", "--rslora", "--targets", "q,v,proj"]],
+                         ids=["adapter", "medsa", "dora-rslora"])
+def test_each_method_trains_saves_reloads_and_segments_through_the_cli(flags, tmp_path, tiny_official_ckpt, capsys):
+    from nucseg.demo import make_demo_dataset
+    from nucseg.io import read_label_map
+    from nucseg_cli.main import main
+
+    data = make_demo_dataset(tmp_path / "demo", organs=("organ",), tiles_per_organ=2, size=128, seed=2)
+    run = tmp_path / "run"
+    rc = main(["train", "--data", str(data), "--out", str(run), "--model", "vit_tiny", "--checkpoint",
+               str(tiny_official_ckpt), "--epochs", "1", "--batch-size", "2", "--json", "-q", *flags])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = json.loads(out)
+    info = read_adapter(run / "adapter")
+    assert info.meta["parameters"]["trainable"] == summary["trainable"] > 0
+    assert info.method.to_dict() == info.meta["method"]
+    image = next((data / "organ" / "tissue images").iterdir())
+    rc = main(["segment", str(image), "-o", str(tmp_path / "labels"), "--adapter", str(run / "adapter"),
+               "--checkpoint", str(tiny_official_ckpt), "--points-per-side", "4", "-q"])
+    assert rc == 0
+    labels = read_label_map(tmp_path / "labels" / f"{image.stem}.tif")
+    assert labels.shape == (128, 128)
