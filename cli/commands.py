@@ -32,7 +32,8 @@ def _method(args: argparse.Namespace):
     return MethodConfig(method=args.method, rank=args.rank, alpha=args.alpha,
                         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
                         train_decoder=not args.freeze_decoder,
-                        train_prompt_encoder=args.train_prompt_encoder).validate()
+                        train_prompt_encoder=args.train_prompt_encoder, adapter_dim=args.adapter_dim,
+                        adapter_scale=args.adapter_scale, dora=args.dora, rslora=args.rslora).validate()
 
 
 def _train_cfg(args: argparse.Namespace):
@@ -98,6 +99,9 @@ def train(args: argparse.Namespace) -> int:
     method, cfg = _method(args), _train_cfg(args)
     check_not_input(args.out, [args.data])
     if args.merge:
+        from nucseg.lora import check_mergeable
+
+        check_mergeable(method)
         check_merge_output(args.merge)
     tiles = _tiles(args)
     writable_dir(args.out)  # after the data checks (a bad dataset leaves no folder), before any training
@@ -379,9 +383,12 @@ def weights(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from nucseg.adapter import check_merge_output, export_merged, load_adapter
+    from nucseg.adapter import check_merge_output, export_merged, load_adapter, read_adapter
+    from nucseg.errors import CheckpointError
+    from nucseg.lora import check_mergeable
 
     check_merge_output(args.out)
+    check_mergeable(read_adapter(args.adapter).method, CheckpointError)  # before the base is built
     model, _ = load_adapter(args.adapter, args.checkpoint)
     print(export_merged(model, args.out))
     return 0

@@ -132,19 +132,31 @@ def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") 
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    from nucseg.lora import MAX_RANK, METHODS
+    from nucseg.lora import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lora", choices=list(METHODS),
                    help="lora: LoRA on the image encoder + trainable mask decoder (SAMed); decoder: decoder only; "
-                        "full: every weight")
+                        "full: every weight; adapter: SAM-Adapter (per-block prompts from patch embedding + "
+                        "high-frequency FFT input); medsa: Med-SA (encoder and decoder bottleneck adapters, "
+                        "prompt-conditioned decoder adapter)")
     g.add_argument("--rank", type=count(1, MAX_RANK), default=4, help="LoRA rank")
     g.add_argument("--alpha", type=number(0, 1e4, lo_open=True), default=None,
                    help="LoRA alpha (default: rank, i.e. scale 1)")
     g.add_argument("--targets", default="q,v", help="LoRA targets, comma-separated: q,k,v (slices of the fused "
                    "qkv), qkv, proj, mlp")
+    g.add_argument("--dora", action="store_true",
+                   help="LoRA only: weight-decomposed LoRA (DoRA; q/k/v slices: nucseg's own, exact; qkv/proj/mlp: peft)")
+    g.add_argument("--rslora", action="store_true", help="LoRA only: rank-stabilised scale alpha/sqrt(rank)")
+    g.add_argument("--adapter-dim", type=count(1, MAX_ADAPTER_DIM), default=None,
+                   help="adapter/medsa bottleneck width (default: the paper's, encoder width/32 for adapter, "
+                        "width/4 for medsa; medsa's decoder adapters keep the same ratio)")
+    g.add_argument("--adapter-scale", type=number(0, MAX_ADAPTER_SCALE, lo_open=True), default=None,
+                   help="adapter/medsa: factor on the adapter branch (default: the paper's, 1 for adapter, "
+                        "0.5 for medsa's MLP-parallel adapters)")
     g.add_argument("--train-prompt-encoder", action="store_true", help="also train the prompt encoder")
-    g.add_argument("--freeze-decoder", action="store_true", help="keep the mask decoder frozen (LoRA only)")
+    g.add_argument("--freeze-decoder", action="store_true",
+                   help="keep the mask decoder frozen (lora, adapter; medsa: train only its decoder adapters)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=count(1, 100_000), default=40, help="passes over the training tiles")
     t.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per optimisation step")

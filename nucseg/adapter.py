@@ -126,6 +126,10 @@ def validate_meta(meta) -> dict:
             raise ValueError(f"{key} must be 64 hex digits, not {value!r}")
     if not isinstance(meta.get("method"), dict):
         raise ValueError("method must be a JSON object")
+    try:  # method, rank, adapter width and scale, DoRA/rsLoRA flags: by type and range, before anything is built
+        MethodConfig.from_dict(meta["method"])
+    except (InputError, TypeError) as err:
+        raise ValueError(f"method: {err}") from None
     return meta
 
 

@@ -127,8 +127,8 @@ def write_summary_md(summary: dict, path: Path) -> None:
     for f in summary["folds"]:
         lines.append(f"| {f['fold']} | {f['val_tiles']} | " + " | ".join(_fmt(f["mean"][m]) for m in cols) + " |")
     text = (f"# Cross-validation: {summary['folds_total']} folds, grouped by {summary['group_by']}, "
-            f"seed {summary['seed']}\n\nModel {summary['model']}, method {summary['method']['method']}"
-            f" (rank {summary['method']['rank']}, targets {','.join(summary['method']['targets'])}).\n"
+            f"seed {summary['seed']}\n\nModel {summary['model']}, method "
+            f"{MethodConfig.from_dict(summary['method']).describe()}.\n"
             "Mean ± std over folds of the per-fold mean over validation tiles.\n\n" + "\n".join(lines) + "\n")
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -19,6 +19,9 @@ weights, same operations up to float rounding; checked in tests), with three cha
    a per-pixel linear map) with a fused layer norm, and hypernetwork masks are made only for the mask tokens
    that are used (one, or SAM's three ambiguity masks).
 
+A decoder whose blocks are not segment-anything's own (Med-SA's adapted blocks, :mod:`nucseg.medsa`) is decoded
+through the reference path :func:`nucseg.sam.decode` instead, so no adapter is silently skipped.
+
 Speed against the reference path: bench/bench_decoder.py, docs/PERFORMANCE.md.
 """
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.modeling.transformer import Attention
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 
 
 @dataclass
@@ -47,6 +50,12 @@ class ImageContext:
     t2i_v: torch.Tensor
     i2t_q: torch.Tensor
     hw: tuple[int, int]
+    embeddings: torch.Tensor | None = None  # kept for decoders that need the reference path
+
+
+def has_fast_path(model: Sam) -> bool:
+    """The fast path reimplements segment-anything's two-way blocks; adapted blocks take the reference path."""
+    return all(type(layer) is TwoWayAttentionBlock for layer in model.mask_decoder.transformer.layers)
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -103,6 +112,10 @@ def prepare(model: Sam, embeddings: torch.Tensor) -> ImageContext:
     _, c, h, w = embeddings.shape
     keys = embeddings.flatten(2).transpose(1, 2) + pe.no_mask_embed.weight.to(embeddings.dtype)
     key_pe = pe.get_dense_pe().to(embeddings.dtype).flatten(2).transpose(1, 2)
+    if not has_fast_path(model):
+        empty = keys.new_zeros(0)
+        return ImageContext(keys=keys, key_pe=key_pe, t2i_k=empty, t2i_v=empty, i2t_q=empty, hw=(h, w),
+                            embeddings=embeddings)
     first = transformer.layers[0]
     if not first.skip_first_layer_pe:
         raise ValueError("expected SAM's two-way transformer (first layer without positional encoding)")
@@ -190,6 +203,11 @@ def decode_points(
     """
     dec = model.mask_decoder
     n = len(points)
+    if ctx.embeddings is not None:  # adapted decoder blocks: segment-anything's computation, via nucseg.sam
+        from .sam import decode
+
+        labels = torch.ones(n, 1, dtype=torch.long, device=points.device)
+        return decode(model, ctx.embeddings, points[:, None, :], labels, image_index, multimask=multimask)
     ordered = bool((image_index[1:] >= image_index[:-1]).all())
     order = None if ordered else torch.argsort(image_index, stable=True)
     if order is not None:

@@ -67,6 +67,12 @@ def _alpha_for(scale: float, r: int) -> float:
 def to_peft(info: AdapterInfo, tensors: dict[str, torch.Tensor]) -> PeftExport:
     """Map an adapter's tensors to PEFT's keys and config (pure: nothing is read or written)."""
     cfg = info.method
+    if cfg.method in ("adapter", "medsa"):
+        raise InputError(f"adapter {info.path} uses --method {cfg.method}: its bottleneck modules have no PEFT "
+                         f"equivalent; load it with nucseg (nucseg.adapter.load_adapter)")
+    if getattr(cfg, "dora", False):
+        raise InputError(f"adapter {info.path} uses DoRA, whose magnitude vector is per output row of each adapted "
+                         f"slice and has no exact PEFT form on the fused qkv; load it with nucseg")
     if cfg.method == "full":
         raise InputError(f"adapter {info.path} is a full fine-tune (every encoder weight changed): PEFT has no "
                          "adapter form for it; 'nucseg merge' writes it as one checkpoint with official SAM keys")

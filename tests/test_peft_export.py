@@ -161,3 +161,15 @@ def test_every_adapter_has_a_model_card(tmp_path, ckpt512):
                  "1 / 2", "0.5 µm/px", "fold 2 of a 5-fold", "0.81", info["nucseg_version"], "load_adapter",
                  "nucseg export-peft", "PeftModel.from_pretrained", "40 nuclei"):
         assert fact in card, fact
+
+
+@pytest.mark.parametrize("method", [dict(method="adapter"), dict(method="medsa"), dict(method="lora", dora=True)])
+def test_methods_without_a_peft_form_are_refused(method, tmp_path):
+    from nucseg.adapter import AdapterInfo
+    from nucseg.errors import InputError
+    from nucseg.lora import MethodConfig
+    from nucseg.peft_export import to_peft
+
+    info = AdapterInfo(tmp_path, {"base": {"model": "vit_tiny"}, "input_size": 64}, MethodConfig(**method).validate())
+    with pytest.raises(InputError, match="load it with nucseg"):
+        to_peft(info, {})
