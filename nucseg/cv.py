@@ -192,7 +192,10 @@ def run_cv(
                 zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
                 write_json(zpath, zres)
             zero_rows.append(zres["mean"])
+    from . import __version__
+
     summary = {
+        "nucseg_version": __version__,
         "folds_total": len(folds),
         "group_by": cv_cfg.group_by,
         "seed": cv_cfg.seed,

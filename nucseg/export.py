@@ -654,6 +654,7 @@ def write_ome_zarr_labels(
     chunk: int = 1024,
     name: str = "nuclei",
     max_levels: int = 8,
+    provenance: dict | None = None,
 ) -> None:
     """Write an NGFF 0.4 OME-Zarr (zarr v2, "/" chunk keys) that napari opens as an image with its labels:
 
@@ -701,7 +702,8 @@ def write_ome_zarr_labels(
                 {"label": lab, "color": col, "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
                  "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
                 for lab, col in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))]},
-            "nucseg": {"image_mpp": float(image_mpp), "labels": f"labels/{name}", "label_mpp": mpp},
+            "nucseg": {"image_mpp": float(image_mpp), "labels": f"labels/{name}", "label_mpp": mpp,
+                       **({"provenance": provenance} if provenance else {})},
         })
         labels_group = root.create_group("labels")
         labels_group.attrs.update({"labels": [name]})

@@ -868,7 +868,8 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                                          max(view.target_mpp, max(W0, H0) * mpp0 / LABEL_IMAGE_MAX_SIDE))
         with times("write"):
             write_ome_zarr_labels(cfg.labels, view.height, view.width, stitched.region, view.target_mpp,
-                                  image=image, image_mpp=image_mpp, level0_scale=view.scale, chunk=cfg.label_chunk)
+                                  image=image, image_mpp=image_mpp, level0_scale=view.scale, chunk=cfg.label_chunk,
+                                  provenance=prov)
     return stitcher.count
 
 

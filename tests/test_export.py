@@ -88,6 +88,8 @@ def test_ome_zarr_labels_are_the_stitched_ids(cmu_run):
     ms = zattrs["multiscales"][0]
     assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
     assert zattrs["image-label"]["source"] == {"image": "../../"}
+    # provenance: the same record as the GeoJSON's "nucseg" member, on the store's root
+    assert json.loads((root / ".zattrs").read_text())["nucseg"]["provenance"] == fc["nucseg"]
     scales = [ds["coordinateTransformations"][0]["scale"] for ds in ms["datasets"]]
     assert scales[0] == pytest.approx([0.499, 0.499]) and all(
         s[0] == pytest.approx(scales[0][0] * 2**i) for i, s in enumerate(scales))

@@ -121,3 +121,27 @@ def test_rasterize_uses_pixel_centres():
     assert labels.sum() == 6 and labels[:2, :3].all() and not overlap.any()
     labels, _ = rasterize([shapely.box(0.6, 0.6, 2.4, 2.4)], 0, 0, 4, 4)  # centres at 1.5 only
     assert np.array_equal(np.argwhere(labels), [[1, 1]])
+
+
+def test_import_from_a_whole_slide_in_several_tiles(small_slide, tmp_path):
+    """A pyramidal slide read through openslide, outlines over several tiles: every tile's labels are the true
+    instances there (cut at tile edges), and the images are the slide's pixels."""
+    slide, gt = small_slide
+    sub = np.zeros_like(gt)
+    sub[:400, :500] = _canonical(gt[:400, :500])  # outlined in part of the slide only
+    ids = np.unique(sub[sub > 0])
+    polys = instance_polygons(sub, ids, 0, 0, 1.0)
+    geo = _qupath_export(tmp_path / "n.geojson", polys)
+    report = import_qupath(slide, geo, tmp_path / "ds", ImportConfig(organ="syn", tile_size=256))
+    assert report["tiles"] >= 4 and report["nuclei"] == len(ids)
+    import openslide
+
+    osl = openslide.OpenSlide(str(slide))
+    for tif in (tmp_path / "ds" / "syn" / "label masks modify").glob("*.tif"):
+        x0, y0 = (int(v[1:]) for v in tif.stem.split("_")[-2:])
+        got = tifffile.imread(tif).astype(np.int64)
+        h, w = got.shape
+        assert _same_instances(got, sub[y0 : y0 + h, x0 : x0 + w]), tif.name
+        png = tif.parent.parent / "tissue images" / f"{tif.stem}.png"
+        want = np.asarray(osl.read_region((x0, y0), 0, (w, h)).convert("RGB"))
+        assert np.array_equal(read_rgb(png), want)
