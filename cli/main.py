@@ -57,6 +57,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     t.add_argument("--prompts-per-tile", type=int, default=16, help="nuclei prompted per tile and step")
     t.add_argument("--box-fraction", type=float, default=0.0, help="share of prompts that also get their box")
     t.add_argument("--seed", type=int, default=42)
+    _add_calibration_split(t)
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations or stain jitter")
     t.add_argument("--no-bf16", action="store_true", help="train in fp32 on CUDA")
     t.add_argument("--drop-empty", action="store_true", help="remove tiles with no nuclei")
@@ -72,11 +73,48 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
     g.add_argument("--points-per-side", type=int, default=32, help="grid density per tile")
     g.add_argument("--prompts", default="auto", choices=["auto", "grid"],
                    help="auto: prune the grid (foreground map, in-mask skipping); grid: decode every point")
-    g.add_argument("--pred-iou-thresh", type=float, default=0.5)
-    g.add_argument("--stability-thresh", type=float, default=0.8)
-    g.add_argument("--nms-iou", type=float, default=0.6)
-    g.add_argument("--min-area", type=int, default=12)
+    g.add_argument("--pred-iou-thresh", type=float, default=None)
+    g.add_argument("--stability-thresh", type=float, default=None)
+    g.add_argument("--nms-iou", type=float, default=None)
+    g.add_argument("--min-area", type=int, default=None)
+    _add_threshold_note(g)
     g.add_argument("--decoder-batch", type=int, default=512, help="prompts per decoder call")
+
+
+def _add_threshold_note(g) -> None:
+    """--fg-threshold, and the rule for all thresholds: unset = the adapter's calibrated value or the default."""
+    g.add_argument("--fg-threshold", type=float, default=None,
+                   help="foreground probability below which a grid point is not decoded")
+    g.description = ("--pred-iou-thresh, --stability-thresh, --fg-threshold, --nms-iou, --min-area: when not "
+                     "given, the adapter's calibrated thresholds (nucseg.json 'thresholds'), else the global "
+                     "defaults 0.5, 0.8, 0.2, 0.6, 12; the run says which were used")
+
+
+def _add_calibration_split(t) -> None:
+    t.add_argument("--calibration-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the images held back from training to calibrate the adapter's inference "
+                        "thresholds on (0: no calibration, the global defaults apply)")
+    t.add_argument("--calibration-metric", default="pq", choices=["pq", "aji", "f1", "dice"],
+                   help="metric the threshold calibration maximises")
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="re-pick an adapter's inference thresholds on your annotated tiles")
+    p.add_argument("adapter", type=Path, help="adapter folder; its nucseg.json is rewritten (atomically)")
+    p.add_argument("--data", required=True, type=Path, help="NuInsSeg-layout annotated tiles (or one organ)")
+    p.add_argument("--checkpoint", type=Path, help="the base checkpoint the adapter was trained on")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--metric", default="pq", choices=["pq", "aji", "f1", "dice"], help="what to maximise")
+    p.add_argument("--points-per-side", type=int, default=32, help="grid density per tile, as for predict")
+    p.add_argument("--dry-run", action="store_true", help="print the thresholds, leave nucseg.json as it is")
+    p.set_defaults(func=commands.calibrate)
+
+
+def _add_threads(p: argparse.ArgumentParser, default=None) -> None:
+    """--threads, accepted before the subcommand and after it (the later one wins)."""
+    p.add_argument("--threads", type=int, default=default, metavar="N",
+                   help="CPU threads for torch, BLAS, OpenCV and dask (default: the CPUs this process may use: "
+                        "affinity mask, SLURM_CPUS_PER_TASK, cgroup quota; docs/HPC.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"nucseg {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_threads(ap)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune on a NuInsSeg-layout dataset and save an adapter")
@@ -183,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.demo_data)
+
+    _add_calibrate(sub)
+    for name, p in sub.choices.items():
+        _add_threads(p, default=argparse.SUPPRESS)  # after the subcommand: overrides the one before it
     return ap
 
 
@@ -198,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        _configure_threads(args)
         return int(args.func(args) or 0)
     except NucsegError as err:
         if args.debug:
@@ -219,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _configure_threads(args: argparse.Namespace) -> None:
+    """Size every thread pool to the CPUs given (nucseg.threads) before any work starts."""
+    from nucseg.threads import configure_threads
+
+    args.thread_settings = configure_threads(args.threads)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

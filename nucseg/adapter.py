@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from . import __version__
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .io import atomic_path, sha256_file, write_json
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
 from .sam import attach_foreground_head, load_sam
@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
 METHOD = "method.json"
 META = "nucseg.json"
+THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.calibrate)
 
 
 @dataclass
@@ -49,6 +50,18 @@ class AdapterInfo:
     @property
     def input_size(self) -> int:
         return int(self.meta["input_size"])
+
+    @property
+    def thresholds(self) -> dict | None:
+        """The calibrated inference thresholds (``nucseg.json`` key ``"thresholds"``), validated; None if absent."""
+        if self.meta.get(THRESHOLDS) is None:
+            return None
+        from .calibrate import validate_thresholds
+
+        try:
+            return validate_thresholds(self.meta[THRESHOLDS], f"{self.path / META}: thresholds")
+        except InputError as err:
+            raise CheckpointError(str(err)) from None
 
 
 def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict) -> Path:
@@ -86,6 +99,20 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"adapter {path} needs a newer nucseg (format {meta['format_version']})")
     return AdapterInfo(path, meta, method)
+
+
+def write_thresholds(path: str | Path, thresholds: dict) -> dict:
+    """Store calibrated thresholds in the adapter's nucseg.json, atomically; every other key is kept as is.
+
+    The weights and their recorded SHA-256 are untouched (the hash covers ``adapter.safetensors`` only), so
+    the adapter stays loadable; prediction caches key on the thresholds through the segmenter's settings.
+    """
+    from .calibrate import validate_thresholds
+
+    info = read_adapter(path)
+    meta = dict(info.meta, **{THRESHOLDS: validate_thresholds(dict(thresholds))})
+    write_json(info.path / META, meta)
+    return meta
 
 
 def check_base(info: AdapterInfo, model_type: str, fingerprint: str) -> None:

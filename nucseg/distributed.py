@@ -43,7 +43,8 @@ DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 
 class SegmenterSpec:
     """How to build a segmenter: ``kind`` "sam" (``adapter`` and/or ``model`` + ``checkpoint``) or "threshold".
 
-    infer: :class:`nucseg.infer.InferConfig` fields as sorted (name, value) pairs (hashable, picklable).
+    infer: the explicitly set :class:`nucseg.infer.InferConfig` fields as sorted (name, value) pairs (hashable,
+    picklable); thresholds not set here come from the adapter's calibrated ones, else the global defaults.
     tile_size / mpp: the threshold segmenter's tile side and µm/px.
     """
 
@@ -59,8 +60,15 @@ class SegmenterSpec:
     @classmethod
     def sam(cls, adapter: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
             model: str | None = None, device: str = "auto", infer=None) -> "SegmenterSpec":
-        """A SAM segmenter's spec; ``infer`` an :class:`nucseg.infer.InferConfig` (None: its defaults)."""
-        settings = () if infer is None else tuple(sorted(infer.to_dict().items()))
+        """A SAM segmenter's spec. ``infer``: an :class:`nucseg.infer.InferConfig` (every field set explicitly,
+        so an adapter's calibrated thresholds are not used), or a dict of only the fields to set (the others
+        from the adapter's thresholds or the defaults), or None (all from the adapter or the defaults)."""
+        if infer is None:
+            settings = ()
+        elif isinstance(infer, dict):
+            settings = tuple(sorted(infer.items()))
+        else:
+            settings = tuple(sorted(infer.to_dict().items()))
         return cls(kind="sam", adapter=None if adapter is None else str(adapter),
                    checkpoint=None if checkpoint is None else str(checkpoint), model=model, device=device,
                    infer=settings)
@@ -82,6 +90,20 @@ class SegmenterSpec:
         elif not self.model:
             raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
 
+    def thresholds_used(self) -> dict | None:
+        """{threshold: {"value", "source"}} a SAM segmenter of this spec uses (command line > adapter >
+        default), read without loading any weights; None for the threshold segmenter."""
+        if self.kind != "sam":
+            return None
+        from .calibrate import resolve_infer
+
+        thresholds = None
+        if self.adapter:
+            from .adapter import read_adapter
+
+            thresholds = read_adapter(self.adapter).thresholds
+        return resolve_infer(dict(self.infer), thresholds)[1]
+
     def build(self) -> TileSegmenter:
         """The segmenter itself; checkpoint and adapter problems raise CheckpointError, bad settings InputError."""
         self.check()
@@ -89,7 +111,8 @@ class SegmenterSpec:
             from .classical import ThresholdSegmenter
 
             return ThresholdSegmenter(tile_size=self.tile_size or 512, mpp=self.mpp)
-        from .infer import InferConfig, SamTileSegmenter
+        from .calibrate import resolve_infer
+        from .infer import SamTileSegmenter
         from .train import pick_device
 
         settings = dict(self.infer)
@@ -98,13 +121,18 @@ class SegmenterSpec:
 
             model, info = load_adapter(self.adapter, self.checkpoint)
             identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
-            return SamTileSegmenter(model, InferConfig(**settings), device=pick_device(self.device), mpp=info.mpp,
-                                    identity=identity)
+            cfg, used = resolve_infer(settings, info.thresholds)
+            seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), mpp=info.mpp, identity=identity)
+            seg.thresholds_used = used
+            return seg
         from .sam import load_sam
 
         model, fingerprint = load_sam(self.model, self.checkpoint)
-        cfg = InferConfig(**{**settings, "multimask": True})  # the base model needs SAM's 3 ambiguity masks
-        return SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
+        # the base model needs SAM's 3 ambiguity masks
+        cfg, used = resolve_infer({**settings, "multimask": True}, None)
+        seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
+        seg.thresholds_used = used
+        return seg
 
 
 @functools.lru_cache(maxsize=2)

@@ -6,6 +6,14 @@ threads than the process may run at once; OpenMP workers then spin-wait at every
 are not scheduled, and a job can run many times slower while burning CPU time. :func:`configure_threads`
 sizes every pool from :func:`allowed_cpus` (or an explicit count, ``nucseg --threads N``).
 
+Spinning is the larger half of the problem: with its default (active) wait policy, torch's OpenMP runtime
+spins at each of the thousands of barriers per training step, and when another process holds a core the
+spinning threads wait for a thread that is not running. On 2 cores shared with other CPU-bound work, 8
+training steps of the demo model took 177 s wall / 35 s CPU with the default policy and 8.6 s / 2.5 s with
+``OMP_WAIT_POLICY=PASSIVE`` (docs/PERFORMANCE.md). The runtime reads the policy once, when torch is
+imported, so importing :mod:`nucseg` sets it (unless the environment already does) and so does
+:func:`configure_threads` when it runs first.
+
 Sources, smallest wins: the CPU affinity mask (``os.sched_getaffinity``, what ``taskset``, cgroup cpusets and
 SLURM's task binding set), ``SLURM_CPUS_PER_TASK``, and the cgroup v2 CPU quota (``cpu.max``, what
 ``docker --cpus`` and Kubernetes CPU limits set).
@@ -83,6 +91,7 @@ def configure_threads(threads: int | None = None) -> ThreadSettings:
     interop = max(1, min(n, 4))  # inter-op parallelism is rare in nucseg's graphs; a few threads suffice
     for var in _ENV_VARS:
         os.environ[var] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not imported yet
 
     import torch
 

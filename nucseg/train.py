@@ -28,7 +28,7 @@ from segment_anything.modeling import Sam
 from .augment import AugmentConfig, augment
 from .data import Tile
 from .errors import CheckpointError, InputError
-from .infer import mask_boxes
+from .infer import InferConfig, mask_boxes
 from .lora import MethodConfig
 from .io import atomic_path, write_json
 from .sam import attach_foreground_head, decode, encode
@@ -56,6 +56,10 @@ class TrainConfig:
     box_fraction: float = 0.0  # share of positive prompts that also get their box
     foreground_head: bool = True  # train the cheap foreground map used for prompt pruning
     seed: int = 42
+    # share of the source images held back from training to calibrate the inference thresholds on
+    # (nucseg.calibrate; stored in the adapter); 0 = no calibration, the global defaults apply
+    calibration_fraction: float = 0.1
+    calibration_metric: str = "pq"
     device: str = "auto"
     bf16: bool = True  # autocast on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -66,6 +70,8 @@ class TrainConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1")
         if self.lr <= 0:
             raise InputError("--lr must be > 0")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise InputError(f"--calibration-fraction must be in [0, 1), got {self.calibration_fraction}")
         return self
 
     def to_dict(self) -> dict:
@@ -360,17 +366,25 @@ def finetune(
     extra_meta: dict | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
+    infer: InferConfig | None = None,
+    on_calibrate: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a fresh base on ``tiles`` and write ``out_dir/adapter`` (plus checkpoint and curves).
 
-    ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts.
+    ``cfg.calibration_fraction`` of the source images are held back from training; after training the
+    inference thresholds are grid-searched on them (:mod:`nucseg.calibrate`, starting from ``infer``, whose
+    other settings such as the point grid are used as they are) and stored in the adapter's ``thresholds``.
+    ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts;
+    ``on_calibrate(message)`` before and after calibrating.
     """
-    from .adapter import save_adapter
+    from .adapter import THRESHOLDS, save_adapter
+    from .calibrate import split_for_calibration
     from .data import summarize
     from .lora import apply_method, count_parameters
     from .sam import load_sam
 
     out_dir = Path(out_dir)
+    tiles, held_back = split_for_calibration(tiles, cfg.calibration_fraction, cfg.seed)
     size = max(max(t.labels.shape) for t in tiles)
     input_size = int(math.ceil(size / 16) * 16)
     model, fingerprint = load_sam(model_type, checkpoint, img_size=input_size, seed=cfg.seed)
@@ -399,5 +413,25 @@ def finetune(
         "final_loss": history[-1].loss if history else None,
         **(extra_meta or {}),
     }
+    if held_back:
+        meta[THRESHOLDS] = calibrate_model(trainer.model, held_back, cfg, infer, trainer.device, mpp, on_calibrate)
     adapter = save_adapter(out_dir / "adapter", trainer.model.cpu(), method, meta)
     return FinetuneResult(adapter, history, trainable, total)
+
+
+def calibrate_model(model: Sam, tiles: list[Tile], cfg: TrainConfig, infer: InferConfig | None,
+                    device: torch.device, mpp: float | None = None,
+                    on_calibrate: Callable[[str], None] | None = None) -> dict:
+    """The calibrated ``thresholds`` dict of a freshly trained model on its held-back ``tiles``."""
+    from .calibrate import CalibrationConfig, calibrate
+    from .infer import SamTileSegmenter
+
+    if on_calibrate:
+        on_calibrate(f"calibrating thresholds on {len(tiles)} held-back tiles")
+    seg = SamTileSegmenter(model.eval(), infer or InferConfig(), device=device, mpp=mpp)
+    res = calibrate(seg, tiles, CalibrationConfig(metric=cfg.calibration_metric))
+    t = res.thresholds
+    if on_calibrate:
+        on_calibrate(f"calibrated: {t['metric']} {t['default_score']:.3f} at the defaults -> {t['score']:.3f} "
+                     f"({res.evaluated} settings, {res.seconds:.0f} s)")
+    return t
