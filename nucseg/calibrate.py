@@ -88,8 +88,9 @@ def thresholds_to_infer(d: dict) -> dict:
 @dataclass
 class CalibrationConfig:
     metric: str = "pq"
-    pred_iou_thresh: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    stability_thresh: Sequence[float] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    # down to 0: a model trained briefly predicts low IoUs and stabilities for its good masks too
+    pred_iou_thresh: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    stability_thresh: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     fg_threshold: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5)
     nms_iou: Sequence[float] = (0.3, 0.45, 0.6, 0.75)
     min_area: Sequence[int] = (0, 6, 12, 24, 48)

@@ -308,8 +308,11 @@ class Trainer:
                                          seconds=time.perf_counter() - t0))
             log.info("epoch %d/%d loss %.4f train IoU %.3f", epoch + 1, self.cfg.epochs, sums["loss"], sums["train_iou"])
             # The checkpoint is the commit point of an epoch: what derives from it is written first, so a run
-            # killed in between redoes the epoch and rewrites both (a resumed run never replots).
-            plot_curves(self.history, self.out_dir / "curves.png")
+            # killed in between redoes the epoch and rewrites both (a resumed run never replots). With many
+            # short epochs (the demo's), plotting is most of an epoch's time: at most ~20 plots per run, always
+            # after the last epoch (a fixed rule, so a resumed run writes the same file).
+            if (epoch + 1) % max(1, self.cfg.epochs // 20) == 0 or epoch + 1 == self.cfg.epochs:
+                plot_curves(self.history, self.out_dir / "curves.png")
             self.save_checkpoint(epoch, fingerprint)
         self.model.eval()
         return self.history

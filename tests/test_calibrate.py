@@ -69,23 +69,32 @@ def test_split_holds_back_whole_images(tmp_path):
 
 
 def test_grid_estimate_equals_a_real_run(demo_model):
-    """With prompts="grid" every point is decoded in a real run too, so the search's re-filtered estimate
-    must be exactly the score the segmenter gets with the chosen thresholds (and at the defaults)."""
+    """With prompts="grid" every point is decoded in a real run too, so the label maps the search paints for a
+    setting from its one decoding pass must be exactly the segmenter's, and its scores exactly the real ones."""
+    from nucseg.calibrate import _candidates, _paint
     from nucseg.infer import SamTileSegmenter, segment_tiles
 
-    model, val = demo_model
+    model, val, _ = demo_model
+    val = val[:4]
     seg = SamTileSegmenter(model, InferConfig(points_per_side=16, prompts="grid"), device="cpu")
-    res = calibrate(seg, val, CalibrationConfig(batch_size=2))
+    cal_cfg = CalibrationConfig(batch_size=4)
+    res = calibrate(seg, val, cal_cfg)
     t = res.thresholds
-    assert t["score"] >= t["default_score"] and t["score"] > 0.3 and res.evaluated > 20
-
-    def real(cfg):
-        preds = segment_tiles(SamTileSegmenter(model, cfg, device="cpu"), [v.image for v in val], 4)
-        return float(np.mean([metric_value("pq", v.labels, p, v.ambiguous) for v, p in zip(val, preds)]))
-
-    assert real(seg.cfg) == pytest.approx(t["default_score"], abs=1e-6)
-    chosen = replace(seg.cfg, **{k: t[k] for k in THRESHOLD_FIELDS})
-    assert real(chosen) == pytest.approx(t["score"], abs=1e-6)
+    assert t["score"] >= t["default_score"] and res.evaluated > 20
+    cand = _candidates(seg, np.stack([v.image for v in val]), cal_cfg)
+    loosest = {"pred_iou_thresh": 0.0, "stability_thresh": 0.1, "fg_threshold": 0.05, "nms_iou": 0.6, "min_area": 1}
+    defaults = {k: getattr(seg.cfg, k) for k in THRESHOLD_FIELDS}
+    chosen = {k: t[k] for k in THRESHOLD_FIELDS}
+    for setting in (defaults, chosen, loosest):
+        cfg = replace(seg.cfg, **setting)
+        real = segment_tiles(SamTileSegmenter(model, cfg, device="cpu"), [v.image for v in val], 4)
+        estimate = _paint(seg, cand, setting)
+        assert all(np.array_equal(r, e) for r, e in zip(real, estimate)), setting
+        if setting is loosest:
+            assert sum(int(r.max()) for r in real) > 0  # the trained model does mark nuclei
+        if setting is not loosest:
+            score = float(np.mean([metric_value("pq", v.labels, r, v.ambiguous) for v, r in zip(val, real)]))
+            assert score == pytest.approx(t["default_score" if setting is defaults else "score"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
