@@ -15,8 +15,8 @@ imported, so importing :mod:`nucseg` sets it (unless the environment already doe
 :func:`configure_threads` when it runs first.
 
 Sources, smallest wins: the CPU affinity mask (``os.sched_getaffinity``, what ``taskset``, cgroup cpusets and
-SLURM's task binding set), ``SLURM_CPUS_PER_TASK``, and the cgroup v2 CPU quota (``cpu.max``, what
-``docker --cpus`` and Kubernetes CPU limits set).
+SLURM's task binding set), ``SLURM_CPUS_PER_TASK``, the cgroup v2 CPU quota (``cpu.max``, what
+``docker --cpus`` and Kubernetes CPU limits set), and ``OMP_NUM_THREADS`` if the environment sets it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ _ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 _current: "ThreadSettings | None" = None
+# OMP_NUM_THREADS as the user's environment had it when nucseg was imported (configure_threads overwrites it
+# for child processes, so it is read once): an explicit choice that the default respects.
+_USER_OMP = os.environ.get("OMP_NUM_THREADS", "").strip()
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ def allowed_cpus() -> tuple[int, str]:
     slurm = _slurm_cpus()
     if slurm is not None:
         found.append((slurm, "SLURM_CPUS_PER_TASK"))
+    if _USER_OMP.isdigit() and int(_USER_OMP) > 0:
+        found.append((int(_USER_OMP), "OMP_NUM_THREADS"))
     quota = _cgroup_quota()
     if quota is not None:
         found.append((quota, "cgroup quota"))

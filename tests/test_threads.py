@@ -16,6 +16,7 @@ from nucseg.errors import InputError
 def test_allowed_cpus_follow_affinity_slurm_and_quota(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(threads, "_USER_OMP", "")
     monkeypatch.setattr(threads, "_CGROUP_CPU_MAX", tmp_path / "missing")
     assert threads.allowed_cpus() == (6, "affinity")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
@@ -30,6 +31,8 @@ def test_allowed_cpus_follow_affinity_slurm_and_quota(monkeypatch, tmp_path):
     assert threads.allowed_cpus() == (6, "affinity")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "garbage")
     assert threads.allowed_cpus() == (6, "affinity")
+    monkeypatch.setattr(threads, "_USER_OMP", "3")  # the user's own OMP_NUM_THREADS at start-up
+    assert threads.allowed_cpus() == (3, "OMP_NUM_THREADS")
 
 
 def test_configure_sets_torch_blas_dask_and_env(monkeypatch):
@@ -57,8 +60,9 @@ def _cli_threads(*args: str, env: dict | None = None) -> str:
     """Run the CLI in a fresh process (inter-op pools can be sized only once) and report torch's pools."""
     code = ("import sys, torch; from nucseg_cli.main import main; "
             "rc = main(list(sys.argv[1:])); print('T', torch.get_num_threads(), torch.get_num_interop_threads())")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")}
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **(env or {})})
+                         env={**base, **(env or {})})
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
