@@ -46,15 +46,33 @@ def _train_cfg(args: argparse.Namespace):
                        dice_weight=args.dice_weight, balance_ce=args.balance_ce,
                        positive_prompts=args.prompts_per_tile,
                        box_fraction=args.box_fraction, seed=args.seed, device=args.device,
+                       calibration_fraction=args.calibration_fraction, calibration_metric=args.calibration_metric,
                        bf16=not args.no_bf16, augment=aug).validate()
 
 
-def _infer_cfg(args: argparse.Namespace):
+THRESHOLD_OPTIONS = ("pred_iou_thresh", "stability_thresh", "fg_threshold", "nms_iou", "min_area")
+
+
+def _infer_cfg(args: argparse.Namespace) -> dict:
+    """The inference settings given on the command line; thresholds left unset (None) are not in it, so the
+    adapter's calibrated ones (or the global defaults) apply (nucseg.calibrate.resolve_infer)."""
     from nucseg.infer import InferConfig
 
-    return InferConfig(points_per_side=args.points_per_side, prompts=args.prompts,
-                       pred_iou_thresh=args.pred_iou_thresh, stability_thresh=args.stability_thresh,
-                       nms_iou=args.nms_iou, min_area=args.min_area, decoder_batch=args.decoder_batch).validate()
+    explicit = {"points_per_side": args.points_per_side, "prompts": args.prompts,
+                "decoder_batch": args.decoder_batch}
+    explicit.update({k: getattr(args, k) for k in THRESHOLD_OPTIONS if getattr(args, k, None) is not None})
+    InferConfig(**explicit).validate()
+    return explicit
+
+
+def _say_thresholds(spec) -> dict | None:
+    """Which thresholds this run uses, and from where (stderr, so stdout stays machine-readable)."""
+    used = spec.thresholds_used()
+    if used:
+        from nucseg.calibrate import describe_thresholds
+
+        print(f"thresholds: {describe_thresholds(used)}", file=sys.stderr)
+    return used
 
 
 def _tiles(args: argparse.Namespace, input_size: int | None = 512):
@@ -190,7 +208,9 @@ def segment(args: argparse.Namespace) -> int:
     from nucseg.segment import plan_outputs, segment_image, write_label_map
 
     plan = plan_outputs(args.inputs, args.out)  # every output decided and checked before the model is built
-    seg = _segmenter_spec(args).build()
+    spec = _segmenter_spec(args)
+    seg = spec.build()
+    _say_thresholds(spec)
     done = []
     for path, out in _bar(args, iterable=plan, desc="segment", unit="image"):
         labels = segment_image(seg, read_rgb(path), args.batch_size)
@@ -235,6 +255,7 @@ def predict(args: argparse.Namespace) -> int:
         cfg.labels = args.labels
         cfg.roi, cfg.roi_class = args.roi, args.roi_class
         seg = spec.build()
+        _say_thresholds(spec)
         bar = _bar(args, unit="tile", desc="tiles")
         try:
             summaries = [predict_slide(slides[0], args.out, seg, cfg, _tile_progress(bar))]
@@ -274,6 +295,7 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
         out = writable_dir(args.out)
         summaries = []
         with RunLog(out, len(slides), shard) as runlog:
+            runlog.summary.thresholds = _say_thresholds(spec)
             if client is not None:
                 summaries = _predict_on_cluster(args, client, slides, spec, cfg, extras, runlog)
             else:
@@ -436,4 +458,32 @@ def data(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(root)
+def calibrate(args: argparse.Namespace) -> int:
+    from nucseg.adapter import load_adapter, write_thresholds
+    from nucseg.calibrate import CalibrationConfig, calibrate as run_calibration, describe_thresholds, resolve_infer
+    from nucseg.data import load_dataset
+    from nucseg.infer import SamTileSegmenter
+    from nucseg.train import pick_device
+
+    model, info = load_adapter(args.adapter, args.checkpoint)
+    tiles = load_dataset(args.data, tile_size=info.input_size)
+    cfg, _ = resolve_infer({"points_per_side": args.points_per_side}, None)  # search from the global defaults
+    seg = SamTileSegmenter(model, cfg, device=pick_device(args.device), mpp=info.mpp)
+    print(f"calibrating on {len(tiles)} tiles from {args.data}", file=sys.stderr)
+    bar = _bar(args, total=len(tiles), unit="tile", desc="decode")
+    try:
+        res = run_calibration(seg, tiles, CalibrationConfig(metric=args.metric),
+                              on_progress=lambda done, total: bar.update(done - bar.n))
+    finally:
+        bar.close()
+    t = res.thresholds
+    old = info.meta.get("thresholds")
+    if old:
+        print(f"previous: {describe_thresholds(resolve_infer({}, old)[1])}", file=sys.stderr)
+    print(f"{t['metric']} {t['default_score']:.3f} with the global defaults -> {t['score']:.3f} calibrated "
+          f"({res.evaluated} settings in {res.seconds:.0f} s)", file=sys.stderr)
+    print(json.dumps(t, sort_keys=True))
+    if not args.dry_run:
+        write_thresholds(args.adapter, t)
+        print(f"thresholds written to {args.adapter / 'nucseg.json'}", file=sys.stderr)
     return 0

@@ -104,6 +104,9 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log messages (-vv: debug)")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d(None),
                    help="log level of nucseg's messages on stderr (default: warning; -v: info)")
+    g.add_argument("--threads", type=count(1, 4096), default=d(None), metavar="N",
+                   help="CPU threads for torch, BLAS, OpenCV and dask (default: the CPUs this process may use: "
+                        "affinity mask, SLURM_CPUS_PER_TASK, cgroup quota; docs/HPC.md)")
     return p
 
 
@@ -171,6 +174,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     t.add_argument("--box-fraction", type=FRACTION, default=0.0,
                    help="share of prompts that also get their box (0..1)")
     t.add_argument("--seed", type=SEED, default=42, help="seed of the initialisation, sampling and augmentation")
+    _add_calibration_split(t)
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations or stain jitter")
     t.add_argument("--no-bf16", action="store_true", help="train in fp32 on CUDA")
     t.add_argument("--drop-empty", action="store_true", help="remove tiles with no nuclei")
@@ -186,14 +190,15 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
     g.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile")
     g.add_argument("--prompts", default="auto", choices=["auto", "grid"],
                    help="auto: prune the grid (foreground map, in-mask skipping); grid: decode every point")
-    g.add_argument("--pred-iou-thresh", type=FRACTION, default=0.5,
+    g.add_argument("--pred-iou-thresh", type=FRACTION, default=None,
                    help="keep masks whose predicted IoU is at least this (0..1)")
-    g.add_argument("--stability-thresh", type=FRACTION, default=0.8,
+    g.add_argument("--stability-thresh", type=FRACTION, default=None,
                    help="keep masks whose stability score (IoU of the mask at two thresholds) is at least this")
-    g.add_argument("--nms-iou", type=number(0, 1, lo_open=True), default=0.6,
+    g.add_argument("--nms-iou", type=number(0, 1, lo_open=True), default=None,
                    help="of two masks overlapping more than this (box IoU), keep the better one")
-    g.add_argument("--min-area", type=count(0, 1 << 20), default=12,
+    g.add_argument("--min-area", type=count(0, 1 << 20), default=None,
                    help="smallest nucleus kept, in pixels at the model's input resolution")
+    _add_threshold_note(g)
     g.add_argument("--decoder-batch", type=count(1, 1 << 20), default=512,
                    help="prompts per decoder call (halved automatically when memory runs out)")
 
@@ -224,9 +229,42 @@ EXAMPLES = {
     "import-qupath": """examples:
   nucseg import-qupath slide.svs slide-nuclei.geojson --out my_data --organ colon
   nucseg train --data my_data --out runs/colon --checkpoint sam_vit_b_01ec64.pth""",
+    "calibrate": """examples:
+  nucseg calibrate runs/lora/adapter --data my_annotated_tiles/ --checkpoint sam_vit_b_01ec64.pth
+  nucseg calibrate runs/lora/adapter --data my_annotated_tiles/ --metric aji --dry-run""",
     "demo-data": """examples:
   nucseg demo-data demo/ --tiles-per-organ 6 --size 256""",
 }
+
+
+def _add_threshold_note(g) -> None:
+    """--fg-threshold, and the rule for all thresholds: unset = the adapter's calibrated value or the default."""
+    g.add_argument("--fg-threshold", type=FRACTION, default=None,
+                   help="foreground probability below which a grid point is not decoded")
+    g.description = ("--pred-iou-thresh, --stability-thresh, --fg-threshold, --nms-iou, --min-area: when not "
+                     "given, the adapter's calibrated thresholds (nucseg.json 'thresholds'), else the global "
+                     "defaults 0.5, 0.8, 0.2, 0.6, 12; the run says which were used")
+
+
+def _add_calibration_split(t) -> None:
+    t.add_argument("--calibration-fraction", type=number(0, 1, hi_open=True), default=0.1, metavar="F",
+                   help="share of the images held back from training to calibrate the adapter's inference "
+                        "thresholds on (0: no calibration, the global defaults apply)")
+    t.add_argument("--calibration-metric", default="pq", choices=["pq", "aji", "f1", "dice"],
+                   help="metric the threshold calibration maximises")
+
+
+def _add_calibrate(sub, command) -> None:
+    p = command("calibrate", "re-pick an adapter's inference thresholds on your annotated tiles")
+    p.add_argument("adapter", type=Path, help="adapter folder; its nucseg.json is rewritten (atomically)")
+    p.add_argument("--data", required=True, type=Path, help="NuInsSeg-layout annotated tiles (or one organ)")
+    p.add_argument("--checkpoint", type=Path, help="the base checkpoint the adapter was trained on")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: the first CUDA GPU if there is one, else the CPU")
+    p.add_argument("--metric", default="pq", choices=["pq", "aji", "f1", "dice"], help="what to maximise")
+    p.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile, as for predict")
+    p.add_argument("--dry-run", action="store_true", help="print the thresholds, leave nucseg.json as it is")
+    p.set_defaults(func=commands.calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0, help="random seed")
     p.set_defaults(func=commands.demo_data)
     _add_sharing_commands(sub, common)
+    _add_calibrate(sub, command)
     return ap
 
 
@@ -434,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        _configure_threads(args)
         return int(args.func(args) or 0)
     except NucsegError as err:
         if args.debug:
@@ -478,6 +518,11 @@ def _quiet_after_interrupt() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
+def _configure_threads(args: argparse.Namespace) -> None:
+    """Size every thread pool to the CPUs given (nucseg.threads) before any work starts."""
+    from nucseg.threads import configure_threads
+
+    args.thread_settings = configure_threads(args.threads)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

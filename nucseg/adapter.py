@@ -35,6 +35,7 @@ MIN_MPP, MAX_MPP = MPP_RANGE
 WEIGHTS = "adapter.safetensors"
 METHOD = "method.json"
 META = "nucseg.json"
+THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.calibrate)
 
 
 @dataclass
@@ -54,6 +55,18 @@ class AdapterInfo:
     @property
     def input_size(self) -> int:
         return int(self.meta["input_size"])
+
+    @property
+    def thresholds(self) -> dict | None:
+        """The calibrated inference thresholds (``nucseg.json`` key ``"thresholds"``), validated; None if absent."""
+        if self.meta.get(THRESHOLDS) is None:
+            return None
+        from .calibrate import validate_thresholds
+
+        try:
+            return validate_thresholds(self.meta[THRESHOLDS], f"{self.path / META}: thresholds")
+        except InputError as err:
+            raise CheckpointError(str(err)) from None
 
 
 def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict) -> Path:
@@ -130,6 +143,13 @@ def validate_meta(meta) -> dict:
         MethodConfig.from_dict(meta["method"])
     except (InputError, TypeError) as err:
         raise ValueError(f"method: {err}") from None
+    if meta.get(THRESHOLDS) is not None:  # calibrated inference thresholds (nucseg.calibrate)
+        from .calibrate import validate_thresholds
+
+        try:
+            validate_thresholds(meta[THRESHOLDS], f"{META}: thresholds")
+        except InputError as err:
+            raise ValueError(str(err)) from None
     return meta
 
 
@@ -162,6 +182,20 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     except (ValueError, KeyError, TypeError, InputError, UnicodeDecodeError) as err:
         raise CheckpointError(f"adapter {path} has an invalid {META} or {METHOD}: {err}") from None
     return AdapterInfo(path, meta, method)
+
+
+def write_thresholds(path: str | Path, thresholds: dict) -> dict:
+    """Store calibrated thresholds in the adapter's nucseg.json, atomically; every other key is kept as is.
+
+    The weights and their recorded SHA-256 are untouched (the hash covers ``adapter.safetensors`` only), so
+    the adapter stays loadable; prediction caches key on the thresholds through the segmenter's settings.
+    """
+    from .calibrate import validate_thresholds
+
+    info = read_adapter(path)
+    meta = dict(info.meta, **{THRESHOLDS: validate_thresholds(dict(thresholds))})
+    write_json(info.path / META, meta)
+    return meta
 
 
 def check_base(info: AdapterInfo, model_type: str, fingerprint: str) -> None:

@@ -126,6 +126,13 @@ def write_summary_md(summary: dict, path: Path) -> None:
               "|---" * (len(cols) + 2) + "|"]
     for f in summary["folds"]:
         lines.append(f"| {f['fold']} | {f['val_tiles']} | " + " | ".join(_fmt(f["mean"][m]) for m in cols) + " |")
+    used = [(f["fold"], f["thresholds"]) for f in summary["folds"] if f.get("thresholds")]
+    if used:
+        from .calibrate import describe_thresholds
+
+        lines += ["", "Inference thresholds per fold (calibrated on images held back from the fold's training "
+                  "set, unless given on the command line):", ""]
+        lines += [f"- fold {fold}: {describe_thresholds(t)}" for fold, t in used]
     text = (f"# Cross-validation: {summary['folds_total']} folds, grouped by {summary['group_by']}, "
             f"seed {summary['seed']}\n\nModel {summary['model']}, method "
             f"{MethodConfig.from_dict(summary['method']).describe()}.\n"
@@ -141,14 +148,23 @@ def run_cv(
     checkpoint: str | Path | None,
     method: MethodConfig,
     train_cfg: TrainConfig,
-    infer_cfg: InferConfig,
+    infer_cfg: InferConfig | dict,
     cv_cfg: CVConfig,
     mpp: float | None = None,
     on_fold: Callable[[int, int, str], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
 ) -> dict:
-    """Run (or finish) every fold and write the summary. Returns the summary dict."""
+    """Run (or finish) every fold and write the summary. Returns the summary dict.
+
+    ``infer_cfg``: an InferConfig (every setting fixed), or a dict of the settings to fix, the thresholds
+    not in it coming from each fold's calibration (``train_cfg.calibration_fraction`` of the fold's training
+    images held back for it) or, without one, the global defaults.
+    """
+    from .calibrate import resolve_infer
+
+    explicit = infer_cfg.to_dict() if isinstance(infer_cfg, InferConfig) else dict(infer_cfg)
+    base_infer = InferConfig(**explicit).validate()
     out_dir = Path(out_dir)
     folds = make_folds(tiles, cv_cfg.folds, cv_cfg.seed, cv_cfg.group_by)
     device = pick_device(train_cfg.device)
@@ -169,10 +185,13 @@ def run_cv(
             res = finetune(train, fdir / "train", model_type, checkpoint, method, train_cfg, mpp=mpp,
                            extra_meta={"cv": {"fold": f, "folds": len(folds), "seed": cv_cfg.seed,
                                               "group_by": cv_cfg.group_by}},
-                           on_start=on_start, on_step=on_step)
+                           on_start=on_start, on_step=on_step, infer=base_infer,
+                           on_calibrate=(lambda msg, f=f: on_fold(f, len(folds), msg)) if on_fold else None)
             model, info = load_adapter(res.adapter, checkpoint)
-            seg = SamTileSegmenter(model, infer_cfg, device=device, mpp=mpp)
+            fold_infer, used = resolve_infer(explicit, info.thresholds)
+            seg = SamTileSegmenter(model, fold_infer, device=device, mpp=mpp)
             result, preds = score(seg, val, train_cfg.batch_size)
+            result["thresholds"] = used
             for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
                 overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
             meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
@@ -180,7 +199,8 @@ def run_cv(
             write_model_card(res.adapter, meta)  # the card shows the fold's metrics too
             write_json(metrics_path, result)
         rows.append(result["mean"])
-        fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"]})
+        fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"],
+                          "thresholds": result.get("thresholds")})
         if cv_cfg.zero_shot:
             zpath = fdir / "zero_shot_metrics.json"
             if zpath.is_file():
@@ -188,7 +208,7 @@ def run_cv(
             else:
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)
-                zcfg = InferConfig(**{**asdict(infer_cfg), "multimask": cv_cfg.zero_shot_multimask})
+                zcfg = InferConfig(**{**asdict(base_infer), "multimask": cv_cfg.zero_shot_multimask})
                 zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
                 write_json(zpath, zres)
             zero_rows.append(zres["mean"])
@@ -203,7 +223,8 @@ def run_cv(
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "method": method.to_dict(),
         "training": train_cfg.to_dict(),
-        "inference": infer_cfg.to_dict(),
+        "inference": base_infer.to_dict(),  # fine-tuned folds: thresholds per fold in "folds"
+        "inference_explicit": sorted(explicit),
         "tiles": len(tiles),  # whole images (validation scores them whole)
         "tile_size": cv_cfg.tile_size,
         "folds": fold_info,

@@ -61,23 +61,33 @@ def make_demo_dataset(
     tiles_per_organ: int = 6,
     size: int = 256,
     seed: int = 0,
+    zoom: int = 1,
 ) -> Path:
     """Write the demo dataset under ``root`` and return ``root``.
 
     Layout per organ: ``tissue images/<stem>.png`` (RGB), ``label masks modify/<stem>.tif`` (uint16
     instances), ``mask binary/<stem>.png`` and ``vague areas/mask binary/<stem>.png`` (0/255; an ambiguous
     smudge on about half the tiles, empty on the others). Every tile depends only on (seed, organ index,
-    tile index), and every file is written atomically.
+    tile index, zoom), and every file is written atomically.
+
+    ``zoom``: the tissue is rendered at ``size / zoom`` px and scanned at ``zoom`` x the magnification (image
+    resampled bilinearly, labels by nearest neighbour): nuclei ``zoom`` times larger, as a 40x scan of the
+    same tissue shows them compared with a 20x one.
     """
-    if not organs or tiles_per_organ < 1 or size < 64:
-        raise InputError("demo dataset needs at least one organ, one tile and a tile size of at least 64 px")
+    if not organs or tiles_per_organ < 1 or size < 64 or zoom < 1 or size % zoom:
+        raise InputError("demo dataset needs at least one organ, one tile, a tile size of at least 64 px and a "
+                         "zoom >= 1 that divides it")
     root = Path(root)
     for o, organ in enumerate(organs):
         style = _style(o / (len(organs) - 1) if len(organs) > 1 else 0.0)
         slug = re.sub(r"[^0-9a-zA-Z]+", "_", organ).strip("_").lower() or f"organ{o}"
         for i in range(tiles_per_organ):
             rng = np.random.default_rng([seed, o, i])
-            image, labels, vague = render_tile(size, style, rng)
+            image, labels, vague = render_tile(size // zoom, style, rng)
+            if zoom > 1:
+                image = np.clip(np.rint(ndi.zoom(image.astype(np.float32), (zoom, zoom, 1), order=1,
+                                                 grid_mode=True, mode="nearest")), 0, 255).astype(np.uint8)
+                labels, vague = (np.kron(a, np.ones((zoom, zoom), a.dtype)) for a in (labels, vague))
             stem = f"{slug}_{i + 1:02d}"
             _write_png(root / organ / IMAGES_DIR / f"{stem}.png", image)
             with atomic_path(root / organ / LABELS_DIR / f"{stem}.tif") as tmp:
@@ -206,3 +216,93 @@ def _binary(mask: np.ndarray) -> np.ndarray:
 def _write_png(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         imsave(tmp, array, check_contrast=False)
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything the demo trains and predicts with; :data:`QUICK` is ``make demo``, :data:`FULL` the long one.
+
+    A randomly initialised SAM (no official weights on a fresh machine) must learn from scratch, in
+    minutes on 2 CPU cores, both what a nucleus looks like and how a point prompt picks one out. What makes
+    that fast (docs/BENCHMARKS.md, "demo recipe"): small tiles at a magnification where nuclei span one or
+    two 16 px patches (``zoom``), many short steps at a high learning rate, class-balanced CE (plain CE
+    settles on empty masks), box prompts on half of the positives, and thresholds calibrated on held-back
+    tiles instead of SAM's defaults.
+    """
+
+    tiles_per_organ: int = 24
+    size: int = 128  # tile side in px (also the model input)
+    zoom: int = 2  # nuclei 16-40 px across
+    mpp: float = 0.25  # µm/px of the tiles (the 0.5 µm/px demo slide is read at this resolution)
+    folds: int = 2
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 2e-3
+    box_fraction: float = 0.5
+    positive_prompts: int = 16
+    points_per_side: int = 16
+    calibration_fraction: float = 0.2
+    slide_px: int = 512  # side of the demo slide at 0.5 µm/px
+    overlap: int = 56  # whole-slide tile overlap in px at the tiles' resolution: wider than the largest nucleus
+    seed: int = 0
+
+    def method(self):
+        from .lora import MethodConfig
+
+        return MethodConfig(method="full")  # a random-init base has nothing for LoRA to adapt
+
+    def train_config(self, device: str = "cpu"):
+        from .augment import AugmentConfig
+        from .train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, box_fraction=self.box_fraction,
+                           balance_ce=True, positive_prompts=self.positive_prompts,
+                           calibration_fraction=self.calibration_fraction, seed=self.seed, device=device,
+                           augment=AugmentConfig())
+
+    def infer(self) -> dict:
+        """Explicit inference settings; the thresholds are left to each adapter's calibration."""
+        return {"points_per_side": self.points_per_side}
+
+    def steps(self) -> int:
+        """Training steps of the whole cross-validation (for progress and ETA)."""
+        import math
+
+        images = self.tiles_per_organ * 2
+        per_fold = images - images // self.folds
+        train = per_fold - max(1, round(self.calibration_fraction * per_fold))
+        return self.folds * self.epochs * math.ceil(train / self.batch_size)
+
+
+QUICK = DemoRecipe()
+FULL = DemoRecipe(tiles_per_organ=16, size=256, epochs=150, batch_size=4, lr=1e-3, folds=3, points_per_side=32,
+                  slide_px=1536)
+
+
+class Eta:
+    """Progress in work units (a training step is one) with an ETA from the rate measured so far."""
+
+    def __init__(self, total: float, say):
+        import time
+
+        self.total, self.done, self.say = float(total), 0.0, say
+        self.t0 = time.perf_counter()
+        self._last = -1e9
+
+    def add(self, units: float, what: str | None = None, every: float = 5.0) -> None:
+        """Count ``units`` done; print ``what`` with the ETA (at most every ``every`` seconds unless forced)."""
+        import time
+
+        self.done = min(self.total, self.done + units)
+        now = time.perf_counter()
+        if what is not None and (every == 0 or now - self._last >= every):
+            self._last = now
+            self.say(f"{what}  [{100 * self.done / self.total:3.0f} %, ETA {self.eta()}]")
+
+    def eta(self) -> str:
+        import time
+
+        if self.done <= 0:
+            return "?"
+        left = (time.perf_counter() - self.t0) * (self.total - self.done) / self.done
+        return f"{left / 60:.0f} min {left % 60:02.0f} s" if left >= 60 else f"{left:.0f} s"

@@ -44,7 +44,8 @@ DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 
 class SegmenterSpec:
     """How to build a segmenter: ``kind`` "sam" (``adapter`` and/or ``model`` + ``checkpoint``) or "threshold".
 
-    infer: :class:`nucseg.infer.InferConfig` fields as sorted (name, value) pairs (hashable, picklable).
+    infer: the explicitly set :class:`nucseg.infer.InferConfig` fields as sorted (name, value) pairs (hashable,
+    picklable); thresholds not set here come from the adapter's calibrated ones, else the global defaults.
     tile_size / mpp: the threshold segmenter's tile side and µm/px.
     """
 
@@ -60,9 +61,17 @@ class SegmenterSpec:
 
     @classmethod
     def sam(cls, adapter: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
-            model: str | None = None, device: str = "auto", infer=None, single_mask: bool = False) -> "SegmenterSpec":
-        """A SAM segmenter's spec; ``infer`` an :class:`nucseg.infer.InferConfig` (None: its defaults)."""
-        settings = () if infer is None else tuple(sorted(infer.to_dict().items()))
+            model: str | None = None, device: str = "auto", infer=None,
+            single_mask: bool = False) -> "SegmenterSpec":
+        """A SAM segmenter's spec. ``infer``: an :class:`nucseg.infer.InferConfig` (every field set explicitly,
+        so an adapter's calibrated thresholds are not used), or a dict of only the fields to set (the others
+        from the adapter's thresholds or the defaults), or None (all from the adapter or the defaults)."""
+        if infer is None:
+            settings = ()
+        elif isinstance(infer, dict):
+            settings = tuple(sorted(infer.items()))
+        else:
+            settings = tuple(sorted(infer.to_dict().items()))
         return cls(kind="sam", adapter=None if adapter is None else str(adapter),
                    checkpoint=None if checkpoint is None else str(checkpoint), model=model, device=device,
                    infer=settings, single_mask=single_mask)
@@ -84,6 +93,20 @@ class SegmenterSpec:
         elif not self.model:
             raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
 
+    def thresholds_used(self) -> dict | None:
+        """{threshold: {"value", "source"}} a SAM segmenter of this spec uses (command line > adapter >
+        default), read without loading any weights; None for the threshold segmenter."""
+        if self.kind != "sam":
+            return None
+        from .calibrate import resolve_infer
+
+        thresholds = None
+        if self.adapter:
+            from .adapter import read_adapter
+
+            thresholds = read_adapter(self.adapter).thresholds
+        return resolve_infer(dict(self.infer), thresholds)[1]
+
     def build(self) -> TileSegmenter:
         """The segmenter itself; checkpoint and adapter problems raise CheckpointError, bad settings InputError."""
         self.check()
@@ -91,7 +114,8 @@ class SegmenterSpec:
             from .classical import ThresholdSegmenter
 
             return ThresholdSegmenter(tile_size=self.tile_size or 512, mpp=self.mpp)
-        from .infer import InferConfig, SamTileSegmenter
+        from .calibrate import resolve_infer
+        from .infer import SamTileSegmenter
         from .train import pick_device
 
         settings = dict(self.infer)
@@ -103,14 +127,18 @@ class SegmenterSpec:
                 warnings.warn(f"adapter {self.adapter} records no µm/px: slides are segmented at their own µm/px "
                               f"unless --mpp says otherwise (train with --mpp to record it)", UserWarning, stacklevel=2)
             identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
-            return SamTileSegmenter(model, InferConfig(**settings), device=pick_device(self.device), mpp=info.mpp,
-                                    identity=identity)
+            cfg, used = resolve_infer(settings, info.thresholds)
+            seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), mpp=info.mpp, identity=identity)
+            seg.thresholds_used = used
+            return seg
         from .sam import load_sam
 
         model, fingerprint = load_sam(self.model, self.checkpoint)
         # SAM's own base needs its 3 ambiguity masks; a base nucseg trained answers with output 0
-        cfg = InferConfig(**{**settings, "multimask": not self.single_mask})
-        return SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
+        cfg, used = resolve_infer({**settings, "multimask": not self.single_mask}, None)
+        seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
+        seg.thresholds_used = used
+        return seg
 
 
 @functools.lru_cache(maxsize=2)

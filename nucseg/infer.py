@@ -217,6 +217,9 @@ class SamTileSegmenter:
         self.mpp = mpp
         self.grid = grid_points(self.tile_size, self.cfg.points_per_side).to(self.device)
         self.stats = {"tiles": 0, "prompts_grid": 0, "prompts_decoded": 0}
+        # {field: {"value", "source"}} for the run summary; set by whoever resolved the thresholds
+        # (nucseg.calibrate.resolve_infer: command line > adapter > default)
+        self.thresholds_used: dict | None = None
         settings = json.dumps(self.cfg.to_dict(), sort_keys=True)
         self.fingerprint = hashlib.sha256(f"{identity}|{self.tile_size}|{settings}".encode()).hexdigest()
         self.identity = identity
@@ -316,19 +319,26 @@ class SamTileSegmenter:
         ok[cand] = (stab >= self.cfg.stability_thresh) & (counts[:, 1] >= self.cfg.min_area)
         return ok
 
+    def foreground_at_grid(self, emb: torch.Tensor) -> torch.Tensor | None:
+        """(B, G) foreground probability at each grid point, or None when pruning is off or there is no head."""
+        head = getattr(self.model, "fg_head", None)
+        if self.cfg.prompts != "auto" or head is None:
+            return None
+        with self._amp():
+            fg = torch.sigmoid(head(emb).float())  # (B, 1, h, w)
+        # the probability at the point itself: a prompt off every nucleus decodes nothing useful, so
+        # dilating the map (as an earlier version did) only adds prompts
+        norm = self.grid / self.tile_size * 2 - 1
+        val = F.grid_sample(fg, norm[None, None].expand(emb.shape[0], -1, -1, -1), align_corners=False)
+        return val[:, 0, 0]
+
     def _prompts(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, G) boolean: which grid points of each tile are worth decoding at all."""
         b, g = emb.shape[0], len(self.grid)
         keep = torch.ones(b, g, dtype=torch.bool, device=self.device)
-        head = getattr(self.model, "fg_head", None)
-        if self.cfg.prompts == "auto" and head is not None:
-            with self._amp():
-                fg = torch.sigmoid(head(emb).float())  # (B, 1, h, w)
-            # the probability at the point itself: a prompt off every nucleus decodes nothing useful, so
-            # dilating the map (as an earlier version did) only adds prompts
-            norm = self.grid / self.tile_size * 2 - 1
-            val = F.grid_sample(fg, norm[None, None].expand(b, -1, -1, -1), align_corners=False)
-            keep &= val[:, 0, 0] >= self.cfg.fg_threshold
+        fg = self.foreground_at_grid(emb)
+        if fg is not None:
+            keep &= fg >= self.cfg.fg_threshold
         return keep
 
     @torch.no_grad()
@@ -375,19 +385,22 @@ class SamTileSegmenter:
             all_index.append(index)
         return self._paint(torch.cat(all_logits), torch.cat(all_iou), torch.cat(all_index), b, h, w)
 
-    def _paint(self, logits, iou, index, b, h, w) -> TileBatchResult:
-        """NMS, then best-first painting of all tiles at once, with consecutive ids per tile."""
+    def _paint(self, logits, iou, index, b, h, w, cfg: InferConfig | None = None) -> TileBatchResult:
+        """NMS, then best-first painting of all tiles at once, with consecutive ids per tile.
+
+        ``cfg`` (default ``self.cfg``) supplies nms_iou, min_keep and min_area (calibration varies them)."""
+        cfg = cfg or self.cfg
         if len(index) == 0:
             return TileBatchResult(np.zeros((b, h, w), np.int32), [np.zeros(0, np.float32) for _ in range(b)])
         scale = self.tile_size // logits.shape[-1]
         boxes = mask_boxes(logits > 0)
-        kept = batched_nms(boxes * scale, iou, index, self.cfg.nms_iou)  # sorted by score, descending
+        kept = batched_nms(boxes * scale, iou, index, cfg.nms_iou)  # sorted by score, descending
         logits, iou, index, boxes = logits[kept], iou[kept], index[kept], boxes[kept]
         claim, area = paint_claims(logits, boxes, index, b, h, w, scale)
         m = len(index)
         claimed = claim < m
         kept_area = torch.bincount(claim[claimed], minlength=m)
-        good = (kept_area >= self.cfg.min_keep * area) & (kept_area >= self.cfg.min_area)
+        good = (kept_area >= cfg.min_keep * area) & (kept_area >= cfg.min_area)
         # ids 1..k per tile in score order: rank among the tile's good masks
         per_tile = torch.bincount(index, weights=good.float(), minlength=b).long()
         offset = torch.cumsum(per_tile, 0) - per_tile

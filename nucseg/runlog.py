@@ -40,6 +40,7 @@ class RunSummary:
     interrupted: bool = False
     shard: str | None = None
     failures: list[dict] = field(default_factory=list)
+    thresholds: dict | None = None  # inference thresholds used, each with its source (command line/adapter/default)
 
 
 class RunLog:

@@ -29,7 +29,7 @@ from segment_anything.modeling import Sam
 from .augment import AugmentConfig, augment
 from .data import Tile
 from .errors import CheckpointError, InputError
-from .infer import mask_boxes
+from .infer import InferConfig, mask_boxes
 from .lora import MethodConfig
 from .io import SOFTWARE, atomic_path, check_output, is_nucseg_png, write_json
 from .sam import attach_foreground_head, decode, encode
@@ -59,6 +59,10 @@ class TrainConfig:
     box_fraction: float = 0.0  # share of positive prompts that also get their box
     foreground_head: bool = True  # train the cheap foreground map used for prompt pruning
     seed: int = 42
+    # share of the source images held back from training to calibrate the inference thresholds on
+    # (nucseg.calibrate; stored in the adapter); 0 = no calibration, the global defaults apply
+    calibration_fraction: float = 0.1
+    calibration_metric: str = "pq"
     device: str = "auto"
     bf16: bool = True  # autocast on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -76,6 +80,8 @@ class TrainConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) \
                     or (name == "lr" and value == 0):
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number in [{lo}, {hi}], not {value!r}")
+        if not (isinstance(self.calibration_fraction, (int, float)) and 0.0 <= self.calibration_fraction < 1.0):
+            raise InputError(f"--calibration-fraction must be in [0, 1), got {self.calibration_fraction!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -323,8 +329,11 @@ class Trainer:
                                          seconds=time.perf_counter() - t0))
             log.info("epoch %d/%d loss %.4f train IoU %.3f", epoch + 1, self.cfg.epochs, sums["loss"], sums["train_iou"])
             # The checkpoint is the commit point of an epoch: what derives from it is written first, so a run
-            # killed in between redoes the epoch and rewrites both (a resumed run never replots).
-            plot_curves(self.history, self.out_dir / "curves.png")
+            # killed in between redoes the epoch and rewrites both (a resumed run never replots). With many
+            # short epochs (the demo's), plotting is most of an epoch's time: at most ~20 plots per run, always
+            # after the last epoch (a fixed rule, so a resumed run writes the same file).
+            if (epoch + 1) % max(1, self.cfg.epochs // 20) == 0 or epoch + 1 == self.cfg.epochs:
+                plot_curves(self.history, self.out_dir / "curves.png")
             self.save_checkpoint(epoch, fingerprint)
         self.model.eval()
         return self.history
@@ -448,12 +457,19 @@ def finetune(
     extra_meta: dict | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
+    infer: InferConfig | None = None,
+    on_calibrate: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a fresh base on ``tiles`` and write ``out_dir/adapter`` (plus checkpoint and curves).
 
-    ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts.
+    ``cfg.calibration_fraction`` of the source images are held back from training; after training the
+    inference thresholds are grid-searched on them (:mod:`nucseg.calibrate`, starting from ``infer``, whose
+    other settings such as the point grid are used as they are) and stored in the adapter's ``thresholds``.
+    ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts;
+    ``on_calibrate(message)`` before and after calibrating.
     """
-    from .adapter import is_adapter_dir, save_adapter
+    from .adapter import THRESHOLDS, is_adapter_dir, save_adapter
+    from .calibrate import split_for_calibration
     from .data import summarize
     from .lora import apply_method, count_parameters
     from .sam import load_sam
@@ -461,6 +477,7 @@ def finetune(
     out_dir = Path(out_dir)
     check_output(out_dir / "adapter", is_adapter_dir)  # before any training: never replace a folder we did not write
     check_output(out_dir / "curves.png", is_nucseg_png)
+    tiles, held_back = split_for_calibration(tiles, cfg.calibration_fraction, cfg.seed)
     size = max(max(t.labels.shape) for t in tiles)
     input_size = int(math.ceil(size / 16) * 16)
     model, fingerprint = load_sam(model_type, checkpoint, img_size=input_size, seed=cfg.seed)
@@ -489,5 +506,25 @@ def finetune(
         "final_loss": history[-1].loss if history else None,
         **(extra_meta or {}),
     }
+    if held_back:
+        meta[THRESHOLDS] = calibrate_model(trainer.model, held_back, cfg, infer, trainer.device, mpp, on_calibrate)
     adapter = save_adapter(out_dir / "adapter", trainer.model.cpu(), method, meta)
     return FinetuneResult(adapter, history, trainable, total)
+
+
+def calibrate_model(model: Sam, tiles: list[Tile], cfg: TrainConfig, infer: InferConfig | None,
+                    device: torch.device, mpp: float | None = None,
+                    on_calibrate: Callable[[str], None] | None = None) -> dict:
+    """The calibrated ``thresholds`` dict of a freshly trained model on its held-back ``tiles``."""
+    from .calibrate import CalibrationConfig, calibrate
+    from .infer import SamTileSegmenter
+
+    if on_calibrate:
+        on_calibrate(f"calibrating thresholds on {len(tiles)} held-back tiles")
+    seg = SamTileSegmenter(model.eval(), infer or InferConfig(), device=device, mpp=mpp)
+    res = calibrate(seg, tiles, CalibrationConfig(metric=cfg.calibration_metric))
+    t = res.thresholds
+    if on_calibrate:
+        on_calibrate(f"calibrated: {t['metric']} {t['default_score']:.3f} at the defaults -> {t['score']:.3f} "
+                     f"({res.evaluated} settings, {res.seconds:.0f} s)")
+    return t

@@ -1,104 +1,161 @@
-"""`make demo`: the main job end to end on data the project makes itself, in minutes on 2 CPU cores.
+"""`make demo`: the main job end to end on data the project makes itself, in about 3 minutes on 2 CPU cores.
 
 1. a small synthetic NuInsSeg-layout dataset (two "organs") and a synthetic pyramidal slide;
-2. `nucseg cv` with the small vit_tiny model (same architecture as SAM, random init: no official weights are
-   needed on a fresh machine) — per-fold metrics, overlays, curves, mean ± std, zero-shot row;
-3. `nucseg predict` on the slide with fold 1's adapter — GeoJSON, CSV and a preview;
+2. cross-validation with the small vit_tiny model (same architecture as SAM, random init: no official weights
+   are needed on a fresh machine): each fold trains, calibrates its inference thresholds on tiles held back
+   from its training set, and is scored on its validation tiles — per-fold metrics, overlays, curves,
+   mean ± std, and the untrained base (zero-shot) beside it;
+3. whole-slide prediction with fold 1's adapter and its calibrated thresholds — GeoJSON, CSV and a preview;
 4. REPORT.md tying it together. The last line printed is the report's path.
 
-The numbers are those of a tiny randomly initialised model trained for a few minutes on synthetic tiles:
-they show the pipeline working, not SAM's accuracy (see docs/BENCHMARKS.md for real-data results).
+The recipe is nucseg.demo.QUICK; ``--full`` runs nucseg.demo.FULL (larger tiles, 3 folds, 150 epochs: tens of
+minutes on CPU). The numbers are those of a tiny model trained from scratch on synthetic tiles: they show the
+pipeline working, not SAM's accuracy on real tissue (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
+import os
 
-from nucseg.augment import AugmentConfig
-from nucseg.cv import CVConfig, run_cv
-from nucseg.data import load_dataset
-from nucseg.demo import make_demo_dataset
-from nucseg.distributed import SegmenterSpec
-from nucseg.infer import InferConfig
-from nucseg.lora import MethodConfig
-from nucseg.predict import PredictConfig, predict_slide
-from nucseg.synthslide import make_synthetic_slide
-from nucseg.train import TrainConfig
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (nucseg.threads)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nucseg.threads import configure_threads  # noqa: E402
+
+# Work units of the phases after training, in training steps (measured on the QUICK recipe, 2 CPU cores):
+# for the ETA only.
+CALIBRATE_UNITS, SCORE_UNITS, ZERO_SHOT_UNITS, SLIDE_UNITS = 12, 4, 4, 30
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
-    ap.add_argument("--epochs", type=int, default=150,
-                    help="from scratch, masks start to form after ~250 steps (60 epochs of 4 steps)")
-    ap.add_argument("--folds", type=int, default=2)
+    ap.add_argument("--full", action="store_true", help="the long demo (nucseg.demo.FULL): tens of minutes")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs per fold")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs given)")
     args = ap.parse_args()
+    threads = configure_threads(args.threads)
+
+    from nucseg.cv import run_cv
+    from nucseg.cv import CVConfig
+    from nucseg.data import load_dataset
+    from nucseg.demo import FULL, QUICK, Eta, make_demo_dataset
+    from nucseg.distributed import SegmenterSpec
+    from nucseg.io import write_json
+    from nucseg.predict import PredictConfig, predict_slide
+    from nucseg.synthslide import make_synthetic_slide
+
+    recipe = FULL if args.full else QUICK
+    if args.epochs:
+        recipe = dataclasses.replace(recipe, epochs=args.epochs)
     out = args.out.resolve()
     t0 = time.time()
 
     def say(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+        print(f"[{time.time() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    say("1/4 generating demo data")
-    data = make_demo_dataset(out / "data", tiles_per_organ=8, size=256, seed=0)
-    slide = out / "demo_slide.tif"
-    if not slide.exists():
-        make_synthetic_slide(slide, 1536, 1536, mpp=0.5, seed=1)
+    folds = recipe.folds
+    eta = Eta(recipe.steps() + folds * (CALIBRATE_UNITS + SCORE_UNITS + ZERO_SHOT_UNITS) + SLIDE_UNITS, say)
+    say(f"1/4 generating demo data ({threads.threads} threads: {threads.source})")
+    data = make_demo_dataset(out / "data", tiles_per_organ=recipe.tiles_per_organ, size=recipe.size,
+                             seed=recipe.seed, zoom=recipe.zoom)
+    slide, truth = out / "demo_slide.tif", out / "demo_slide.truth.json"
+    if not (slide.exists() and truth.exists()):
+        labels = make_synthetic_slide(slide, recipe.slide_px, recipe.slide_px, mpp=0.5, seed=1)
+        write_json(truth, {"nuclei": int(labels.max())})
+    true_nuclei = json.loads(truth.read_text())["nuclei"]
 
-    say(f"2/4 cross-validation: vit_tiny, {args.folds} folds, {args.epochs} epochs per fold")
-    tiles = load_dataset(data)
-    method = MethodConfig(method="full")  # a random-init base has nothing for LoRA to adapt
-    # From scratch, plain CE settles on empty masks; class-balanced CE and boxed prompts get it going.
-    train = TrainConfig(epochs=args.epochs, batch_size=2, lr=1e-3, box_fraction=0.5, balance_ce=True,
-                        device="cpu", augment=AugmentConfig())
-    # A few minutes of training reach train IoU 0.3-0.4, and such a model predicts low IoUs for its masks: the
-    # IoU/stability defaults (for official SAM) would reject nearly all of them. On the demo's validation
-    # tiles 0.1 / 0.3 gave PQ 0.19 / 0.08 in the two folds, against 0.12 / 0.01 with 0.3 / 0.5.
-    infer = InferConfig(points_per_side=16, pred_iou_thresh=0.1, stability_thresh=0.3)
-    summary = run_cv(tiles, out / "cv", "vit_tiny", None, method, train, infer,
-                     CVConfig(folds=args.folds, seed=0, zero_shot=True, zero_shot_multimask=False), mpp=0.5,
-                     on_fold=lambda f, n, what: say(f"   fold {f}/{n}: {what}"))
+    say(f"2/4 cross-validation: vit_tiny from scratch, {folds} folds x {recipe.epochs} epochs, "
+        f"{recipe.size} px tiles")
+    tiles = load_dataset(data, tile_size=recipe.size)
+    train = recipe.train_config()
 
-    say("3/4 whole-slide prediction with fold 1's adapter")
-    seg = SegmenterSpec.sam(adapter=out / "cv" / "fold_1" / "train" / "adapter", device="cpu", infer=infer).build()
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        eta.add(1, f"   epoch {epoch + 1}/{recipe.epochs}, loss {loss:.3f}")
+
+    def on_fold(f: int, n: int, what: str) -> None:
+        if what.startswith("calibrated"):
+            eta.add(CALIBRATE_UNITS + SCORE_UNITS)
+        elif what.startswith("done already"):
+            eta.add(recipe.steps() / folds + CALIBRATE_UNITS + SCORE_UNITS + ZERO_SHOT_UNITS)
+        eta.add(0, f"   fold {f}/{n}: {what}", every=0)
+
+    summary = run_cv(tiles, out / "cv", "vit_tiny", None, recipe.method(), train, recipe.infer(),
+                     CVConfig(folds=folds, seed=recipe.seed, zero_shot=True, zero_shot_multimask=False),
+                     mpp=recipe.mpp, on_fold=on_fold, on_step=on_step)
+    eta.add(folds * ZERO_SHOT_UNITS)
+
+    say("3/4 whole-slide prediction with fold 1's adapter and its calibrated thresholds")
+    spec = SegmenterSpec.sam(adapter=out / "cv" / "fold_1" / "train" / "adapter", device="cpu", infer=recipe.infer())
+    seg = spec.build()
     res = predict_slide(slide, out / "demo_slide.geojson", seg,
-                        PredictConfig(batch_size=4, csv=out / "demo_slide.csv", preview=out / "demo_slide.preview.png",
-                                      work_dir=out / "work"))
+                        PredictConfig(batch_size=8, overlap=recipe.overlap, csv=out / "demo_slide.csv", preview=out / "demo_slide.preview.png",
+                                      work_dir=out / "work"),
+                        progress=lambda done, total: eta.add(0, f"   slide tiles {done}/{total}"))
+    eta.add(SLIDE_UNITS)
 
     say("4/4 writing the report")
-    ft = summary["fine_tuned"]
-    rows = "\n".join(
-        f"| {m} | {ft[m]['mean']:.3f} ± {ft[m]['std']:.3f} | "
-        f"{summary['zero_shot'][m]['mean']:.3f} |" for m in ("dice", "aji", "pq", "f1"))
-    report = out / "REPORT.md"
-    report.write_text(f"""# nucseg demo report
+    seconds = time.time() - t0
+    report = write_report(out, recipe, summary, res, true_nuclei, spec.thresholds_used(), seconds, threads,
+                          args.full)
+    (out / "demo_summary.json").write_text(json.dumps(
+        {"cv": summary["fine_tuned"], "zero_shot": summary["zero_shot"], "slide": res.to_dict(),
+         "recipe": dataclasses.asdict(recipe), "seconds": seconds}, indent=2, default=str))
+    say(f"done in {seconds:.0f} s")
+    print(report)
+    return 0
 
-Synthetic data made by `nucseg.demo` ({len(tiles)} tiles, 2 organs) and a synthetic 1536² slide; model vit_tiny
-(SAM architecture, random init), method `full`, {args.epochs} epochs per fold, CPU. Total {time.time() - t0:.0f} s.
+
+def write_report(out: Path, recipe, summary: dict, res, true_nuclei: int, thresholds: dict, seconds: float, threads,
+                 full: bool) -> Path:
+    from nucseg.calibrate import describe_thresholds
+    from nucseg.io import atomic_path
+
+    ft, zs = summary["fine_tuned"], summary["zero_shot"]
+    rows = "\n".join(f"| {m} | {ft[m]['mean']:.3f} ± {ft[m]['std']:.3f} | {zs[m]['mean']:.3f} |"
+                     for m in ("pq", "f1", "dq", "sq", "aji", "dice"))
+    per_fold = "\n".join(f"- fold {f['fold']} ({f['val_tiles']} validation tiles): PQ {f['mean']['pq']:.3f}, "
+                         f"F1 {f['mean']['f1']:.3f}; thresholds {describe_thresholds(f['thresholds'])}"
+                         for f in summary["folds"] if f.get("thresholds"))
+    text = f"""# nucseg demo report
+
+{'`scripts/demo.py --full`' if full else '`make demo`'}: synthetic data made by `nucseg.demo`
+({summary['tiles']} tiles of {recipe.size} px, 2 organs, nuclei 8-20 px rendered at
+{recipe.zoom}x) and a synthetic {recipe.slide_px}² slide at 0.5 µm/px; model vit_tiny (SAM architecture,
+random init, trained from scratch, method `full`), {recipe.epochs} epochs per fold, lr {recipe.lr}, batch
+{recipe.batch_size}, CPU with {threads.threads} threads. Total {seconds:.0f} s.
 
 ## Cross-validation ({summary['folds_total']} folds) — `cv/summary.md`
 
-| metric | fine-tuned (mean ± std) | zero-shot base |
+Validation tiles of each fold were never trained on; each fold's inference thresholds were calibrated on tiles
+held back from its own training set.
+
+| metric | fine-tuned (mean ± std) | zero-shot base (untrained) |
 |---|---|---|
 {rows}
+
+{per_fold}
 
 Per fold: `cv/fold_*/metrics.json`; pictures (tile | truth | prediction): `cv/fold_*/overlays/`;
 training curves: `cv/fold_*/train/curves.png`; adapters: `cv/fold_*/train/adapter/`.
 
 ## Whole slide — `demo_slide.geojson`
 
-{res.nuclei} nuclei in {res.tissue_tiles} tissue tiles ({res.tissue_area_mm2:.2f} mm²) in {res.seconds:.1f} s.
+{res.nuclei} nuclei found (the slide has {true_nuclei}) in {res.tissue_tiles} tissue tiles ({res.tissue_area_mm2:.2f} mm²) in {res.seconds:.1f} s,
+read at {recipe.mpp} µm/px (the adapter's), thresholds {describe_thresholds(thresholds)}.
 Open `demo_slide.geojson` in QuPath (File > Import objects) over `demo_slide.tif`; `demo_slide.csv` has one row
 per nucleus; `demo_slide.preview.png` shows the outlines.
-""")
-    (out / "demo_summary.json").write_text(json.dumps({"cv": summary["fine_tuned"], "slide": res.to_dict()},
-                                                      indent=2, default=str))
-    print(report)
-    return 0
+"""
+    report = out / "REPORT.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text(text)
+    return report
 
 
 if __name__ == "__main__":

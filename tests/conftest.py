@@ -88,3 +88,50 @@ def real_tiles(he_sample):
     for t in tiles:
         by_organ.setdefault(t.organ, []).append(t)
     return [t for organ in sorted(by_organ) for t in by_organ[organ][:4]]
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """The `make demo` recipe (nucseg.demo.QUICK) at reduced size: one fold, fewer tiles and epochs.
+
+    Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the
+    validation metrics with them (what `make demo` reports) and the training seconds. 300 steps (one demo fold):
+    about 60 s on 2 idle cores.
+    """
+    import time
+    from dataclasses import replace
+
+    from nucseg.adapter import load_adapter
+    from nucseg.calibrate import resolve_infer
+    from nucseg.cv import score
+    from nucseg.data import load_dataset
+    from nucseg.demo import QUICK, make_demo_dataset
+    from nucseg.infer import InferConfig, SamTileSegmenter
+    from nucseg.train import finetune
+
+    recipe = replace(QUICK, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS)
+    root = tmp_path_factory.mktemp("demo_quality")
+    data = make_demo_dataset(root / "data", tiles_per_organ=recipe.tiles_per_organ, size=recipe.size,
+                             seed=recipe.seed, zoom=recipe.zoom)
+    tiles = load_dataset(data, tile_size=recipe.size)
+    val_stems = {t.stem for t in tiles if t.stem.endswith(("_01", "_02", "_03"))}  # three images per organ
+    val = [t for t in tiles if t.stem in val_stems]
+    train = [t for t in tiles if t.stem not in val_stems]
+    t0 = time.perf_counter()
+    res = finetune(train, root / "run", "vit_tiny", None, recipe.method(), recipe.train_config(), mpp=recipe.mpp,
+                   infer=InferConfig(**recipe.infer()))
+    seconds = time.perf_counter() - t0
+    model, info = load_adapter(res.adapter)
+    cfg, used = resolve_infer(recipe.infer(), info.thresholds)
+    metrics, _ = score(SamTileSegmenter(model, cfg, device="cpu"), val, recipe.batch_size)
+    # every mask the model proposes (thresholds at their loosest): does it mark the nuclei at all?
+    loose = InferConfig(**{**recipe.infer(), "pred_iou_thresh": 0.0, "stability_thresh": 0.1, "fg_threshold": 0.05})
+    marked, _ = score(SamTileSegmenter(model, loose, device="cpu"), val, recipe.batch_size)
+    return model, val, {"thresholds": info.thresholds, "used": used, "metrics": metrics["mean"],
+                        "loose_metrics": marked["mean"],
+                        "train_iou": res.history[-1].train_iou,
+                        "train_seconds": seconds,
+                        "steps": len(res.history) * -(-info.meta["data"]["tiles"] // recipe.batch_size)}
+
+
+DEMO_GUARD_EPOCHS = 150  # the reduced demo recipe of the first-run quality guard (tests/test_demo_quality.py)

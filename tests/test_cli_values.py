@@ -21,6 +21,10 @@ REQUIRED = {
     "merge": ["--adapter", "a", "-o", "o.pth"],
     "demo-data": ["o"],
     "import-qupath": ["x.svs", "x.geojson", "--out", "o"],
+    "calibrate": ["a", "--data", "d"],
+    "weights": ["list"],
+    "export-peft": ["a", "o"],
+    "data": ["fetch", "nuinsseg", "d"],
 }
 BAD = ["-1", "nan", "inf", "-inf", "abc", "1e400", "", "0x10"]
 

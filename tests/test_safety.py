@@ -258,6 +258,8 @@ TAMPER = [
     ("weights-sha", lambda m: m.update(weights_sha256=123)),
     ("method-rank-huge", lambda m: m["method"].update(rank=10**7)),
     ("no-format", lambda m: m.pop("format")),
+    ("thresholds-text", lambda m: m.update(thresholds={"pred_iou_thresh": "high", "metric": "pq", "score": 0.5})),
+    ("thresholds-nan", lambda m: m.update(thresholds={"nms_iou": float("nan"), "metric": "pq", "score": 0.5})),
 ]
 
 
