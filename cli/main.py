@@ -518,6 +518,7 @@ def _quiet_after_interrupt() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
+    warnings.simplefilter("ignore", RuntimeWarning)  # "coroutine ... was never awaited": zarr writes cut short
 def _configure_threads(args: argparse.Namespace) -> None:
     """Size every thread pool to the CPUs given (nucseg.threads) before any work starts."""
     from nucseg.threads import configure_threads
