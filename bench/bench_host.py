@@ -43,7 +43,7 @@ REPO = HERE.parent
 SHARED = Path(os.environ.get("NUCSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 SLIDE = SHARED / "wsi" / "CMU-1-Small-Region.svs"
 LEGACY_COMMIT = "a55d5467c65ccde7c6a3379c3425bf15e9419705"  # main before issue 9 (host path as reported there)
-STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "write")
+STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "measure", "write")
 
 
 # ------------------------------------------------------------------------------------------- the segmenter
