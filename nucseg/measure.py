@@ -136,16 +136,17 @@ def stain_od(kept: np.ndarray, local: np.ndarray, rgb: np.ndarray) -> dict[str, 
     from scipy import ndimage
     from skimage.color import rgb2hed
 
-    hed = rgb2hed(np.asarray(rgb)[..., :3])
-    flat = kept.ravel()
-    n = len(flat) and int(flat.max()) + 1
+    inside = kept.ravel() > 0  # only the nuclei's pixels are deconvolved (a fraction of the tile)
+    flat = kept.ravel()[inside]
+    hed = rgb2hed(np.asarray(rgb)[..., :3].reshape(-1, 3)[inside][None])[0]
+    n = int(local.max()) + 1
     count = np.maximum(np.bincount(flat, minlength=n), 1).astype(np.float64)
-    h = hed[..., 0].ravel()
+    h = hed[:, 0]
     mean = np.bincount(flat, weights=h, minlength=n) / count
     # two passes (deviations from the mean), not E[x²] - E[x]², which cancels badly for near-uniform nuclei
     h_var = np.bincount(flat, weights=(h - mean[flat]) ** 2, minlength=n)[local] / count[local]
     h_mean = mean[local]
-    e_mean = np.bincount(flat, weights=hed[..., 1].ravel(), minlength=n)[local] / count[local]
-    h_max = np.asarray(ndimage.maximum(hed[..., 0], kept, index=local), dtype=np.float64)
+    e_mean = np.bincount(flat, weights=hed[:, 1], minlength=n)[local] / count[local]
+    h_max = np.asarray(ndimage.maximum(h, flat, index=local), dtype=np.float64)
     return {"Nucleus: Hematoxylin OD mean": h_mean, "Nucleus: Hematoxylin OD std dev": np.sqrt(h_var),
             "Nucleus: Hematoxylin OD max": h_max, "Nucleus: Eosin OD mean": e_mean}
