@@ -753,8 +753,8 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
     """Ownership rule, outlines and measurements of cache tiles [start, stop) (in a worker or the export thread).
 
     pred: the cache's (labels, scores, tiles) arrays (None in a worker: it opens them). preloaded: (labels,
-    scores, rgb or None) handed over by the inference. rgb: the tiles' pixels read from the slide (when the
-    cache does not hold them); for "full" measurements with neither, the tiles are read from the cache.
+    scores, rgb or None) handed over by the inference. rgb: the tiles' pixels (the export thread reads them from
+    the cache or the slide); for "full" measurements with neither, they are read from the cache here.
     Returns the tiles' nuclei and this call's stage times (thread CPU and wall, plus the process CPU time as
     ``worker_cpu`` so that a benchmark can count what worker processes spent).
     """
@@ -874,13 +874,28 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                     cache.get_prediction(ci)  # raises CacheDamaged for the damaged tile(s)
                 raise
 
-        def slide_rgb(start: int, stop: int, handed: tuple | None) -> np.ndarray | None:
-            """The tiles' pixels for the stain measurements where neither the inference handed them over nor
-            the cache holds them (``cache_tiles`` off): read from the slide again, here (workers have no slide)."""
-            if not full or (handed is not None and handed[2] is not None) or cache.tiles_done[start:stop].all():
+        def chunk_rgb(start: int, stop: int, handed: tuple | None) -> np.ndarray | None:
+            """The tiles' pixels for the stain measurements, unless the inference handed them over: from the
+            cache where it holds them (a damaged chunk: get_tile warns and returns None), else read from the
+            slide again (``cache_tiles`` off). Here in the export thread, so worker processes need no slide
+            and a damaged tile chunk costs a re-read instead of the run."""
+            if not full or (handed is not None and handed[2] is not None):
                 return None
-            with times("read"):
-                return read_tiles_parallel(view, cache.coords[start:stop], cache.tile_size, cfg.read_workers)
+            rgb = np.empty((stop - start, cache.tile_size, cache.tile_size, 3), np.uint8)
+            cached = cache.tiles_done[start:stop]
+            missing = []
+            with times("cache"):
+                for j in range(stop - start):
+                    tile = cache.get_tile(start + j) if cached[j] else None
+                    if tile is None:
+                        missing.append(j)
+                    else:
+                        rgb[j] = tile
+            if missing:
+                with times("read"):
+                    rgb[missing] = read_tiles_parallel(view, cache.coords[start + np.asarray(missing)],
+                                                       cache.tile_size, cfg.read_workers)
+            return rgb
 
         pool = stack.enter_context(_process_pool(workers)) if workers > 1 else None
         pending: deque = deque()
@@ -891,10 +906,10 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                 wait(ci)
             if pool is None:
                 handed = take(start, stop)
-                rgb = slide_rgb(start, stop, handed)
+                rgb = chunk_rgb(start, stop, handed)
                 finish(result(start, stop, lambda: _export_chunk(job, start, stop, arrays, handed, rgb)))
                 continue
-            rgb = slide_rgb(start, stop, None)
+            rgb = chunk_rgb(start, stop, None)
             pending.append((start, stop, pool.submit(_export_chunk, job, start, stop, None, None, rgb)))
             while len(pending) > 2 * workers or (pending and pending[0][2].done()):
                 a, b, fut = pending.popleft()
