@@ -43,7 +43,7 @@ REPO = HERE.parent
 SHARED = Path(os.environ.get("NUCSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 SLIDE = SHARED / "wsi" / "CMU-1-Small-Region.svs"
 LEGACY_COMMIT = "a55d5467c65ccde7c6a3379c3425bf15e9419705"  # main before issue 9 (host path as reported there)
-STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "write")
+STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "measure", "write")
 
 
 # ------------------------------------------------------------------------------------------- the segmenter
@@ -157,7 +157,9 @@ def child(args: argparse.Namespace) -> int:
     for r in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="nucseg-host-", dir=args.tmp) as d:
             times.d.clear()
-            extra = {} if args.impl == "legacy" else {"export_workers": int(args.workers)}
+            # like with like: the legacy code wrote only area, perimeter and score (issue 11's measurements are
+            # measured by bench_measurements.py)
+            extra = {} if args.impl == "legacy" else {"export_workers": int(args.workers), "measurements": "none"}
             cfg = P.PredictConfig(target_mpp=args.mpp, work_dir=Path(d) / "work", **extra)
             out = Path(d) / "out.geojson"
             c0, w0 = time.process_time(), time.perf_counter()

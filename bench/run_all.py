@@ -13,6 +13,7 @@ bench/results/*.json); this only runs them in turn and prints the headline figur
 * bench_slide_scaling.py: slides of area A and 4A, wall time and peak RSS;
 * bench_host.py: the whole-slide host path (read, cache, stitch, polygons, write) with an instant segmenter
   on the real .svs, the legacy code (from git) vs today's, 1 and 2 export processes;
+* bench_measurements.py (with host): cost per nucleus of --measurements shape / full vs none;
 * bench_gpu.py: only when torch sees a CUDA device.
 
     .venv/bin/python bench/run_all.py [--only amg,decoder,native,slide,host,gpu] [--threads 1]
@@ -121,6 +122,7 @@ def main() -> int:
         run("bench_slide_scaling.py", "--side", "3072")
     if "host" in only:
         run("bench_host.py")
+        run("bench_measurements.py")
     if "gpu" in only:
         if torch.cuda.is_available():
             run("bench_gpu.py", "--out", str(RESULTS / "gpu.json"))

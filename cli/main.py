@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --scheduler: spread a slide with more than N tissue tiles over the workers in "
                    "ranges of N tiles, then stitch once (0: each slide whole on one worker; default 2048)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
+    p.add_argument("--measurements", choices=("none", "shape", "full"), default="full",
+                   help="per-nucleus measurements, named as QuPath names them: none (area, perimeter, score "
+                   "only), shape (+ Nucleus: area, perimeter, circularity, solidity, min/max diameter, "
+                   "eccentricity) or full (+ hematoxylin OD mean/std dev/max, eosin OD mean; default)")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
     _add_json(p)
     _add_single_mask(p)

@@ -27,9 +27,9 @@ import io
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import shapely
@@ -37,6 +37,7 @@ from shapely.geometry import Polygon
 
 from . import __version__
 from .io import atomic_path, save_png
+from .measure import COLUMNS as MEASUREMENT_COLUMNS
 
 NUCLEUS_COLOR = [200, 0, 120]
 _UUID_NS = uuid.UUID("5b7cf0a4-53c1-4f4c-9d57-0c1e7a1f2b10")
@@ -275,6 +276,8 @@ class NucleusBatch:
     area_um2: np.ndarray
     perimeter_um: np.ndarray
     score: np.ndarray
+    # extra per-nucleus measurements (nucseg.measure), QuPath name -> (k,) float64; every writer writes them
+    measurements: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -388,7 +391,11 @@ def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
     area = [round(v, 4) for v in batch.area_um2.tolist()]
     perim = [round(v, 4) for v in batch.perimeter_um.tolist()]
     score = [round(v, 5) for v in batch.score.tolist()]
+    extra = [(name, [_json_number(v) for v in values.tolist()]) for name, values in batch.measurements.items()]
     for i, (gid, ring) in enumerate(zip(batch.ids.tolist(), batch.rings())):
+        measurements = {"Area µm^2": area[i], "Perimeter µm": perim[i], "Score": score[i]}
+        for name, values in extra:
+            measurements[name] = values[i]
         yield {
             "type": "Feature",
             "id": feature_id(slide_key, gid),
@@ -396,11 +403,19 @@ def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
             "properties": {
                 "objectType": "detection",
                 "classification": {"name": "Nucleus", "color": NUCLEUS_COLOR},
-                "measurements": {"Area µm^2": area[i], "Perimeter µm": perim[i], "Score": score[i]},
+                "measurements": measurements,
                 "metadata": {"nucleusId": str(gid)},
                 "nucleusId": gid,
             },
         }
+
+
+MEASUREMENT_DIGITS = 6
+
+
+def _json_number(v: float):
+    """A measurement as JSON: rounded to ``MEASUREMENT_DIGITS`` (Python's exact rounding); NaN becomes null."""
+    return None if v != v else round(v, MEASUREMENT_DIGITS)
 
 
 def feature(rec: NucleusRecord, slide_key: str) -> dict:
@@ -468,16 +483,19 @@ class GeoParquetWriter(_BatchWriter):
     """GeoParquet 1.1 (WKB geometry, pyarrow), one row per nucleus, streamed in row groups.
 
     Columns: ``id`` (the Feature's UUID), ``nucleus_id``, ``object_type``, ``classification``, ``area_um2``,
-    ``perimeter_um``, ``score``, ``centroid_x``, ``centroid_y``, ``geometry`` (level-0 pixels, no CRS). The
+    ``perimeter_um``, ``score``, ``centroid_x``, ``centroid_y``, then one float64 column per name in
+    ``measurements`` (snake case, ``nucseg.measure.COLUMNS``), ``geometry`` (level-0 pixels, no CRS). The
     schema metadata holds the GeoParquet ``geo`` key and ``nucseg`` (provenance).
     """
 
     ROW_GROUP = 65536
 
-    def __init__(self, path: str | os.PathLike, slide_key: str = "", provenance: dict | None = None):
+    def __init__(self, path: str | os.PathLike, slide_key: str = "", provenance: dict | None = None,
+                 measurements: Sequence[str] = ()):
         self.path = Path(path)
         self.slide_key = slide_key
         self.provenance = provenance
+        self.measurements = tuple(measurements)
         self.count = 0
         self._pending: list[NucleusBatch] = []
         self._pending_n = 0
@@ -498,6 +516,7 @@ class GeoParquetWriter(_BatchWriter):
             ("id", pa.string()), ("nucleus_id", pa.int64()), ("object_type", pa.string()),
             ("classification", pa.string()), ("area_um2", pa.float64()), ("perimeter_um", pa.float64()),
             ("score", pa.float64()), ("centroid_x", pa.float64()), ("centroid_y", pa.float64()),
+            *[(MEASUREMENT_COLUMNS[m], pa.float64()) for m in self.measurements],
             ("geometry", pa.binary()),
         ], metadata=meta)
 
@@ -532,7 +551,9 @@ class GeoParquetWriter(_BatchWriter):
             pa.array([feature_id(self.slide_key, i) for i in ids.tolist()], pa.string()), pa.array(ids),
             pa.array(["detection"] * n, pa.string()), pa.array(["Nucleus"] * n, pa.string()),
             pa.array(cat("area_um2")), pa.array(cat("perimeter_um")), pa.array(cat("score")),
-            pa.array(cat("centroid_x")), pa.array(cat("centroid_y")), pa.array(wkb, pa.binary()),
+            pa.array(cat("centroid_x")), pa.array(cat("centroid_y")),
+            *[pa.array(np.concatenate([_column(b, m) for b in self._pending])) for m in self.measurements],
+            pa.array(wkb, pa.binary()),
         ], schema=self._schema_)
         self._pq.write_table(table)
         self._pending, self._pending_n = [], 0
@@ -546,24 +567,37 @@ class GeoParquetWriter(_BatchWriter):
         return bool(self._cm.__exit__(exc_type, exc, tb))
 
 
+def _column(b: NucleusBatch, name: str) -> np.ndarray:
+    """Measurement ``name`` of a batch (NaN where the batch does not carry it)."""
+    v = b.measurements.get(name)
+    return np.full(len(b), np.nan) if v is None else np.asarray(v, dtype=np.float64)
+
+
 class CSVWriter(_BatchWriter):
-    """One row per nucleus: id, level-0 centroid, area µm², perimeter µm, score."""
+    """One row per nucleus: id, level-0 centroid, area µm², perimeter µm, score, then one column per name in
+    ``measurements`` (snake case, ``nucseg.measure.COLUMNS``; %.6g, empty where NaN)."""
 
     HEADER = ["id", "centroid_x", "centroid_y", "area_um2", "perimeter_um", "score"]
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, measurements: Sequence[str] = ()):
         self.path = Path(path)
+        self.measurements = tuple(measurements)
 
     def __enter__(self) -> "CSVWriter":
         self._cm = _text_output(self.path, is_nucseg_csv)
         self._fh = self._cm.__enter__()
-        self._fh.write(",".join(self.HEADER) + "\n")
+        self._fh.write(",".join(self.HEADER + [MEASUREMENT_COLUMNS[m] for m in self.measurements]) + "\n")
         return self
 
     def write_batch(self, b: NucleusBatch) -> None:
         rows = zip(b.ids.tolist(), b.centroid_x.tolist(), b.centroid_y.tolist(), b.area_um2.tolist(),
                    b.perimeter_um.tolist(), b.score.tolist())
-        self._fh.write("".join([f"{i},{x:.2f},{y:.2f},{a:.4f},{p:.4f},{s:.5f}\n" for i, x, y, a, p, s in rows]))
+        lines = [f"{i},{x:.2f},{y:.2f},{a:.4f},{p:.4f},{s:.5f}" for i, x, y, a, p, s in rows]
+        if self.measurements:
+            cols = [[_json_number(v) for v in _column(b, m).tolist()] for m in self.measurements]
+            lines = [line + "".join("," if v is None else f",{v!r}" for v in extra)
+                     for line, extra in zip(lines, zip(*cols))]
+        self._fh.write("".join([line + "\n" for line in lines]))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         return bool(self._cm.__exit__(exc_type, exc, tb))

@@ -50,6 +50,9 @@ import shapely
 from .errors import DiskFullError, InputError, NucsegError, OutputError
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
                      instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, write_ome_zarr_labels)
+from .measure import MODES as MEASUREMENT_MODES
+from .measure import measure_tile
+from .measure import names as measurement_names
 from .io import check_output, is_nucseg_png, writable_dir, write_json
 from .segmenter import TileSegmenter
 from .slide import (TargetView, check_mpp, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp,
@@ -96,6 +99,8 @@ class PredictConfig:
     export_workers: processes for the per-tile export work (None: one per CPU but one, up to 8, on slides of at
     least ``EXPORT_PROCESS_MIN_TILES`` tiles, else 1; 1: no extra process, all in the export thread).
     command: the command line recorded in the run summary (None: this process's ``sys.argv``).
+    measurements: per-nucleus measurements beyond area, perimeter and score (nucseg.measure): "none", "shape"
+    (QuPath's ``Nucleus:`` shape features) or "full" (shape plus hematoxylin / eosin optical densities).
     """
 
     target_mpp: float | None = None
@@ -120,6 +125,7 @@ class PredictConfig:
     export_workers: int | None = None
     export_chunk: int = 4
     command: str | None = None
+    measurements: str = "full"
 
     def validate(self) -> "PredictConfig":
         """Every field checked for type and range (one-line InputError naming the field and its CLI option).
@@ -149,6 +155,9 @@ class PredictConfig:
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not lo <= value <= hi:
                 raise InputError(f"{name(f)} must be a number in [{lo:g}, {hi:g}], not {value!r}")
+        if self.measurements not in MEASUREMENT_MODES:
+            raise InputError(f"measurements (--measurements) must be one of {', '.join(MEASUREMENT_MODES)}, "
+                             f"not {self.measurements!r}")
         if self.roi_class is not None and not isinstance(self.roi_class, str):
             raise InputError(f"roi_class (--roi-class) must be a string or None, not {self.roi_class!r}")
         for f in ("work_dir", "csv", "labels", "preview", "tissue_preview", "roi"):
@@ -342,11 +351,12 @@ def provenance(segmenter: TileSegmenter, cfg: PredictConfig, plan: "_Plan") -> d
         "overlap": int(plan.grid.overlap),
         "tissue_mask": bool(cfg.tissue_mask),
         "simplify_tolerance": cfg.simplify_tolerance,
+        "measurements": cfg.measurements,
         "coordinates": "level-0 pixels, pixel (r, c) covers [c, c+1) x [r, r+1)",
     }
 
 
-STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "write")
+STAGES = ("plan", "read", "cache", "infer", "stitch", "polygons", "measure", "write")
 
 
 class StageTimes:
@@ -539,24 +549,29 @@ class _Ready:
         self._cond = threading.Condition()
         self._aborted = False
         self._keep = keep
-        self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._recent: dict[int, tuple] = {}
 
-    def mark(self, idx: np.ndarray, labels: np.ndarray | None = None, scores: list | None = None) -> None:
+    def mark(self, idx: np.ndarray, labels: np.ndarray | None = None, scores: list | None = None,
+             tiles: np.ndarray | None = None) -> None:
+        """``tiles``: the batch's RGB pixels (the ones the model saw), handed over for the stain measurements."""
         with self._cond:
             self._done[idx] = True
             if labels is not None:
                 for j, i in enumerate(np.asarray(idx).tolist()):
                     if len(self._recent) < self._keep:  # full: the export reads the rest from the cache
-                        self._recent[i] = (np.asarray(labels[j], dtype=np.int32), np.asarray(scores[j], dtype=np.float32))
+                        self._recent[i] = (np.asarray(labels[j], dtype=np.int32), np.asarray(scores[j], dtype=np.float32),
+                                           None if tiles is None else np.array(tiles[j], dtype=np.uint8))
             self._cond.notify_all()
 
-    def take(self, start: int, stop: int) -> tuple[np.ndarray, list] | None:
-        """Predictions of tiles [start, stop) as written to the cache, if all were handed over (else None)."""
+    def take(self, start: int, stop: int) -> tuple[np.ndarray, list, np.ndarray | None] | None:
+        """Predictions (and RGB tiles, where handed over) of tiles [start, stop) as written to the cache, if all
+        were handed over (else None)."""
         with self._cond:
             got = [self._recent.pop(i, None) for i in range(start, stop)]
         if any(g is None for g in got):
             return None
-        return np.stack([g[0] for g in got]), [g[1] for g in got]
+        rgb = None if any(g[2] is None for g in got) else np.stack([g[2] for g in got])
+        return np.stack([g[0] for g in got]), [g[1] for g in got], rgb
 
     def abort(self) -> None:
         with self._cond:
@@ -620,13 +635,13 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
                     cache.put_tiles(idx[fresh], tiles[fresh])
         return tiles, idx[fresh]
 
-    def store(idx: np.ndarray, labels: np.ndarray, scores: list) -> None:
+    def store(idx: np.ndarray, labels: np.ndarray, scores: list, tiles: np.ndarray | None) -> None:
         """Write a batch's predictions (cache-writer thread), then tell the export pass and the progress bar."""
         nonlocal done
         with times("cache"):
             cache.put_predictions(idx, labels, scores)
         if ready is not None:
-            ready.mark(idx, labels, scores)
+            ready.mark(idx, labels, scores, tiles)
         done += len(idx)
         if progress is not None:
             progress(done, total)
@@ -647,7 +662,8 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
             if labels.shape != (len(idx), T, T) or len(result.scores) != len(idx):
                 raise ValueError(f"segmenter returned labels {labels.shape} and {len(result.scores)} score arrays "
                                  f"for a batch of {len(idx)} tiles of {T} px")
-            writes.append(writer.submit(store, idx, labels, list(result.scores)))
+            rgb = tiles if cfg.measurements == "full" else None  # the export's stain measurements need them
+            writes.append(writer.submit(store, idx, labels, list(result.scores), rgb))
             while len(writes) > 2 or (writes and writes[0].done()):  # bounded; raises a failed write's error
                 writes.popleft().result()
         while writes:
@@ -704,6 +720,7 @@ class _ExportJob:
     mpp0: float
     tolerance: float
     roi: object = None  # nucseg.roi.Roi (picklable): a nucleus is kept only if its centroid lies inside
+    measurements: str = "none"  # nucseg.measure mode
 
 
 @dataclass
@@ -719,34 +736,42 @@ _ARRAYS: dict[tuple[str, str], tuple] = {}
 
 
 def _pred_arrays(job: _ExportJob) -> tuple:
-    """(labels, scores) arrays of the cache's predictions, opened once per worker process (read-only)."""
+    """(labels, scores, tiles) arrays of the cache, opened once per worker process (read-only)."""
     import zarr
 
     key = (job.cache_root, job.pred_path)
     if key not in _ARRAYS:
-        pred = zarr.open_group(job.cache_root, mode="r")[job.pred_path]
+        group = zarr.open_group(job.cache_root, mode="r")
+        pred = group[job.pred_path]
         _ARRAYS.clear()
-        _ARRAYS[key] = (pred["labels"], pred["scores"])
+        _ARRAYS[key] = (pred["labels"], pred["scores"], group["tiles"])
     return _ARRAYS[key]
 
 
 def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = None,
-                  preloaded: tuple | None = None) -> tuple[list[_TileNuclei], dict]:
+                  preloaded: tuple | None = None, rgb: np.ndarray | None = None) -> tuple[list[_TileNuclei], dict]:
     """Ownership rule, outlines and measurements of cache tiles [start, stop) (in a worker or the export thread).
 
+    pred: the cache's (labels, scores, tiles) arrays (None in a worker: it opens them). preloaded: (labels,
+    scores, rgb or None) handed over by the inference. rgb: the tiles' pixels (the export thread reads them from
+    the cache or the slide); for "full" measurements with neither, they are read from the cache here.
     Returns the tiles' nuclei and this call's stage times (thread CPU and wall, plus the process CPU time as
     ``worker_cpu`` so that a benchmark can count what worker processes spent).
     """
     times = StageTimes()
     cpu0 = time.process_time()
     in_worker = pred is None
+    labels_arr, scores_arr, tiles_arr = _pred_arrays(job) if in_worker else pred
     if preloaded is not None:  # handed over by the inference (the same values as in the cache)
-        labels_all, scores_all = preloaded
+        labels_all, scores_all, handed = preloaded
+        rgb = handed if rgb is None else rgb
     else:
-        labels_arr, scores_arr = _pred_arrays(job) if in_worker else pred
         with times("cache"):
             labels_all = np.asarray(labels_arr[start:stop])
             scores_all = np.asarray(scores_arr[start:stop])
+    if job.measurements == "full" and rgb is None:
+        with times("cache"):
+            rgb = np.asarray(tiles_arr[start:stop])
     out = []
     grid = job.grid
     for k, ci in enumerate(range(start, stop)):
@@ -771,6 +796,10 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
                 np.zeros(len(local), np.int64), polys,
                 (sx[local] / a + 0.5) * scale, (sy[local] / a + 0.5) * scale,
                 a * job.target_mpp**2, shapely.length(polys) * job.mpp0, scores_all[k][local - 1])
+        if job.measurements != "none":
+            with times("measure"):
+                batch.measurements = measure_tile(labels, local, job.target_mpp, job.measurements,
+                                                  None if rgb is None else rgb[k])
         out.append(_TileNuclei(ci, local, batch))
     if in_worker:
         times.add("worker_cpu", time.process_time() - cpu0, 0.0)
@@ -788,9 +817,9 @@ def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _open_output(out: Path, slide_key: str, prov: dict):
+def _open_output(out: Path, slide_key: str, prov: dict, measurements: Sequence[str] = ()):
     if out.name.lower().endswith(".parquet"):
-        return GeoParquetWriter(out, slide_key=slide_key, provenance=prov)
+        return GeoParquetWriter(out, slide_key=slide_key, provenance=prov, measurements=measurements)
     return GeoJSONWriter(out, slide_key=slide_key, provenance=prov)
 
 
@@ -808,13 +837,15 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
     times = times or StageTimes()
     stitcher = Stitcher(grid, selected)
     job = _ExportJob(str(cache.root), cache.pred.path, grid, np.asarray(selected), cache.coords, view.scale,
-                     view.target_mpp, mpp0, cfg.simplify_tolerance, plan.roi)
+                     view.target_mpp, mpp0, cfg.simplify_tolerance, plan.roi, cfg.measurements)
+    extra = measurement_names(cfg.measurements)
+    full = cfg.measurements == "full"
     workers = export_workers(cfg, cache.n)
     chunk = max(1, int(cfg.export_chunk))
     with contextlib.ExitStack() as stack:
-        writers: list = [stack.enter_context(_open_output(out_geojson, plan.identity, prov))]
+        writers: list = [stack.enter_context(_open_output(out_geojson, plan.identity, prov, extra))]
         if cfg.csv:
-            writers.append(stack.enter_context(CSVWriter(cfg.csv)))
+            writers.append(stack.enter_context(CSVWriter(cfg.csv, extra)))
         if cfg.preview:
             W0, H0 = slide.level_dimensions[0]
             preview_mpp = max(mpp0, max(W0, H0) * mpp0 / PREVIEW_MAX_SIDE)
@@ -843,17 +874,43 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                     cache.get_prediction(ci)  # raises CacheDamaged for the damaged tile(s)
                 raise
 
+        def chunk_rgb(start: int, stop: int, handed: tuple | None) -> np.ndarray | None:
+            """The tiles' pixels for the stain measurements, unless the inference handed them over: from the
+            cache where it holds them (a damaged chunk: get_tile warns and returns None), else read from the
+            slide again (``cache_tiles`` off). Here in the export thread, so worker processes need no slide
+            and a damaged tile chunk costs a re-read instead of the run."""
+            if not full or (handed is not None and handed[2] is not None):
+                return None
+            rgb = np.empty((stop - start, cache.tile_size, cache.tile_size, 3), np.uint8)
+            cached = cache.tiles_done[start:stop]
+            missing = []
+            with times("cache"):
+                for j in range(stop - start):
+                    tile = cache.get_tile(start + j) if cached[j] else None
+                    if tile is None:
+                        missing.append(j)
+                    else:
+                        rgb[j] = tile
+            if missing:
+                with times("read"):
+                    rgb[missing] = read_tiles_parallel(view, cache.coords[start + np.asarray(missing)],
+                                                       cache.tile_size, cfg.read_workers)
+            return rgb
+
         pool = stack.enter_context(_process_pool(workers)) if workers > 1 else None
         pending: deque = deque()
+        arrays = (*cache.prediction_arrays, cache.tiles)
         for start in range(0, cache.n, chunk):
             stop = min(start + chunk, cache.n)
             for ci in range(start, stop):
                 wait(ci)
             if pool is None:
-                finish(result(start, stop, lambda: _export_chunk(job, start, stop, cache.prediction_arrays,
-                                                                 take(start, stop))))
+                handed = take(start, stop)
+                rgb = chunk_rgb(start, stop, handed)
+                finish(result(start, stop, lambda: _export_chunk(job, start, stop, arrays, handed, rgb)))
                 continue
-            pending.append((start, stop, pool.submit(_export_chunk, job, start, stop)))
+            rgb = chunk_rgb(start, stop, None)
+            pending.append((start, stop, pool.submit(_export_chunk, job, start, stop, None, None, rgb)))
             while len(pending) > 2 * workers or (pending and pending[0][2].done()):
                 a, b, fut = pending.popleft()
                 finish(result(a, b, fut.result))

@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 from skimage.io import imread
 
+from nucseg import measure
 from nucseg.classical import ThresholdSegmenter
 from nucseg.export import GeoJSONWriter, NucleusRecord, instance_polygons
 from nucseg.predict import PredictConfig, predict_slide
@@ -52,7 +53,7 @@ def test_geojson_is_valid_qupath_detections_on_the_slide(cmu_run):
         assert props["objectType"] == "detection"
         assert props["classification"]["name"] == "Nucleus" and len(props["classification"]["color"]) == 3
         meas = props["measurements"]  # the map form QuPath 0.4+ writes
-        assert set(meas) == {"Area µm^2", "Perimeter µm", "Score"}
+        assert list(meas) == ["Area µm^2", "Perimeter µm", "Score", *measure.names("full")]  # the default
         assert props["metadata"] == {"nucleusId": str(props["nucleusId"])}  # where QuPath keeps the id
         assert meas["Area µm^2"] > 0 and meas["Perimeter µm"] > 0 and 0 <= meas["Score"] <= 1
     assert len({f["id"] for f in feats}) == len(feats)
@@ -182,7 +183,8 @@ def test_csv_matches_features(cmu_run):
     with open(d / "cmu.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(fc["features"])
-    assert list(rows[0]) == ["id", "centroid_x", "centroid_y", "area_um2", "perimeter_um", "score"]
+    assert list(rows[0]) == ["id", "centroid_x", "centroid_y", "area_um2", "perimeter_um", "score",
+                             *[measure.COLUMNS[m] for m in measure.names("full")]]
     by_id = {f["properties"]["nucleusId"]: f for f in fc["features"]}
     objs = ndi.find_objects(labels)
     for row in rows[::10]:
