@@ -11,7 +11,7 @@ import os as _os
 # work (nucseg.threads, docs/PERFORMANCE.md). An explicit OMP_WAIT_POLICY in the environment is kept.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "predict_slide": "nucseg.predict",
