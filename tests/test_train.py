@@ -53,7 +53,18 @@ def test_short_training_lowers_the_loss_on_real_tiles(real_tiles, tmp_path):
     assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "curves.png").stat().st_size > 1000
 
 
-def test_resume_continues_exactly_and_base_is_unchanged(real_tiles, tmp_path, tiny_official_ckpt):
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons need one intra-op thread: with two, CPU kernels split reductions differently from run
+    to run (two uninterrupted runs in one process differ by ~1e-6 in the LoRA weights), which would hide what
+    the test checks: that resuming changes nothing (tests/test_kill_resume.py runs with one thread too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_continues_exactly_and_base_is_unchanged(real_tiles, tmp_path, tiny_official_ckpt, one_thread):
     tiles = _small(real_tiles[:2], 128)
     before = tiny_official_ckpt.read_bytes()
     cfg = TrainConfig(epochs=2, **FAST)
