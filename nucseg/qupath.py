@@ -148,12 +148,9 @@ def rasterize(geoms: list, x0: float, y0: float, h: int, w: int, scale: float = 
     return labels, overlap
 
 
-def covered(geoms: list, x0: float, y0: float, h: int, w: int, scale: float = 1.0) -> np.ndarray:
-    """Boolean (h, w): pixel centres inside any of ``geoms`` (regions of interest, labelled regions)."""
-    if not geoms:
-        return np.zeros((h, w), bool)
-    labels, overlap = rasterize([shapely.unary_union(geoms)], x0, y0, h, w, scale)
-    return (labels > 0) | overlap
+def covered(region, x0: float, y0: float, h: int, w: int, scale: float = 1.0) -> np.ndarray:
+    """Boolean (h, w): pixel centres inside ``region`` (one geometry: the union of the labelled regions)."""
+    return rasterize([region], x0, y0, h, w, scale)[0] > 0
 
 
 @dataclass
@@ -272,11 +269,12 @@ def _write_tiles(view, mpp, image: Path, objs: QuPathObjects, out: Path, cfg: Im
     nuclei = objs.nuclei
     from skimage.segmentation import relabel_sequential
 
+    region = shapely.unary_union(objs.regions) if objs.regions else None  # once, not per tile
     for tx, ty, h, w, stem in plan:
         labels, overlap = rasterize(nuclei, tx, ty, h, w, scale)
         vague = overlap.copy()
-        if objs.regions:
-            vague |= ~covered(objs.regions, tx, ty, h, w, scale)
+        if region is not None:
+            vague |= ~covered(region, tx, ty, h, w, scale)
             labels[vague] = 0
         labels = relabel_sequential(labels)[0]
         rgb = view.read(tx, ty, max(h, w))[:h, :w]

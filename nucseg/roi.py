@@ -50,16 +50,9 @@ class Roi:
             hit = np.zeros(len(boxes), bool)
             hit[shapely.STRtree(boxes).query(self.geometry, predicate="intersects")] = True
             return hit
-        m = self.mask
-        integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
-        integral[1:, 1:] = m.cumsum(0).cumsum(1)
+        from .tiling import mask_count_in_boxes
 
-        def idx(v, n):
-            return np.clip(v / self.mask_px, 0, n).astype(np.int64)
-
-        cx0, cx1 = idx(np.floor(x0), m.shape[1]), idx(np.ceil(x1 / self.mask_px) * self.mask_px, m.shape[1])
-        cy0, cy1 = idx(np.floor(y0), m.shape[0]), idx(np.ceil(y1 / self.mask_px) * self.mask_px, m.shape[0])
-        return (integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]) > 0
+        return mask_count_in_boxes(self.mask, x0, y0, x1, y1, self.mask_px) > 0
 
 
 def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | None = None) -> Roi:

@@ -146,16 +146,24 @@ def select_tissue_tiles(grid: TileGrid, mask: np.ndarray | None, mask_px: float)
     from scipy import ndimage as ndi
 
     m = ndi.binary_dilation(mask, iterations=1)
-    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = m.cumsum(0).cumsum(1)
     idx = np.arange(grid.n, dtype=np.int64)
     xy = grid.origin(idx).astype(np.float64)
-    x0 = np.clip(np.floor(xy[:, 0] / mask_px), 0, m.shape[1]).astype(np.int64)
-    y0 = np.clip(np.floor(xy[:, 1] / mask_px), 0, m.shape[0]).astype(np.int64)
-    x1 = np.clip(np.ceil((xy[:, 0] + grid.tile_size) / mask_px), 0, m.shape[1]).astype(np.int64)
-    y1 = np.clip(np.ceil((xy[:, 1] + grid.tile_size) / mask_px), 0, m.shape[0]).astype(np.int64)
-    count = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    count = mask_count_in_boxes(m, xy[:, 0], xy[:, 1], xy[:, 0] + grid.tile_size, xy[:, 1] + grid.tile_size, mask_px)
     return idx[count > 0]
+
+
+def mask_count_in_boxes(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
+                        mask_px: float) -> np.ndarray:
+    """True pixels of a coarse boolean ``mask`` under each box [x0, x1) x [y0, y1) (in units of which one mask
+    pixel covers ``mask_px``; boxes widened to whole mask pixels), for all boxes in one integral-image lookup."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    h, w = mask.shape
+    cx0 = np.clip(np.floor(np.asarray(x0) / mask_px), 0, w).astype(np.int64)
+    cy0 = np.clip(np.floor(np.asarray(y0) / mask_px), 0, h).astype(np.int64)
+    cx1 = np.clip(np.ceil(np.asarray(x1) / mask_px), 0, w).astype(np.int64)
+    cy1 = np.clip(np.ceil(np.asarray(y1) / mask_px), 0, h).astype(np.int64)
+    return integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
 
 
 def cache_key(**fields) -> tuple[dict, str]:
