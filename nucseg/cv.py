@@ -3,7 +3,8 @@ and leaves its adapter, metrics and overlay pictures behind.
 
     <out>/fold_1/train/{adapter/, checkpoint.safetensors, curves.png, history.json}
     <out>/fold_1/metrics.json            per-image and mean metrics of the fine-tuned model
-    <out>/fold_1/zero_shot_metrics.json  the base model through the same inference (with --zero-shot)
+    <out>/fold_1/zero_shot_metrics.json  the base model through the same inference (with --zero-shot), its
+                                         thresholds calibrated on the same held-back images as the fold's
     <out>/fold_1/overlays/<tile>.png     tile | truth | prediction
     <out>/summary.json, summary.md       mean ± std of every metric over folds
 
@@ -133,12 +134,39 @@ def write_summary_md(summary: dict, path: Path) -> None:
         lines += ["", "Inference thresholds per fold (calibrated on images held back from the fold's training "
                   "set, unless given on the command line):", ""]
         lines += [f"- fold {fold}: {describe_thresholds(t)}" for fold, t in used]
+        zero = [(z["fold"], z["thresholds"]) for z in summary.get("zero_shot_thresholds") or () if z["thresholds"]]
+        if zero:
+            lines += ["", "Zero-shot base, thresholds per fold (calibrated on the same held-back images):", ""]
+            lines += [f"- fold {fold}: {describe_thresholds(t)}" for fold, t in zero]
     text = (f"# Cross-validation: {summary['folds_total']} folds, grouped by {summary['group_by']}, "
             f"seed {summary['seed']}\n\nModel {summary['model']}, method "
             f"{MethodConfig.from_dict(summary['method']).describe()}.\n"
             "Mean ± std over folds of the per-fold mean over validation tiles.\n\n" + "\n".join(lines) + "\n")
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def score_zero_shot(base, train: list[Tile], val: list[Tile], explicit: dict, base_infer: InferConfig,
+                    train_cfg: TrainConfig, cv_cfg: CVConfig, device, mpp: float | None,
+                    on_calibrate: Callable[[str], None] | None = None) -> dict:
+    """Score the untrained base on a fold's validation tiles, on the same footing as the fine-tuned model.
+
+    When the fold's adapter was calibrated, the base's thresholds are calibrated too, on the very images
+    held back for that (same split, same seed): otherwise the comparison would credit fine-tuning with what
+    calibration alone gains (the scale of predicted IoU and stability differs between models).
+    """
+    from .calibrate import resolve_infer, split_for_calibration
+    from .train import calibrate_model
+
+    explicit = {**explicit, "multimask": cv_cfg.zero_shot_multimask}
+    zcfg = InferConfig(**{**asdict(base_infer), "multimask": cv_cfg.zero_shot_multimask})
+    held = split_for_calibration(train, train_cfg.calibration_fraction, train_cfg.seed)[1]
+    thresholds = calibrate_model(base, held, train_cfg, zcfg, device, mpp, on_calibrate) if held else None
+    cfg, used = resolve_infer(explicit, thresholds)
+    used = {k: {**v, "source": "calibrated" if v["source"] == "adapter" else v["source"]} for k, v in used.items()}
+    zres, _ = score(SamTileSegmenter(base, cfg, device=device, mpp=mpp), val, train_cfg.batch_size)
+    zres["thresholds"] = used
+    return zres
 
 
 def run_cv(
@@ -168,7 +196,7 @@ def run_cv(
     out_dir = Path(out_dir)
     folds = make_folds(tiles, cv_cfg.folds, cv_cfg.seed, cv_cfg.group_by)
     device = pick_device(train_cfg.device)
-    rows, zero_rows, fold_info = [], [], []
+    rows, zero_rows, fold_info, zero_used = [], [], [], []
     for f, val_idx in enumerate(folds, start=1):
         fdir = out_dir / f"fold_{f}"
         val = [tiles[i] for i in val_idx]
@@ -208,10 +236,11 @@ def run_cv(
             else:
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)
-                zcfg = InferConfig(**{**asdict(base_infer), "multimask": cv_cfg.zero_shot_multimask})
-                zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
+                zres = score_zero_shot(base, train, val, explicit, base_infer, train_cfg, cv_cfg, device, mpp,
+                                       (lambda msg, f=f: on_fold(f, len(folds), msg)) if on_fold else None)
                 write_json(zpath, zres)
             zero_rows.append(zres["mean"])
+            zero_used.append({"fold": f, "thresholds": zres.get("thresholds")})
     from . import __version__
 
     summary = {
@@ -228,6 +257,7 @@ def run_cv(
         "tiles": len(tiles),  # whole images (validation scores them whole)
         "tile_size": cv_cfg.tile_size,
         "folds": fold_info,
+        "zero_shot_thresholds": zero_used,
         "fine_tuned": summarize_folds(rows),
         "zero_shot": summarize_folds(zero_rows) if zero_rows else None,
     }

@@ -43,6 +43,12 @@ def test_cv_writes_every_file_and_resumes(demo, tmp_path, capsys):
         if all(v is not None and np.isfinite(v) for v in vals):
             assert summary["fine_tuned"][m]["mean"] == pytest.approx(np.mean(vals))
     assert "| fine-tuned |" in (out / "summary.md").read_text() and "| zero-shot |" in (out / "summary.md").read_text()
+    # the base is scored with thresholds calibrated on the fold's own held-back images, as the adapter is
+    for z, fold in zip(summary["zero_shot_thresholds"], summary["folds"]):
+        assert {v["source"] for v in z["thresholds"].values()} == {"calibrated"}
+        assert {v["source"] for v in fold["thresholds"].values()} == {"adapter"}
+        assert json.loads((out / f"fold_{z['fold']}/zero_shot_metrics.json").read_text())["thresholds"] == z["thresholds"]
+    assert "Zero-shot base, thresholds per fold" in (out / "summary.md").read_text()
     # a rerun skips finished folds: nothing is retrained or rewritten
     stamp = (out / "fold_1/metrics.json").stat().st_mtime_ns
     capsys.readouterr()
