@@ -8,6 +8,10 @@ nucleus: the ``measure`` stage's CPU time (the measurements alone) and the whole
 wall time over ``none``.
 
     .venv/bin/python bench/bench_measurements.py    # about 2 minutes on 2 cores -> bench/results/measurements_cpu.json
+
+``--legacy COMMIT`` also times ``measure_tile`` of that commit (its nucseg/measure.py, read from git) against
+today's on the same label maps (the slide's tiles through the same segmenter), alternating, same process:
+the before/after of a change to the measurements.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode (the fastest is reported)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "measurements_cpu.json")
+    ap.add_argument("--legacy", default=None, help="a commit whose measure_tile to time against today's")
     args = ap.parse_args()
 
     from nucseg.classical import ThresholdSegmenter
@@ -64,11 +69,57 @@ def main() -> None:
     result = {"slide": SLIDE.name, "segmenter": "ThresholdSegmenter", "export_workers": 1,
               "machine": f"{platform.node()} {os.cpu_count()} CPUs (shared with other jobs)",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_measurements.py",
+              "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_measurements.py"
+                         + (f" --legacy {args.legacy}" if args.legacy else ""),
+              "load_1min_end": round(os.getloadavg()[0], 2),
               "summary": summary, "runs": runs}
+    if args.legacy:
+        result["kernel_vs_legacy"] = kernel_vs_legacy(args.legacy, seg, args.repeat)
+        print(json.dumps(result["kernel_vs_legacy"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
+
+
+def kernel_vs_legacy(commit: str, seg, repeat: int) -> dict:
+    """CPU µs per nucleus of measure_tile, ``commit``'s vs today's, on the slide's tiles at native µm/px."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from nucseg import measure
+    from nucseg.slide import open_slide
+
+    src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{commit}:nucseg/measure.py"], check=True,
+                         capture_output=True, text=True).stdout.replace("from .export import", "from nucseg.export import")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "legacy_measure.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location("legacy_measure", path)
+        legacy = importlib.util.module_from_spec(spec)
+        sys.modules["legacy_measure"] = legacy
+        spec.loader.exec_module(legacy)
+    slide = open_slide(SLIDE)
+    T = 512
+    tiles = [np.asarray(slide.read_region((x, y), 0, (T, T)).convert("RGB"))
+             for y in range(0, slide.dimensions[1] - T + 1, T) for x in range(0, slide.dimensions[0] - T + 1, T)]
+    maps = [(lab, rgb, np.unique(lab)[1:]) for lab, rgb in zip(seg(np.stack(tiles)).labels, tiles)]
+    maps = [m for m in maps if len(m[2])]
+    nuclei = sum(len(ids) for _, _, ids in maps)
+    out = {"tiles": len(maps), "nuclei": nuclei}
+    for mode in ("shape", "full"):
+        best = {"legacy": np.inf, "new": np.inf}
+        for _ in range(repeat):
+            for name, mod in (("legacy", legacy), ("new", measure)):
+                c0 = time.process_time()
+                for lab, rgb, ids in maps:
+                    mod.measure_tile(lab, ids, 0.5, mode, rgb)
+                best[name] = min(best[name], time.process_time() - c0)
+        out[mode] = {k: round(1e6 * v / nuclei, 1) for k, v in best.items()}
+        out[mode]["speedup"] = round(best["legacy"] / best["new"], 2)
+    return out
 
 
 if __name__ == "__main__":

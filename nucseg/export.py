@@ -192,16 +192,18 @@ def outline_rings(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.
     return ring_lab[order], xy, np.r_[0, np.cumsum(length)].astype(np.int64)
 
 
-def tile_polygons(labels: np.ndarray, keep: np.ndarray, tolerance: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+def tile_polygons(labels: np.ndarray, keep: np.ndarray, tolerance: float = 0.25,
+                  rings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels ascending, shapely Polygons) of the kept instances of a tile, in **pixel-edge** coordinates of
     the tile (pixel (r, c) covers [c, c+1) x [r, r+1)): valid, counter-clockwise (shapely's sign = 1).
 
     The outline runs half-way between inside and outside pixel centres, so rasterising a polygon (pixel
     centres inside) gives back its pixels. ``tolerance`` (px) simplifies with Douglas-Peucker, which only
     drops near-collinear vertices here; the rare polygon it leaves invalid or empty is simplified again with
-    topology preserved, and one still invalid is repaired (its largest part).
+    topology preserved, and one still invalid is repaired (its largest part). ``rings``: the tile's
+    :func:`outline_rings` for the same ``keep`` when the caller has them already (the measurements use them too).
     """
-    labs, xy, starts = outline_rings(labels, keep)
+    labs, xy, starts = outline_rings(labels, keep) if rings is None else rings
     if not len(labs):
         return labs, np.empty(0, dtype=object)
     rings = shapely.linearrings(xy + 0.5, indices=np.repeat(np.arange(len(labs)), np.diff(starts)))
@@ -224,6 +226,7 @@ def instance_polygons(
     y0: float,
     scale: float,
     tolerance: float = 0.25,
+    rings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Outline each instance ``local_ids`` of a tile as a valid polygon in level-0 pixel coordinates.
 
@@ -237,7 +240,7 @@ def instance_polygons(
     keep = np.zeros(max(int(labels.max()), int(local_ids.max())) + 1, dtype=bool)
     keep[local_ids] = True
     keep[0] = False
-    labs, polys = tile_polygons(labels, keep, tolerance)
+    labs, polys = tile_polygons(labels, keep, tolerance, rings)
     polys = polys[np.searchsorted(labs, local_ids)]
     return shapely.transform(polys, lambda xy: (xy + (x0, y0)) * scale)
 

@@ -49,7 +49,8 @@ import shapely
 
 from .errors import DiskFullError, InputError, NucsegError, OutputError
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
-                     instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, write_ome_zarr_labels)
+                     instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, outline_rings,
+                     write_ome_zarr_labels)
 from .measure import MODES as MEASUREMENT_MODES
 from .measure import measure_tile
 from .measure import names as measurement_names
@@ -789,7 +790,9 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
         if not len(local):
             continue
         with times("polygons"):
-            polys = instance_polygons(labels, local, x0, y0, job.scale, job.tolerance)
+            # the outlines serve the polygons and the shape measurements: traced once
+            rings = outline_rings(labels, keep) if job.measurements != "none" else None
+            polys = instance_polygons(labels, local, x0, y0, job.scale, job.tolerance, rings)
             a = area[local]
             scale = job.scale
             batch = NucleusBatch.from_polygons(
@@ -799,7 +802,7 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
         if job.measurements != "none":
             with times("measure"):
                 batch.measurements = measure_tile(labels, local, job.target_mpp, job.measurements,
-                                                  None if rgb is None else rgb[k])
+                                                  None if rgb is None else rgb[k], rings)
         out.append(_TileNuclei(ci, local, batch))
     if in_worker:
         times.add("worker_cpu", time.process_time() - cpu0, 0.0)
