@@ -27,6 +27,12 @@ from .io import atomic_path
 # optical density per unit stain (R, G, B); Macenko et al.'s reference vectors, typical of real H&E scans
 _H_VEC = np.array([0.5626, 0.7201, 0.4062], np.float32)
 _E_VEC = np.array([0.2159, 0.8012, 0.5581], np.float32)
+# H and E vectors by name: Macenko's reference (the default) and Ruifrok & Johnston's (2001; scikit-image's
+# rgb2hed), a bluer haematoxylin and a redder eosin, as a scan from another lab or scanner looks
+STAINS = {
+    "macenko": (_H_VEC, _E_VEC),
+    "ruifrok": (np.array([0.65, 0.70, 0.29], np.float32), np.array([0.07, 0.99, 0.11], np.float32)),
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ def make_demo_dataset(
     size: int = 256,
     seed: int = 0,
     zoom: int = 1,
+    stain: str = "macenko",
 ) -> Path:
     """Write the demo dataset under ``root`` and return ``root``.
 
@@ -72,8 +79,10 @@ def make_demo_dataset(
 
     ``zoom``: the tissue is rendered at ``size / zoom`` px and scanned at ``zoom`` x the magnification (image
     resampled bilinearly, labels by nearest neighbour): nuclei ``zoom`` times larger, as a 40x scan of the
-    same tissue shows them compared with a 20x one.
+    same tissue shows them compared with a 20x one. ``stain``: the H and E vectors (:data:`STAINS`).
     """
+    if stain not in STAINS:
+        raise InputError(f"unknown demo stain {stain!r}; choose one of {', '.join(STAINS)}")
     if not organs or tiles_per_organ < 1 or size < 64 or zoom < 1 or size % zoom:
         raise InputError("demo dataset needs at least one organ, one tile, a tile size of at least 64 px and a "
                          "zoom >= 1 that divides it")
@@ -83,7 +92,7 @@ def make_demo_dataset(
         slug = re.sub(r"[^0-9a-zA-Z]+", "_", organ).strip("_").lower() or f"organ{o}"
         for i in range(tiles_per_organ):
             rng = np.random.default_rng([seed, o, i])
-            image, labels, vague = render_tile(size // zoom, style, rng)
+            image, labels, vague = render_tile(size // zoom, style, rng, stain)
             if zoom > 1:
                 image = np.clip(np.rint(ndi.zoom(image.astype(np.float32), (zoom, zoom, 1), order=1,
                                                  grid_mode=True, mode="nearest")), 0, 255).astype(np.uint8)
@@ -98,7 +107,7 @@ def make_demo_dataset(
 
 
 def render_tile(
-    size: int, style: _Style, rng: np.random.Generator
+    size: int, style: _Style, rng: np.random.Generator, stain: str = "macenko"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one tile: (RGB uint8 (size, size, 3), labels int32 1..n, vague-area mask bool)."""
     shape = (size, size)
@@ -139,7 +148,8 @@ def render_tile(
             count += 1
             last = (cy, cx, a)
 
-    od = hema[..., None] * _H_VEC + eosin[..., None] * _E_VEC
+    h_vec, e_vec = STAINS[stain]
+    od = hema[..., None] * h_vec + eosin[..., None] * e_vec
     od = ndi.gaussian_filter(od, (0.6, 0.6, 0))  # optics: nothing in a scan has perfectly sharp edges
     rgb = 255.0 * np.exp(-od) + rng.normal(0, 2.0, od.shape)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), labels, vague
@@ -218,26 +228,64 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         imsave(tmp, array, check_contrast=False)
 
 
+# The demo base (scripts/make_demo_base.py) is trained on these organs and seed, never on the demo's own tiles.
+BASE_ORGANS = ("base organ a", "base organ b", "base organ c")
+BASE_SEED = 1000
+BASE_STAIN = "macenko"  # the demo's own tiles use another stain (DemoRecipe.stain): what fine-tuning adapts to
+BASE_DIR = Path(__file__).resolve().parents[1] / "adapters" / "demo-base"
+BASE_FILE = "sam_vit_tiny_demo.safetensors"
+BASE_INFO = "base.json"
+KIND = "nucseg-demo-base"  # base.json's "kind"
+
+
+def demo_base(folder: str | os.PathLike | None = None) -> Path:
+    """The demo's pre-trained base checkpoint, checked against the SHA-256 recorded when it was built.
+
+    It ships in the repository (``adapters/demo-base/``, 3 MB); ``scripts/make_demo_base.py --install``
+    rebuilds it. A missing or altered file is an error here, before any work.
+    """
+    import json
+
+    from .errors import CheckpointError
+    from .io import sha256_file
+
+    folder = Path(folder) if folder is not None else BASE_DIR
+    path, info = folder / BASE_FILE, folder / BASE_INFO
+    if not path.is_file() or not info.is_file():
+        raise CheckpointError(f"the demo base is missing ({path}); run a git checkout of the repository, or rebuild "
+                              "it with: python scripts/make_demo_base.py --install")
+    try:
+        want = json.loads(info.read_text(encoding="utf-8"))["sha256"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{info} is not a demo-base record (no sha256)") from None
+    if sha256_file(path) != want:
+        raise CheckpointError(f"{path} does not match the SHA-256 recorded in {info}: altered or damaged; "
+                              "rebuild it with: python scripts/make_demo_base.py --install")
+    return path
+
+
 @dataclass(frozen=True)
 class DemoRecipe:
     """Everything the demo trains and predicts with; :data:`QUICK` is ``make demo``, :data:`FULL` the long one.
 
-    A randomly initialised SAM (no official weights on a fresh machine) must learn from scratch, in
-    minutes on 2 CPU cores, both what a nucleus looks like and how a point prompt picks one out. What makes
-    that fast (docs/BENCHMARKS.md, "demo recipe"): small tiles at a magnification where nuclei span one or
-    two 16 px patches (``zoom``), many short steps at a high learning rate, class-balanced CE (plain CE
-    settles on empty masks), box prompts on half of the positives, and thresholds calibrated on held-back
-    tiles instead of SAM's defaults.
+    The demo does what a user does with the official vit_b: it fine-tunes a pre-trained base with the
+    product's default method (LoRA rank 4 on the encoder's q and v, trainable mask decoder), calibrates the
+    inference thresholds on held-back tiles and scores the base beside the result. The base is the small
+    ``vit_tiny`` SAM of ``adapters/demo-base`` (:func:`demo_base`), pre-trained on synthetic tiles of other
+    seeds and a third stain style by ``scripts/make_demo_base.py``: no official weights can be assumed on a
+    fresh machine, and a SAM trained from scratch needs far more than a first run's minutes of CPU to learn
+    how a point prompt picks out one nucleus (``pretrained=False``; docs/BENCHMARKS.md, "Demo recipe").
+    Nuclei span one or two 16 px patches (``zoom``) in small tiles, so every step is cheap.
     """
 
-    tiles_per_organ: int = 24
+    tiles_per_organ: int = 48
     size: int = 128  # tile side in px (also the model input)
     zoom: int = 2  # nuclei 16-40 px across
     mpp: float = 0.25  # µm/px of the tiles (the 0.5 µm/px demo slide is read at this resolution)
     folds: int = 2
-    epochs: int = 100
+    epochs: int = 20
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 1e-3
     box_fraction: float = 0.5
     positive_prompts: int = 16
     points_per_side: int = 16
@@ -245,11 +293,17 @@ class DemoRecipe:
     slide_px: int = 512  # side of the demo slide at 0.5 µm/px
     overlap: int = 56  # whole-slide tile overlap in px at the tiles' resolution: wider than the largest nucleus
     seed: int = 0
+    stain: str = "ruifrok"  # the demo tiles' H and E vectors (the base was trained on BASE_STAIN)
+    pretrained: bool = True  # fine-tune the demo base with LoRA; False: train every weight from random init
 
     def method(self):
         from .lora import MethodConfig
 
-        return MethodConfig(method="full")  # a random-init base has nothing for LoRA to adapt
+        return MethodConfig() if self.pretrained else MethodConfig(method="full")  # random init: nothing to adapt
+
+    def checkpoint(self) -> Path | None:
+        """The base checkpoint to fine-tune (checked), or None for a random initialisation."""
+        return demo_base() if self.pretrained else None
 
     def train_config(self, device: str = "cpu"):
         from .augment import AugmentConfig
@@ -275,8 +329,7 @@ class DemoRecipe:
 
 
 QUICK = DemoRecipe()
-FULL = DemoRecipe(tiles_per_organ=16, size=256, epochs=150, batch_size=4, lr=1e-3, folds=3, points_per_side=32,
-                  slide_px=1536)
+FULL = DemoRecipe(tiles_per_organ=96, folds=5, epochs=60, slide_px=1536)
 
 
 class Eta:

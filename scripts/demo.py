@@ -1,16 +1,17 @@
 """`make demo`: the main job end to end on data the project makes itself, in about 3 minutes on 2 CPU cores.
 
 1. a small synthetic NuInsSeg-layout dataset (two "organs") and a synthetic pyramidal slide;
-2. cross-validation with the small vit_tiny model (same architecture as SAM, random init: no official weights
-   are needed on a fresh machine): each fold trains, calibrates its inference thresholds on tiles held back
-   from its training set, and is scored on its validation tiles — per-fold metrics, overlays, curves,
-   mean ± std, and the untrained base (zero-shot) beside it;
+2. cross-validation: each fold fine-tunes the small pre-trained vit_tiny base of adapters/demo-base (SAM's
+   architecture; no official weights are needed on a fresh machine) with LoRA, as a user fine-tunes vit_b,
+   calibrates its inference thresholds on tiles held back from its training set, and is scored on its
+   validation tiles — per-fold metrics, overlays, curves, mean ± std, and the base (zero-shot, thresholds
+   calibrated on the same held-back tiles) beside it;
 3. whole-slide prediction with fold 1's adapter and its calibrated thresholds — GeoJSON, CSV and a preview;
 4. REPORT.md tying it together. The last line printed is the report's path.
 
-The recipe is nucseg.demo.QUICK; ``--full`` runs nucseg.demo.FULL (larger tiles, 3 folds, 150 epochs: tens of
-minutes on CPU). The numbers are those of a tiny model trained from scratch on synthetic tiles: they show the
-pipeline working, not SAM's accuracy on real tissue (docs/BENCHMARKS.md).
+The recipe is nucseg.demo.QUICK; ``--full`` runs nucseg.demo.FULL (more tiles, 5 folds, longer training).
+The numbers are those of a tiny model on synthetic tiles: they show the pipeline working, not SAM's accuracy
+on real tissue (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from nucseg.threads import configure_threads  # noqa: E402
 
 # Work units of the phases after training, in training steps (measured on the QUICK recipe, 2 CPU cores):
 # for the ETA only.
-CALIBRATE_UNITS, SCORE_UNITS, ZERO_SHOT_UNITS, SLIDE_UNITS = 12, 4, 4, 30
+CALIBRATE_UNITS, SCORE_UNITS, ZERO_SHOT_UNITS, SLIDE_UNITS = 12, 4, 16, 30
 
 
 def main() -> int:
@@ -64,35 +65,39 @@ def main() -> int:
     eta = Eta(recipe.steps() + folds * (CALIBRATE_UNITS + SCORE_UNITS + ZERO_SHOT_UNITS) + SLIDE_UNITS, say)
     say(f"1/4 generating demo data ({threads.threads} threads: {threads.source})")
     data = make_demo_dataset(out / "data", tiles_per_organ=recipe.tiles_per_organ, size=recipe.size,
-                             seed=recipe.seed, zoom=recipe.zoom)
+                             seed=recipe.seed, zoom=recipe.zoom, stain=recipe.stain)
     slide, truth = out / "demo_slide.tif", out / "demo_slide.truth.json"
     if not (slide.exists() and truth.exists()):
         labels = make_synthetic_slide(slide, recipe.slide_px, recipe.slide_px, mpp=0.5, seed=1)
         write_json(truth, {"nuclei": int(labels.max())})
     true_nuclei = json.loads(truth.read_text())["nuclei"]
 
-    say(f"2/4 cross-validation: vit_tiny from scratch, {folds} folds x {recipe.epochs} epochs, "
-        f"{recipe.size} px tiles")
+    base = recipe.checkpoint()
+    say(f"2/4 cross-validation: {'LoRA on the pre-trained vit_tiny demo base' if base else 'vit_tiny from scratch'}, "
+        f"{folds} folds x {recipe.epochs} epochs, {recipe.size} px tiles")
     tiles = load_dataset(data, tile_size=recipe.size)
     train = recipe.train_config()
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         eta.add(1, f"   epoch {epoch + 1}/{recipe.epochs}, loss {loss:.3f}")
 
+    calibrated = set()
+
     def on_fold(f: int, n: int, what: str) -> None:
-        if what.startswith("calibrated"):
-            eta.add(CALIBRATE_UNITS + SCORE_UNITS)
+        if what.startswith("calibrated"):  # first the adapter's, then the zero-shot base's thresholds
+            eta.add(CALIBRATE_UNITS + SCORE_UNITS if f not in calibrated else ZERO_SHOT_UNITS)
+            calibrated.add(f)
         elif what.startswith("done already"):
             eta.add(recipe.steps() / folds + CALIBRATE_UNITS + SCORE_UNITS + ZERO_SHOT_UNITS)
         eta.add(0, f"   fold {f}/{n}: {what}", every=0)
 
-    summary = run_cv(tiles, out / "cv", "vit_tiny", None, recipe.method(), train, recipe.infer(),
+    summary = run_cv(tiles, out / "cv", "vit_tiny", base, recipe.method(), train, recipe.infer(),
                      CVConfig(folds=folds, seed=recipe.seed, zero_shot=True, zero_shot_multimask=False),
                      mpp=recipe.mpp, on_fold=on_fold, on_step=on_step)
-    eta.add(folds * ZERO_SHOT_UNITS)
 
     say("3/4 whole-slide prediction with fold 1's adapter and its calibrated thresholds")
-    spec = SegmenterSpec.sam(adapter=out / "cv" / "fold_1" / "train" / "adapter", device="cpu", infer=recipe.infer())
+    spec = SegmenterSpec.sam(adapter=out / "cv" / "fold_1" / "train" / "adapter", checkpoint=base, device="cpu",
+                             infer=recipe.infer())
     seg = spec.build()
     res = predict_slide(slide, out / "demo_slide.geojson", seg,
                         PredictConfig(batch_size=8, overlap=recipe.overlap, csv=out / "demo_slide.csv", preview=out / "demo_slide.preview.png",
@@ -118,6 +123,14 @@ def write_report(out: Path, recipe, summary: dict, res, true_nuclei: int, thresh
     from nucseg.io import atomic_path
 
     ft, zs = summary["fine_tuned"], summary["zero_shot"]
+    if recipe.pretrained:
+        model = ("the pre-trained demo base `adapters/demo-base` (built by `scripts/make_demo_base.py` from "
+                 "synthetic tiles of other seeds, with Macenko's stain vectors; the demo tiles use Ruifrok & Johnston's) "
+                 "fine-tuned with LoRA rank 4 on q, v and the mask decoder")
+        zero_what = "pre-trained, not fine-tuned"
+    else:
+        model = "random init, every weight trained from scratch"
+        zero_what = "untrained"
     rows = "\n".join(f"| {m} | {ft[m]['mean']:.3f} ± {ft[m]['std']:.3f} | {zs[m]['mean']:.3f} |"
                      for m in ("pq", "f1", "dq", "sq", "aji", "dice"))
     per_fold = "\n".join(f"- fold {f['fold']} ({f['val_tiles']} validation tiles): PQ {f['mean']['pq']:.3f}, "
@@ -127,16 +140,16 @@ def write_report(out: Path, recipe, summary: dict, res, true_nuclei: int, thresh
 
 {'`scripts/demo.py --full`' if full else '`make demo`'}: synthetic data made by `nucseg.demo`
 ({summary['tiles']} tiles of {recipe.size} px, 2 organs, nuclei 8-20 px rendered at
-{recipe.zoom}x) and a synthetic {recipe.slide_px}² slide at 0.5 µm/px; model vit_tiny (SAM architecture,
-random init, trained from scratch, method `full`), {recipe.epochs} epochs per fold, lr {recipe.lr}, batch
-{recipe.batch_size}, CPU with {threads.threads} threads. Total {seconds:.0f} s.
+{recipe.zoom}x) and a synthetic {recipe.slide_px}² slide at 0.5 µm/px; model vit_tiny (SAM architecture), {model},
+{recipe.epochs} epochs per fold, lr {recipe.lr}, batch {recipe.batch_size}, CPU with {threads.threads} threads.
+Total {seconds:.0f} s.
 
 ## Cross-validation ({summary['folds_total']} folds) — `cv/summary.md`
 
 Validation tiles of each fold were never trained on; each fold's inference thresholds were calibrated on tiles
-held back from its own training set.
+held back from its own training set, and so were the zero-shot base's (on the same tiles).
 
-| metric | fine-tuned (mean ± std) | zero-shot base (untrained) |
+| metric | fine-tuned (mean ± std) | zero-shot base ({zero_what}) |
 |---|---|---|
 {rows}
 

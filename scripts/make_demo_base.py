@@ -1,0 +1,110 @@
+"""Build the demo's small pre-trained base: vit_tiny trained from scratch on synthetic nuclei.
+
+``make demo`` fine-tunes this base with the product's default method (LoRA rank 4 on the encoder's q and v
+plus the mask decoder), as a user fine-tunes the official vit_b; training a SAM from scratch takes far longer
+than a first run should (docs/BENCHMARKS.md, "Demo recipe"). The base is trained on tiles of the demo's
+renderer with other seeds and a third, intermediate organ style, never on the demo's own tiles.
+
+    .venv/bin/python scripts/make_demo_base.py --install     # writes runs/demo-base/ and adapters/demo-base/
+
+The recipe is pinned (seeds, data, epochs, one torch thread by default); ``adapters/demo-base/base.json``
+records it with the checkpoint's SHA-256, the training curve, time, machine and date. The rebuilt weights
+match the shipped ones in quality, not necessarily bit for bit (other CPUs, other BLAS kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nucseg.threads import configure_threads  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/demo-base"))
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--tiles-per-organ", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible numerics)")
+    ap.add_argument("--install", action="store_true", help="also write the base into adapters/demo-base/")
+    a = ap.parse_args()
+    configure_threads(a.threads)
+
+    import torch
+
+    from nucseg import __version__
+    from nucseg.adapter import export_merged, is_merged_checkpoint, load_adapter
+    from nucseg.data import load_dataset
+    from nucseg.demo import (BASE_DIR, BASE_FILE, BASE_INFO, BASE_ORGANS, BASE_SEED, BASE_STAIN, KIND, QUICK,
+                             make_demo_dataset)
+    from nucseg.io import atomic_path, sha256_file, write_json
+    from nucseg.lora import MethodConfig
+    from nucseg.train import TrainConfig, finetune
+
+    r = QUICK
+    data = make_demo_dataset(a.out / "data", organs=BASE_ORGANS, tiles_per_organ=a.tiles_per_organ, size=r.size,
+                             seed=BASE_SEED, zoom=r.zoom, stain=BASE_STAIN)
+    tiles = load_dataset(data, tile_size=r.size)
+    cfg = TrainConfig(epochs=a.epochs, batch_size=8, lr=a.lr, box_fraction=0.5, balance_ce=True,
+                      positive_prompts=16, calibration_fraction=0.1, seed=0, device="cpu", foreground_head=False)
+    t0 = time.time()
+
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        if step == steps - 1:
+            print(f"epoch {epoch + 1}/{a.epochs} loss {loss:.3f} [{time.time() - t0:.0f} s]", flush=True)
+
+    res = finetune(tiles, a.out / "train", "vit_tiny", None, MethodConfig(method="full"), cfg, mpp=r.mpp,
+                   on_step=on_step)
+    model, _ = load_adapter(res.adapter)
+    ckpt = export_merged(model, a.out / BASE_FILE)
+    info = {
+        "kind": KIND,
+        "file": BASE_FILE,
+        "sha256": sha256_file(ckpt),
+        "model": "vit_tiny",
+        "input_size": r.size,
+        "mpp": r.mpp,
+        "recipe": {"organs": list(BASE_ORGANS), "seed": BASE_SEED, "stain": BASE_STAIN, "tiles_per_organ": a.tiles_per_organ,
+                   "size": r.size, "zoom": r.zoom, "method": "full", "training": cfg.to_dict()},
+        "command": "python scripts/make_demo_base.py " + " ".join(sys.argv[1:]),
+        "training_images": len(tiles),
+        "seconds": round(sum(h.seconds for h in res.history), 1),  # a resumed run counts every epoch once
+        "train_iou": [round(h.train_iou, 4) for h in res.history],
+        "loss": [round(h.loss, 4) for h in res.history],
+        "thresholds": load_adapter(res.adapter)[1].thresholds,
+        "nucseg_version": __version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    write_json(a.out / BASE_INFO, info)
+    print(json.dumps({k: v for k, v in info.items() if k not in ("train_iou", "loss", "recipe")}))
+    if a.install:
+        BASE_DIR.mkdir(parents=True, exist_ok=True)
+        with atomic_path(BASE_DIR / BASE_FILE, owned=is_merged_checkpoint) as tmp:
+            shutil.copyfile(ckpt, tmp)
+        with atomic_path(BASE_DIR / BASE_INFO, owned=is_base_info) as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+        print(f"installed into {BASE_DIR}")
+
+
+def is_base_info(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+if __name__ == "__main__":
+    main()
