@@ -115,7 +115,8 @@ class Times:
 
 
 def instrument_legacy(times: Times) -> None:
-    """Stage timers around the legacy functions (the same boundaries as the new code's own timers)."""
+    """Stage timers around the legacy functions (the same boundaries as the new code's own timers); the legacy
+    package has the flat layout (nucseg.predict, not nucseg.wsi.predict)."""
     import nucseg.export as E
     import nucseg.predict as P
     import nucseg.slide as S
@@ -133,8 +134,11 @@ def instrument_legacy(times: Times) -> None:
 
 
 def child(args: argparse.Namespace) -> int:
+    import importlib
+
     import nucseg
-    import nucseg.predict as P
+
+    P = importlib.import_module("nucseg.predict" if args.impl == "legacy" else "nucseg.wsi.predict")
 
     where = Path(nucseg.__file__).resolve()
     if args.impl == "legacy" and not str(where).startswith(str(Path(args.legacy_root).resolve())):

@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "measurements_cpu.json")
     args = ap.parse_args()
 
-    from nucseg.classical import ThresholdSegmenter
-    from nucseg.predict import PredictConfig, predict_slide
+    from nucseg.model.classical import ThresholdSegmenter
+    from nucseg.wsi.predict import PredictConfig, predict_slide
 
     seg = ThresholdSegmenter()
     runs: dict[str, list] = {m: [] for m in MODES}

@@ -83,7 +83,7 @@ def number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
 
 
 def _mpp_type():
-    from nucseg.slide import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
+    from nucseg.wsi.slide import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
 
     return number(*MPP_RANGE)
 
@@ -122,7 +122,7 @@ def _add_single_mask(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
-    from nucseg.sam import SPECS
+    from nucseg.model.sam import SPECS
 
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=model_default, choices=list(SPECS),
@@ -135,7 +135,7 @@ def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") 
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    from nucseg.lora import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
+    from nucseg.model.lora import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lora", choices=list(METHODS),
@@ -269,7 +269,7 @@ def _add_calibrate(sub, command) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from nucseg import __version__
-    from nucseg.tiling import TILE_SIZE_RANGE
+    from nucseg.wsi.tiling import TILE_SIZE_RANGE
 
     ap = _Parser(prog="nucseg", description="Fine-tune SAM on H&E nuclei; segment whole slides.",
                  parents=[_common(suppress=False)], formatter_class=_Formatter)
@@ -434,7 +434,7 @@ def _add_sharing_commands(sub, common: list) -> None:
         "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
         "'nucseg merge').", 100),
         epilog="examples:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
-        "  from nucseg.sam import load_sam; from peft import PeftModel\n"
+        "  from nucseg.model.sam import load_sam; from peft import PeftModel\n"
         "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
         "  model = PeftModel.from_pretrained(sam, 'runs/lora/peft')",
         parents=common, formatter_class=_Formatter)
@@ -534,7 +534,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA) or a RuntimeError saying so; torch is loaded by then if it matters."""
     if "torch" not in sys.modules:
         return False
-    from nucseg.infer import is_out_of_memory
+    from nucseg.model.infer import is_out_of_memory
 
     return is_out_of_memory(err)
 

@@ -2,7 +2,7 @@
 
 Whole-slide code only needs "a batch of RGB tiles in, instance label maps and per-instance scores out", so
 it is written against :class:`TileSegmenter` and can be tested with any implementation: the SAM-based one
-in :mod:`nucseg.infer`, or the classical one in :mod:`nucseg.classical` for stitching proofs.
+in :mod:`nucseg.model.infer`, or the classical one in :mod:`nucseg.model.classical` for stitching proofs.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def cmu_svs(shared_data: Path) -> Path:
 def small_slide(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """A generated pyramidal 1200 x 1000 slide at 0.5 µm/px, all tissue, 250 nuclei, and its true labels.
     Read-only: tests that write next to a slide make their own."""
-    from nucseg.synthslide import make_synthetic_slide
+    from nucseg.wsi.synthslide import make_synthetic_slide
 
     path = tmp_path_factory.mktemp("small") / "small.tif"
     gt = make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, seed=7)
@@ -65,7 +65,7 @@ def tiny_official_ckpt(tmp_path_factory) -> Path:
     so loading it exercises the real key names and the position-table interpolation to 512 px."""
     import torch
 
-    from nucseg.sam import build_sam
+    from nucseg.model.sam import build_sam
 
     torch.manual_seed(123)
     model = build_sam("vit_tiny", img_size=1024)
@@ -81,7 +81,7 @@ def tiny_official_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_tiles(he_sample):
     """Eight real tiles, four of each organ (deterministic choice)."""
-    from nucseg.data import load_dataset
+    from nucseg.learn.data import load_dataset
 
     tiles = load_dataset(he_sample)
     by_organ: dict[str, list] = {}
@@ -92,7 +92,7 @@ def real_tiles(he_sample):
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """The `make demo` recipe (nucseg.demo.QUICK) at reduced size: one fold, fewer tiles and epochs.
+    """The `make demo` recipe (nucseg.learn.demo.QUICK) at reduced size: one fold, fewer tiles and epochs.
 
     Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the
     validation metrics with them (what `make demo` reports) and the training seconds. 300 steps (one demo fold):
@@ -101,13 +101,13 @@ def demo_model(tmp_path_factory):
     import time
     from dataclasses import replace
 
-    from nucseg.adapter import load_adapter
-    from nucseg.calibrate import resolve_infer
-    from nucseg.cv import score
-    from nucseg.data import load_dataset
-    from nucseg.demo import QUICK, make_demo_dataset
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.train import finetune
+    from nucseg.model.adapter import load_adapter
+    from nucseg.learn.calibrate import resolve_infer
+    from nucseg.learn.cv import score
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import QUICK, make_demo_dataset
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.learn.train import finetune
 
     recipe = replace(QUICK, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS)
     root = tmp_path_factory.mktemp("demo_quality")

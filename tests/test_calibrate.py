@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nucseg.calibrate import (THRESHOLD_FIELDS, CalibrationConfig, calibrate, metric_value, resolve_infer,
+from nucseg.learn.calibrate import (THRESHOLD_FIELDS, CalibrationConfig, calibrate, metric_value, resolve_infer,
                               split_for_calibration, validate_thresholds)
-from nucseg.data import load_dataset
-from nucseg.demo import make_demo_dataset
+from nucseg.learn.data import load_dataset
+from nucseg.learn.demo import make_demo_dataset
 from nucseg.errors import InputError
-from nucseg.infer import InferConfig
+from nucseg.model.infer import InferConfig
 from nucseg_cli.main import main
 
 GOOD = {"pred_iou_thresh": 0.3, "stability_thresh": 0.6, "fg_threshold": 0.1, "nms_iou": 0.5, "min_area": 6,
@@ -71,8 +71,8 @@ def test_split_holds_back_whole_images(tmp_path):
 def test_grid_estimate_equals_a_real_run(demo_model):
     """With prompts="grid" every point is decoded in a real run too, so the label maps the search paints for a
     setting from its one decoding pass must be exactly the segmenter's, and its scores exactly the real ones."""
-    from nucseg.calibrate import _candidates, _paint
-    from nucseg.infer import SamTileSegmenter, segment_tiles
+    from nucseg.learn.calibrate import _candidates, _paint
+    from nucseg.model.infer import SamTileSegmenter, segment_tiles
 
     model, val, _ = demo_model
     val = val[:4]
@@ -108,7 +108,7 @@ def tiny_adapter(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_train_stores_thresholds_and_calibrate_rewrites_them(tiny_adapter, tmp_path, capsys):
-    from nucseg.adapter import load_adapter, read_adapter
+    from nucseg.model.adapter import load_adapter, read_adapter
 
     adapter, data = tiny_adapter
     meta = json.loads((adapter / "nucseg.json").read_text())

@@ -93,8 +93,8 @@ def test_values_the_issue_named(argv, needle, tmp_path, capsys, monkeypatch):
 
 def test_library_configs_check_what_the_cli_checks():
     from nucseg.errors import InputError
-    from nucseg.infer import InferConfig
-    from nucseg.train import TrainConfig
+    from nucseg.model.infer import InferConfig
+    from nucseg.learn.train import TrainConfig
 
     for bad in ({"lr": float("nan")}, {"lr": 0.0}, {"box_fraction": 2.0}, {"positive_prompts": 0}):
         with pytest.raises(InputError, match="must be"):

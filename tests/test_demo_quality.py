@@ -1,4 +1,4 @@
-"""First-run quality guard: one fold of the `make demo` recipe (nucseg.demo.QUICK, 300 training steps) must
+"""First-run quality guard: one fold of the `make demo` recipe (nucseg.learn.demo.QUICK, 300 training steps) must
 still give a model that has left the empty-mask collapse and marks the nuclei, with calibrated thresholds
 that are at least as good as the global defaults. A change that makes the demo useless again (a broken loss,
 an init, a threshold default) fails here, not in front of a new user.

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import nucseg.export as export_mod
-import nucseg.tiling as tiling_mod
+import nucseg.wsi.export as export_mod
+import nucseg.wsi.tiling as tiling_mod
 from nucseg.errors import DiskFullError
 from nucseg.io import atomic_path
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from nucseg.distributed import SegmenterSpec, predict_distributed, worker_segmenter
+from nucseg.wsi.distributed import SegmenterSpec, predict_distributed, worker_segmenter
 from nucseg.errors import CheckpointError, DataError, InputError
-from nucseg.predict import PredictConfig, predict_slides
+from nucseg.wsi.predict import PredictConfig, predict_slides
 from nucseg.runlog import read_runlog
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "48"]
@@ -138,8 +138,8 @@ def test_a_large_slide_is_split_over_the_workers(cluster, tmp_path):
 
 
 def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
-    from nucseg.predict import predict_tile_range
-    from nucseg.tiling import FLAG_CHUNK
+    from nucseg.wsi.predict import predict_tile_range
+    from nucseg.wsi.tiling import FLAG_CHUNK
 
     slide = tmp_path / "s.tif"
     make_synthetic_slide(slide, 600, 600, mpp=0.5, nuclei=40, pyramid=False, seed=1)

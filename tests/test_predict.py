@@ -12,11 +12,11 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
-from nucseg.classical import ThresholdSegmenter
+from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError, OutputError, SlideError
-from nucseg.predict import PredictConfig, SlideSummary, predict_slide, predict_slides
+from nucseg.wsi.predict import PredictConfig, SlideSummary, predict_slide, predict_slides
 from nucseg.segmenter import TileBatchResult
-from nucseg.synthslide import make_synthetic_slide, match_instances
+from nucseg.wsi.synthslide import make_synthetic_slide, match_instances
 
 
 class Counting:
@@ -145,7 +145,7 @@ def test_unwritable_output_and_mid_run_failure_leave_no_partial_file(small_slide
     # a failure while features are being streamed out: no output file, no temporary left behind
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    import nucseg.predict as P
+    import nucseg.wsi.predict as P
 
     real = P.instance_polygons
     calls = {"n": 0}

@@ -7,8 +7,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from nucseg.segmenter import TileBatchResult
-from nucseg.stitch import stitch_image
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.stitch import stitch_image
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 
 class LocalSegmenter:

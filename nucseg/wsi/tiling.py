@@ -2,7 +2,7 @@
 
 Grid: tiles of ``tile_size`` start every ``stride = tile_size - overlap`` target pixels from (0, 0); the last
 row/column reaches past the slide edge and is padded white. The overlap must exceed the largest nucleus so
-that every nucleus lies whole in the tile that owns its centroid (see :mod:`nucseg.stitch`).
+that every nucleus lies whole in the tile that owns its centroid (see :mod:`nucseg.wsi.stitch`).
 
 Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings, under ``work_dir``)::
 
@@ -28,7 +28,7 @@ cache key, or one it left half-created); anything else at its path is an OutputE
 
 Several processes may fill one cache at once if each owns whole flag chunks (tile ranges aligned to
 ``FLAG_CHUNK``): tiles and predictions have one chunk per tile, and a process only ever writes the flag chunks
-of the tiles it fills, from its own copy. ``nucseg.distributed`` spreads the tiles of a large slide over
+of the tiles it fills, from its own copy. ``nucseg.wsi.distributed`` spreads the tiles of a large slide over
 workers that way. Flags are chunked by ``FLAG_CHUNK`` rather than per tile because zarr reads ~0.2 ms per
 chunk: per-tile flags would cost seconds to open a 20,000-tile slide. Creating the group and a model's
 prediction group happens under an exclusive ``flock`` on ``<cache>.lock`` beside it, so two processes
@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, OutputError
+from ..errors import DataError, OutputError
 
 CACHE_VERSION = 2  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges)
 FLAG_CHUNK = 64
@@ -217,7 +217,7 @@ def _decode_failed(err: BaseException) -> bool:
 @contextlib.contextmanager
 def _disk_full_is_output_error(root: Path):
     """ENOSPC/EDQUOT while writing the cache becomes the one-line DiskFullError (exit 6)."""
-    from .io import disk_full_error, is_disk_full
+    from ..io import disk_full_error, is_disk_full
 
     try:
         yield

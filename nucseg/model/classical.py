@@ -20,7 +20,7 @@ from skimage.measure import label as label_connected
 from skimage.morphology import local_maxima, reconstruction, remove_small_objects
 from skimage.segmentation import watershed
 
-from .segmenter import TileBatchResult
+from ..segmenter import TileBatchResult
 
 # 8-connectivity for objects, so diagonal pixels belong to the same nucleus in every step.
 _CONN8 = np.ones((3, 3), dtype=bool)

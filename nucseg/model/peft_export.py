@@ -15,7 +15,7 @@ which makes PEFT wrap nothing but the ``modules_to_save``. A full fine-tune is n
 (``nucseg merge`` writes it as one checkpoint).
 
 The foreground head used for prompt pruning is not part of SAM, so it goes in a side file
-(``nucseg_fg_head.safetensors``, keys of :class:`nucseg.sam.ForegroundHead`). The exported tensors are
+(``nucseg_fg_head.safetensors``, keys of :class:`nucseg.model.sam.ForegroundHead`). The exported tensors are
 checked against the key names and shapes that the installed peft itself produces for this config.
 """
 
@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter import WEIGHTS, AdapterInfo, read_adapter
-from .errors import CheckpointError, InputError, OutputError
-from .io import atomic_path, sha256_file, write_json
+from ..errors import CheckpointError, InputError, OutputError
+from ..io import atomic_path, sha256_file, write_json
 from .lora import PEFT_TARGETS, SLICE_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"
@@ -69,7 +69,7 @@ def to_peft(info: AdapterInfo, tensors: dict[str, torch.Tensor]) -> PeftExport:
     cfg = info.method
     if cfg.method in ("adapter", "medsa"):
         raise InputError(f"adapter {info.path} uses --method {cfg.method}: its bottleneck modules have no PEFT "
-                         f"equivalent; load it with nucseg (nucseg.adapter.load_adapter)")
+                         f"equivalent; load it with nucseg (nucseg.model.adapter.load_adapter)")
     if getattr(cfg, "dora", False):
         raise InputError(f"adapter {info.path} uses DoRA, whose magnitude vector is per output row of each adapted "
                          f"slice and has no exact PEFT form on the fused qkv; load it with nucseg")
@@ -195,7 +195,7 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
         if export.fg_head:
             w = export.fg_head["net.0.weight"]
             save_file(export.fg_head, str(tmp / FG_HEAD), metadata={
-                "module": "nucseg.sam.ForegroundHead", "in_channels": str(w.shape[1]), "hidden": str(w.shape[0]),
+                "module": "nucseg.model.sam.ForegroundHead", "in_channels": str(w.shape[1]), "hidden": str(w.shape[0]),
                 "layers": "Conv2d(in,hidden,3,padding=1) GELU Conv2d(hidden,1,1)",
                 "input": "image embedding (B, C, h, w)", "output": "nucleus foreground logits (B, 1, h, w)"})
         write_json(tmp / PROVENANCE, {

@@ -26,9 +26,9 @@ import numpy as np
 import shapely
 from shapely.geometry import shape
 
-from .data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
-from .errors import InputError
-from .io import check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, save_png, write_json
+from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
+from ..errors import InputError
+from ..io import check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, save_png, write_json
 
 POLYGONAL = ("Polygon", "MultiPolygon")
 
@@ -194,9 +194,9 @@ class _PlainImage:
 
 def _open_image(path: Path, cfg: ImportConfig):
     """(view with read/width/height/scale, µm/px or None, closer). Slides through openslide; plain images whole."""
-    from .io import IMAGE_SUFFIXES, read_rgb
+    from ..io import IMAGE_SUFFIXES, read_rgb
 
-    from .errors import SlideError
+    from ..errors import SlideError
     from .slide import TargetView, open_slide, slide_mpp
 
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):  # never whole-slide formats
@@ -241,7 +241,7 @@ def import_qupath(image: str | os.PathLike, geojson_path: str | os.PathLike, out
 def _write_tiles(view, mpp, image: Path, objs: QuPathObjects, out: Path, cfg: ImportConfig) -> dict:
     import tifffile
 
-    from .io import SOFTWARE, atomic_path
+    from ..io import SOFTWARE, atomic_path
 
     scale = float(view.scale)  # level-0 px per target px
     bounds = shapely.bounds(shapely.unary_union(objs.regions or objs.nuclei)) / scale

@@ -3,7 +3,7 @@
 Why: with grid prompting the decoder, not the image encoder, dominates the cost of a tile (1,024 prompts on a
 512 px tile). segment-anything's decoder treats every prompt as a separate image: it copies the image
 embedding once per prompt and recomputes, per prompt, projections that only depend on the image. This module
-computes exactly what :func:`nucseg.sam.decode` computes for point prompts without boxes or mask inputs (same
+computes exactly what :func:`nucseg.model.sam.decode` computes for point prompts without boxes or mask inputs (same
 weights, same operations up to float rounding; checked in tests), with three changes:
 
 1. layer 0 of the two-way transformer sees the same image tokens for every prompt of a tile (the dense prompt
@@ -19,8 +19,8 @@ weights, same operations up to float rounding; checked in tests), with three cha
    a per-pixel linear map) with a fused layer norm, and hypernetwork masks are made only for the mask tokens
    that are used (one, or SAM's three ambiguity masks).
 
-A decoder whose blocks are not segment-anything's own (Med-SA's adapted blocks, :mod:`nucseg.medsa`) is decoded
-through the reference path :func:`nucseg.sam.decode` instead, so no adapter is silently skipped.
+A decoder whose blocks are not segment-anything's own (Med-SA's adapted blocks, :mod:`nucseg.model.medsa`) is decoded
+through the reference path :func:`nucseg.model.sam.decode` instead, so no adapter is silently skipped.
 
 Speed against the reference path: bench/bench_decoder.py, docs/PERFORMANCE.md.
 """
@@ -198,12 +198,12 @@ def decode_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode N single positive point prompts, (N, 2) xy in input pixels, of tiles ``image_index`` (N,).
 
-    Returns what :func:`nucseg.sam.decode` returns for the same prompts: mask logits (N, M, 4h, 4w) and
+    Returns what :func:`nucseg.model.sam.decode` returns for the same prompts: mask logits (N, M, 4h, 4w) and
     predicted IoU (N, M), M = 3 with ``multimask`` else 1.
     """
     dec = model.mask_decoder
     n = len(points)
-    if ctx.embeddings is not None:  # adapted decoder blocks: segment-anything's computation, via nucseg.sam
+    if ctx.embeddings is not None:  # adapted decoder blocks: segment-anything's computation, via nucseg.model.sam
         from .sam import decode
 
         labels = torch.ones(n, 1, dtype=torch.long, device=points.device)

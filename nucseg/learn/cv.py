@@ -21,15 +21,15 @@ from typing import Callable
 
 import numpy as np
 
-from .adapter import load_adapter, read_adapter
+from ..model.adapter import load_adapter, read_adapter
 from .data import Tile, cut_tiles
-from .errors import DataError, InputError
+from ..errors import DataError, InputError
 from .evaluate import evaluate_arrays
-from .infer import InferConfig, SamTileSegmenter, segment_tiles
-from .io import atomic_path, write_json
-from .lora import MethodConfig
-from .modelcard import write_model_card
-from .sam import load_sam
+from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
+from ..io import atomic_path, write_json
+from ..model.lora import MethodConfig
+from ..model.modelcard import write_model_card
+from ..model.sam import load_sam
 from .train import TrainConfig, finetune, pick_device
 
 METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
@@ -212,7 +212,7 @@ def run_cv(
                 zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
                 write_json(zpath, zres)
             zero_rows.append(zres["mean"])
-    from . import __version__
+    from .. import __version__
 
     summary = {
         "nucseg_version": __version__,

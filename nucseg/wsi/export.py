@@ -35,8 +35,8 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from . import __version__
-from .io import atomic_path, save_png
+from .. import __version__
+from ..io import atomic_path, save_png
 from .measure import COLUMNS as MEASUREMENT_COLUMNS
 
 NUCLEUS_COLOR = [200, 0, 120]
@@ -276,7 +276,7 @@ class NucleusBatch:
     area_um2: np.ndarray
     perimeter_um: np.ndarray
     score: np.ndarray
-    # extra per-nucleus measurements (nucseg.measure), QuPath name -> (k,) float64; every writer writes them
+    # extra per-nucleus measurements (nucseg.wsi.measure), QuPath name -> (k,) float64; every writer writes them
     measurements: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -484,7 +484,7 @@ class GeoParquetWriter(_BatchWriter):
 
     Columns: ``id`` (the Feature's UUID), ``nucleus_id``, ``object_type``, ``classification``, ``area_um2``,
     ``perimeter_um``, ``score``, ``centroid_x``, ``centroid_y``, then one float64 column per name in
-    ``measurements`` (snake case, ``nucseg.measure.COLUMNS``), ``geometry`` (level-0 pixels, no CRS). The
+    ``measurements`` (snake case, ``nucseg.wsi.measure.COLUMNS``), ``geometry`` (level-0 pixels, no CRS). The
     schema metadata holds the GeoParquet ``geo`` key and ``nucseg`` (provenance).
     """
 
@@ -575,7 +575,7 @@ def _column(b: NucleusBatch, name: str) -> np.ndarray:
 
 class CSVWriter(_BatchWriter):
     """One row per nucleus: id, level-0 centroid, area µm², perimeter µm, score, then one column per name in
-    ``measurements`` (snake case, ``nucseg.measure.COLUMNS``; %.6g, empty where NaN)."""
+    ``measurements`` (snake case, ``nucseg.wsi.measure.COLUMNS``; %.6g, empty where NaN)."""
 
     HEADER = ["id", "centroid_x", "centroid_y", "area_um2", "perimeter_um", "score"]
 

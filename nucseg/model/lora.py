@@ -1,5 +1,5 @@
 """Which parameters of SAM are trained: LoRA on the image encoder (SAMed; optionally DoRA / rsLoRA), adapter
-modules (SAM-Adapter: :mod:`nucseg.adapters_sam`; Med-SA: :mod:`nucseg.medsa`), decoder only, or everything.
+modules (SAM-Adapter: :mod:`nucseg.model.adapters_sam`; Med-SA: :mod:`nucseg.model.medsa`), decoder only, or everything.
 
 SAM fuses q, k and v into one ``qkv`` Linear, so LoRA on q and v alone (SAMed's recipe) cannot be expressed
 as a peft target: :class:`QKVLoRA` is a drop-in ``nn.Linear`` that keeps the base ``weight``/``bias`` under
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 METHODS = ("lora", "decoder", "full", "adapter", "medsa")
 MERGEABLE = ("lora", "decoder", "full")  # adapter/medsa add modules that no weight of SAM can absorb

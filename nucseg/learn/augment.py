@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.color import hed_from_rgb, rgb_from_hed
 
-from .errors import InputError
+from ..errors import InputError
 
 # rgb2hed/hed2rgb divide optical density by -log(1e-6), so stain values of real H&E are O(0.01-0.25); we
 # keep that scale so σ means what it means on skimage's HED. σ ≈ 0.03 already spans pale-pink to

@@ -1,7 +1,7 @@
 """Fine-tuning: prompts sampled from ground-truth nuclei, CE + λ·Dice on the masks, a calibrated IoU head.
 
 Each step encodes a batch of tiles once and decodes many prompts per tile through the shared batched decoder
-(:func:`nucseg.sam.decode`). Positive prompts are points inside ground-truth nuclei (optionally with their
+(:func:`nucseg.model.sam.decode`). Positive prompts are points inside ground-truth nuclei (optionally with their
 boxes); negative prompts are background points whose target is an empty mask and whose IoU target is 0, so
 the IoU head learns "is there a nucleus here, and how good is my mask" — which is what automatic grid
 prompting filters on. Losses are computed at the decoder's low resolution (input/4), as in SAMed; ambiguous
@@ -28,11 +28,11 @@ from segment_anything.modeling import Sam
 
 from .augment import AugmentConfig, augment
 from .data import Tile
-from .errors import CheckpointError, InputError
-from .infer import InferConfig, mask_boxes
-from .lora import MethodConfig
-from .io import SOFTWARE, atomic_path, check_output, is_nucseg_png, write_json
-from .sam import attach_foreground_head, decode, encode
+from ..errors import CheckpointError, InputError
+from ..model.infer import InferConfig, mask_boxes
+from ..model.lora import MethodConfig
+from ..io import SOFTWARE, atomic_path, check_output, is_nucseg_png, write_json
+from ..model.sam import attach_foreground_head, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class TrainConfig:
     foreground_head: bool = True  # train the cheap foreground map used for prompt pruning
     seed: int = 42
     # share of the source images held back from training to calibrate the inference thresholds on
-    # (nucseg.calibrate; stored in the adapter); 0 = no calibration, the global defaults apply
+    # (nucseg.learn.calibrate; stored in the adapter); 0 = no calibration, the global defaults apply
     calibration_fraction: float = 0.1
     calibration_metric: str = "pq"
     device: str = "auto"
@@ -463,16 +463,16 @@ def finetune(
     """Fine-tune a fresh base on ``tiles`` and write ``out_dir/adapter`` (plus checkpoint and curves).
 
     ``cfg.calibration_fraction`` of the source images are held back from training; after training the
-    inference thresholds are grid-searched on them (:mod:`nucseg.calibrate`, starting from ``infer``, whose
+    inference thresholds are grid-searched on them (:mod:`nucseg.learn.calibrate`, starting from ``infer``, whose
     other settings such as the point grid are used as they are) and stored in the adapter's ``thresholds``.
     ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts;
     ``on_calibrate(message)`` before and after calibrating.
     """
-    from .adapter import THRESHOLDS, is_adapter_dir, save_adapter
+    from ..model.adapter import THRESHOLDS, is_adapter_dir, save_adapter
     from .calibrate import split_for_calibration
     from .data import summarize
-    from .lora import apply_method, count_parameters
-    from .sam import load_sam
+    from ..model.lora import apply_method, count_parameters
+    from ..model.sam import load_sam
 
     out_dir = Path(out_dir)
     check_output(out_dir / "adapter", is_adapter_dir)  # before any training: never replace a folder we did not write
@@ -517,7 +517,7 @@ def calibrate_model(model: Sam, tiles: list[Tile], cfg: TrainConfig, infer: Infe
                     on_calibrate: Callable[[str], None] | None = None) -> dict:
     """The calibrated ``thresholds`` dict of a freshly trained model on its held-back ``tiles``."""
     from .calibrate import CalibrationConfig, calibrate
-    from .infer import SamTileSegmenter
+    from ..model.infer import SamTileSegmenter
 
     if on_calibrate:
         on_calibrate(f"calibrating thresholds on {len(tiles)} held-back tiles")

@@ -39,7 +39,7 @@ class Nucleus:
 def seam_positions(extent: int, tile_size: int, overlap: int) -> list[int]:
     """Coordinates along one axis where tiling is delicate: tile starts, tile ends and ownership lines.
 
-    Uses the same grid as :func:`nucseg.tiling.make_grid` at native resolution (stride = tile - overlap).
+    Uses the same grid as :func:`nucseg.wsi.tiling.make_grid` at native resolution (stride = tile - overlap).
     """
     grid = make_grid(extent, 1, tile_size, overlap)
     stride, n = grid.stride, grid.nx

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence, TypeVar
 
-from .errors import InputError
+from ..errors import InputError
 
 T = TypeVar("T")
 

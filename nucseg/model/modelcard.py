@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .io import atomic_path
+from ..io import atomic_path
 
 CARD = "README.md"
 _METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
@@ -106,7 +106,7 @@ def render_model_card(meta: dict, peft_export: bool = False) -> str:
             "```",
             "",
             "```python",
-            "from nucseg.adapter import load_adapter",
+            "from nucseg.model.adapter import load_adapter",
             f'model, info = load_adapter("ADAPTER_DIR", "{ckpt}")',
             "```",
             "",
@@ -118,7 +118,7 @@ def render_model_card(meta: dict, peft_export: bool = False) -> str:
     lines += [
         "",
         "```python",
-        "from nucseg.sam import load_sam; from peft import PeftModel",
+        "from nucseg.model.sam import load_sam; from peft import PeftModel",
         f'sam, _ = load_sam("{model}", "{ckpt}", img_size={meta.get("input_size", 512)})',
         f'model = PeftModel.from_pretrained(sam, "{"PEFT_DIR" if not peft_export else "THIS_DIR"}")',
         "```",

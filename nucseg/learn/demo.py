@@ -21,8 +21,8 @@ from scipy import ndimage as ndi
 from skimage.io import imsave
 
 from .data import IMAGES_DIR, LABELS_DIR, MASK_DIR, VAGUE_DIR
-from .errors import InputError
-from .io import atomic_path
+from ..errors import InputError
+from ..io import atomic_path
 
 # optical density per unit stain (R, G, B); Macenko et al.'s reference vectors, typical of real H&E scans
 _H_VEC = np.array([0.5626, 0.7201, 0.4062], np.float32)
@@ -247,7 +247,7 @@ class DemoRecipe:
     seed: int = 0
 
     def method(self):
-        from .lora import MethodConfig
+        from ..model.lora import MethodConfig
 
         return MethodConfig(method="full")  # a random-init base has nothing for LoRA to adapt
 

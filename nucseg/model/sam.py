@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .errors import CheckpointError, InputError
-from .io import sha256_file
+from ..errors import CheckpointError, InputError
+from ..io import sha256_file
 
 PATCH = 16
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .augment import hed_jitter
-from .errors import DataError, InputError
+from ..errors import DataError, InputError
 
 
 @dataclass

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import CheckpointError, InputError, NucsegError, OutputError
-from .io import atomic_path, sha256_file
+from ..errors import CheckpointError, InputError, NucsegError, OutputError
+from ..io import atomic_path, sha256_file
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, total bytes; 0 when the total is unknown)
 

@@ -5,14 +5,14 @@ weights: the worker builds the segmenter once (cached per process) and reuses it
 Each worker runs on the GPU its environment shows it (``CUDA_VISIBLE_DEVICES``, which dask-cuda's
 ``LocalCUDACluster``, dask-jobqueue with ``--gres=gpu:1`` or SLURM set per worker), so one GPU per worker.
 
-A slide's last task is :func:`nucseg.predict.predict_slides` on that slide, so finished slides are skipped
+A slide's last task is :func:`nucseg.wsi.predict.predict_slides` on that slide, so finished slides are skipped
 and failures recorded exactly as in a single-process run, and a slide's outputs are identical whichever
 workers make them. Outputs and ``--work-dir`` must be on storage every worker sees. If a worker dies
 mid-slide, dask reschedules its task on another worker, which resumes from the zarr cache in the work dir.
 
 Large slides (more than ``tiles_per_task`` tissue tiles) are split: a small planning task counts the tissue
 tiles and creates the slide's cache, then one task per range of ``tiles_per_task`` tiles fills the cache
-(:func:`nucseg.predict.predict_tile_range`, on as many workers as are free), and a last task, which dask
+(:func:`nucseg.wsi.predict.predict_tile_range`, on as many workers as are free), and a last task, which dask
 starts when every range is done, stitches and writes the outputs. A range that fails with a user-facing
 error (an unreadable region, say) leaves its tiles to that last task, which predicts whatever is missing; a
 bug in a range fails the slide and is re-raised like any other bug. A split slide's ``summary.json`` is
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import CheckpointError, InputError, NucsegError
+from ..errors import CheckpointError, InputError, NucsegError
 from .predict import (PredictConfig, SlideSummary, check_output_names, finished_summary, predict_slides,
                       predict_tile_range, slide_outputs)
-from .segmenter import TileSegmenter
+from ..segmenter import TileSegmenter
 from .tiling import FLAG_CHUNK
 
 DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 40x slide has ~10-20k tiles
@@ -44,7 +44,7 @@ DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 
 class SegmenterSpec:
     """How to build a segmenter: ``kind`` "sam" (``adapter`` and/or ``model`` + ``checkpoint``) or "threshold".
 
-    infer: the explicitly set :class:`nucseg.infer.InferConfig` fields as sorted (name, value) pairs (hashable,
+    infer: the explicitly set :class:`nucseg.model.infer.InferConfig` fields as sorted (name, value) pairs (hashable,
     picklable); thresholds not set here come from the adapter's calibrated ones, else the global defaults.
     tile_size / mpp: the threshold segmenter's tile side and µm/px.
     """
@@ -63,7 +63,7 @@ class SegmenterSpec:
     def sam(cls, adapter: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
             model: str | None = None, device: str = "auto", infer=None,
             single_mask: bool = False) -> "SegmenterSpec":
-        """A SAM segmenter's spec. ``infer``: an :class:`nucseg.infer.InferConfig` (every field set explicitly,
+        """A SAM segmenter's spec. ``infer``: an :class:`nucseg.model.infer.InferConfig` (every field set explicitly,
         so an adapter's calibrated thresholds are not used), or a dict of only the fields to set (the others
         from the adapter's thresholds or the defaults), or None (all from the adapter or the defaults)."""
         if infer is None:
@@ -85,7 +85,7 @@ class SegmenterSpec:
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise CheckpointError(f"checkpoint not found: {self.checkpoint}")
         if self.adapter:
-            from .adapter import read_adapter
+            from ..model.adapter import read_adapter
 
             info = read_adapter(self.adapter)
             if self.model and self.model != info.model_type:
@@ -98,11 +98,11 @@ class SegmenterSpec:
         default), read without loading any weights; None for the threshold segmenter."""
         if self.kind != "sam":
             return None
-        from .calibrate import resolve_infer
+        from ..learn.calibrate import resolve_infer
 
         thresholds = None
         if self.adapter:
-            from .adapter import read_adapter
+            from ..model.adapter import read_adapter
 
             thresholds = read_adapter(self.adapter).thresholds
         return resolve_infer(dict(self.infer), thresholds)[1]
@@ -111,16 +111,16 @@ class SegmenterSpec:
         """The segmenter itself; checkpoint and adapter problems raise CheckpointError, bad settings InputError."""
         self.check()
         if self.kind == "threshold":
-            from .classical import ThresholdSegmenter
+            from ..model.classical import ThresholdSegmenter
 
             return ThresholdSegmenter(tile_size=self.tile_size or 512, mpp=self.mpp)
-        from .calibrate import resolve_infer
-        from .infer import SamTileSegmenter
-        from .train import pick_device
+        from ..learn.calibrate import resolve_infer
+        from ..model.infer import SamTileSegmenter
+        from ..learn.train import pick_device
 
         settings = dict(self.infer)
         if self.adapter:
-            from .adapter import load_adapter
+            from ..model.adapter import load_adapter
 
             model, info = load_adapter(self.adapter, self.checkpoint)
             if info.mpp is None:
@@ -131,7 +131,7 @@ class SegmenterSpec:
             seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), mpp=info.mpp, identity=identity)
             seg.thresholds_used = used
             return seg
-        from .sam import load_sam
+        from ..model.sam import load_sam
 
         model, fingerprint = load_sam(self.model, self.checkpoint)
         # SAM's own base needs its 3 ambiguity masks; a base nucseg trained answers with output 0
@@ -232,7 +232,7 @@ def predict_distributed(
 ) -> list[SlideSummary]:
     """Predict ``slides`` on the workers of ``client`` (a ``dask.distributed.Client``).
 
-    Same outputs and skipping as :func:`nucseg.predict.predict_slides`; results are returned in input order.
+    Same outputs and skipping as :func:`nucseg.wsi.predict.predict_slides`; results are returned in input order.
     A slide with more than ``tiles_per_task`` tissue tiles is spread over the workers in ranges of that many
     tiles (rounded up to a multiple of ``FLAG_CHUNK``); 0 sends each slide whole to one worker. The result
     dicts of split slides carry ``parts``: each range's tiles, tiles predicted and worker.

@@ -30,7 +30,7 @@ Edge cases (the convention of the NuInsSeg authors' ``nuc_eval``, see below):
   nucleus segmented as empty is a perfect answer, and scoring it 0 would punish correct empty tiles when
   averaging over a dataset;
 * exactly one map empty: every overlap metric is 0.0 and ``hd95`` is NaN (no boundary to measure to);
-  dataset means skip NaN (see :mod:`nucseg.evaluate`);
+  dataset means skip NaN (see :mod:`nucseg.learn.evaluate`);
 * both non-empty but no match: ``dq = sq = pq = f1 = 0.0`` (SQ of zero matches is taken as 0).
 
 Ambiguous areas. NuInsSeg marks regions its annotators could not resolve (``vague areas/mask binary``).

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass
@@ -97,7 +97,7 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
 
 
 def _mask_roi(path: Path, digest: str, width: int, height: int) -> Roi:
-    from .io import read_label_map
+    from ..io import read_label_map
 
     try:
         mask = read_label_map(path) > 0

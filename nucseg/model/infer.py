@@ -9,7 +9,7 @@ Automatic prompting, as SAM's automatic mask generator, but built for dense nucl
    pixels of an accepted mask are skipped, since they would only find the same nucleus again (or a fragment
    of its border);
 3. all surviving prompts of all tiles go through the decoder together, in chunks of ``decoder_batch``,
-   on the decoder fast path of :mod:`nucseg.fastdecode` (same outputs as segment-anything's decoder);
+   on the decoder fast path of :mod:`nucseg.model.fastdecode` (same outputs as segment-anything's decoder);
 4. masks are kept if their predicted IoU and their stability at tile resolution pass thresholds, duplicates
    are removed by box NMS, and the label maps are painted best-score first (a pixel belongs to the first
    mask that claims it); masks left with less than ``min_keep`` of their own area were overlapping
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torchvision.ops import batched_nms
 
-from .errors import InputError
+from ..errors import InputError
 from .fastdecode import ImageContext, decode_points, prepare
 from .sam import encode
-from .segmenter import TileBatchResult
+from ..segmenter import TileBatchResult
 
 PROMPT_MODES = ("auto", "grid")
 # On CPU the decoder is memory-bound: chunks whose per-prompt image tokens fit in about this many bytes stay
@@ -218,7 +218,7 @@ class SamTileSegmenter:
         self.grid = grid_points(self.tile_size, self.cfg.points_per_side).to(self.device)
         self.stats = {"tiles": 0, "prompts_grid": 0, "prompts_decoded": 0}
         # {field: {"value", "source"}} for the run summary; set by whoever resolved the thresholds
-        # (nucseg.calibrate.resolve_infer: command line > adapter > default)
+        # (nucseg.learn.calibrate.resolve_infer: command line > adapter > default)
         self.thresholds_used: dict | None = None
         settings = json.dumps(self.cfg.to_dict(), sort_keys=True)
         self.fingerprint = hashlib.sha256(f"{identity}|{self.tile_size}|{settings}".encode()).hexdigest()
@@ -234,7 +234,7 @@ class SamTileSegmenter:
 
     @property
     def provenance(self) -> dict:
-        """What the whole-slide outputs record about the model (nucseg.predict.provenance): the weights'
+        """What the whole-slide outputs record about the model (nucseg.wsi.predict.provenance): the weights'
         identity (for an adapter: ``<base checkpoint fingerprint>+<adapter weights SHA-256>``), the tile size,
         µm/px, and every inference setting (prompting, IoU / stability thresholds, NMS)."""
         base, _, adapter = str(self.identity).partition("+")
@@ -348,7 +348,7 @@ class SamTileSegmenter:
             raise InputError(f"expected (B, H, W, 3) RGB tiles, got {tiles.shape}")
         b, h, w = tiles.shape[:3]
         x = torch.from_numpy(np.ascontiguousarray(tiles))
-        if self.device.type == "cuda":  # asynchronous from the pinned buffers nucseg.predict reads tiles into
+        if self.device.type == "cuda":  # asynchronous from the pinned buffers nucseg.wsi.predict reads tiles into
             x = x.to(self.device, non_blocking=x.is_pinned())
         emb = self._encode(x)
         with self._amp():
@@ -420,9 +420,9 @@ def segment_tiles(segmenter: SamTileSegmenter, images: list[np.ndarray], batch_s
 
     Images up to the model input of the same shape are batched together (in input order within a shape), so a
     set of mixed sizes does not fall back to one tile per model call. Larger images go through the seam-correct
-    overlapping grid and stitcher that whole slides use (:func:`nucseg.stitch.stitch_image`).
+    overlapping grid and stitcher that whole slides use (:func:`nucseg.wsi.stitch.stitch_image`).
     """
-    from .stitch import stitch_image
+    from ..wsi.stitch import stitch_image
 
     out: list[np.ndarray | None] = [None] * len(images)
     groups: dict[tuple, list[int]] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, SlideError
+from ..errors import InputError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def write_tissue_preview(path: str | os.PathLike, tissue: TissueMask, tile_boxes
     from skimage.draw import rectangle_perimeter
     from skimage.segmentation import find_boundaries
 
-    from .io import save_png
+    from ..io import save_png
 
     img = tissue.overview.copy()
     img[find_boundaries(tissue.mask, mode="inner")] = (0, 160, 0)

@@ -47,14 +47,14 @@ from typing import Callable, Sequence
 import numpy as np
 import shapely
 
-from .errors import DiskFullError, InputError, NucsegError, OutputError
+from ..errors import DiskFullError, InputError, NucsegError, OutputError
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
                      instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, write_ome_zarr_labels)
 from .measure import MODES as MEASUREMENT_MODES
 from .measure import measure_tile
 from .measure import names as measurement_names
-from .io import check_output, is_nucseg_png, writable_dir, write_json
-from .segmenter import TileSegmenter
+from ..io import check_output, is_nucseg_png, writable_dir, write_json
+from ..segmenter import TileSegmenter
 from .slide import (TargetView, check_mpp, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp,
                     write_tissue_preview)
 from .stitch import StitchedLabels, Stitcher, keep_mask
@@ -99,7 +99,7 @@ class PredictConfig:
     export_workers: processes for the per-tile export work (None: one per CPU but one, up to 8, on slides of at
     least ``EXPORT_PROCESS_MIN_TILES`` tiles, else 1; 1: no extra process, all in the export thread).
     command: the command line recorded in the run summary (None: this process's ``sys.argv``).
-    measurements: per-nucleus measurements beyond area, perimeter and score (nucseg.measure): "none", "shape"
+    measurements: per-nucleus measurements beyond area, perimeter and score (nucseg.wsi.measure): "none", "shape"
     (QuPath's ``Nucleus:`` shape features) or "full" (shape plus hematoxylin / eosin optical densities).
     """
 
@@ -118,7 +118,7 @@ class PredictConfig:
     preview: str | os.PathLike | None = None
     tissue_preview: str | os.PathLike | None = None
     model_fingerprint: str | None = None
-    roi: str | os.PathLike | None = None  # QuPath GeoJSON annotations or a mask image (nucseg.roi)
+    roi: str | os.PathLike | None = None  # QuPath GeoJSON annotations or a mask image (nucseg.wsi.roi)
     roi_class: str | None = None
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
@@ -338,7 +338,7 @@ def provenance(segmenter: TileSegmenter, cfg: PredictConfig, plan: "_Plan") -> d
     segmenter's own ``provenance`` (for SAM: weights identity = base checkpoint fingerprint + adapter
     SHA-256, prompt settings and thresholds) where it has one.
     """
-    from . import __version__
+    from .. import __version__
 
     seg = getattr(segmenter, "provenance", None)
     seg = seg() if callable(seg) else seg
@@ -419,7 +419,7 @@ class _Plan:
     digest: str
     model: str
     notes: list[str]
-    roi: object = None  # nucseg.roi.Roi: nuclei are kept only if their centroid lies inside
+    roi: object = None  # nucseg.wsi.roi.Roi: nuclei are kept only if their centroid lies inside
 
     def open_cache(self, work: Path, create: bool = True) -> TileCache:
         T = self.grid.tile_size
@@ -502,7 +502,7 @@ def predict_tile_range(
 ) -> tuple[int, int]:
     """Predict tissue tiles [start, stop) of a slide into the ``work_dir`` cache; write no outputs.
 
-    For spreading the tiles of one large slide over several processes (:mod:`nucseg.distributed`): each fills
+    For spreading the tiles of one large slide over several processes (:mod:`nucseg.wsi.distributed`): each fills
     its range, then :func:`predict_slide` with the same settings finds those predictions and only stitches
     (and predicts whatever is still missing). Ranges must start on a multiple of ``FLAG_CHUNK`` tiles (and
     end on one, or at the last tile) so that concurrent processes never share a flag chunk.
@@ -719,8 +719,8 @@ class _ExportJob:
     target_mpp: float
     mpp0: float
     tolerance: float
-    roi: object = None  # nucseg.roi.Roi (picklable): a nucleus is kept only if its centroid lies inside
-    measurements: str = "none"  # nucseg.measure mode
+    roi: object = None  # nucseg.wsi.roi.Roi (picklable): a nucleus is kept only if its centroid lies inside
+    measurements: str = "none"  # nucseg.wsi.measure mode
 
 
 @dataclass
@@ -813,7 +813,7 @@ def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["nucseg.predict"])
+        ctx.set_forkserver_preload(["nucseg.wsi.predict"])
     return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
@@ -1035,7 +1035,7 @@ def predict_slides(
     atomically and the summary last, so existence means complete); ``overwrite`` redoes it. A slide that
     fails with a user-facing error is recorded in its summary and the batch goes on (unless
     ``stop_on_error``); bugs still raise. ``on_start(slide)`` and ``on_result(summary dict)`` are called around
-    each slide, as :func:`nucseg.distributed.predict_distributed` calls them.
+    each slide, as :func:`nucseg.wsi.distributed.predict_distributed` calls them.
     """
     cfg = (config or PredictConfig()).validate()  # settings that would fail every slide fail the batch at once
     out = Path(out_dir)
@@ -1075,7 +1075,7 @@ def _slide_specific(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, NucsegError)):
         return False
     if "torch" in sys.modules:
-        from .infer import is_out_of_memory
+        from ..model.infer import is_out_of_memory
 
         if is_out_of_memory(err):
             return False

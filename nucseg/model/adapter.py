@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
-from . import __version__
-from .errors import CheckpointError, InputError
-from .io import atomic_path, check_output, sha256_file, write_json
+from .. import __version__
+from ..errors import CheckpointError, InputError
+from ..io import atomic_path, check_output, sha256_file, write_json
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
 from .sam import PATCH, SPECS, attach_foreground_head, load_sam
-from .slide import MPP_RANGE
+from ..wsi.slide import MPP_RANGE
 
 FORMAT = "nucseg-adapter"
 FORMAT_VERSION = 1
@@ -35,7 +35,7 @@ MIN_MPP, MAX_MPP = MPP_RANGE
 WEIGHTS = "adapter.safetensors"
 METHOD = "method.json"
 META = "nucseg.json"
-THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.calibrate)
+THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.learn.calibrate)
 
 
 @dataclass
@@ -61,7 +61,7 @@ class AdapterInfo:
         """The calibrated inference thresholds (``nucseg.json`` key ``"thresholds"``), validated; None if absent."""
         if self.meta.get(THRESHOLDS) is None:
             return None
-        from .calibrate import validate_thresholds
+        from ..learn.calibrate import validate_thresholds
 
         try:
             return validate_thresholds(self.meta[THRESHOLDS], f"{self.path / META}: thresholds")
@@ -143,8 +143,8 @@ def validate_meta(meta) -> dict:
         MethodConfig.from_dict(meta["method"])
     except (InputError, TypeError) as err:
         raise ValueError(f"method: {err}") from None
-    if meta.get(THRESHOLDS) is not None:  # calibrated inference thresholds (nucseg.calibrate)
-        from .calibrate import validate_thresholds
+    if meta.get(THRESHOLDS) is not None:  # calibrated inference thresholds (nucseg.learn.calibrate)
+        from ..learn.calibrate import validate_thresholds
 
         try:
             validate_thresholds(meta[THRESHOLDS], f"{META}: thresholds")
@@ -190,7 +190,7 @@ def write_thresholds(path: str | Path, thresholds: dict) -> dict:
     The weights and their recorded SHA-256 are untouched (the hash covers ``adapter.safetensors`` only), so
     the adapter stays loadable; prediction caches key on the thresholds through the segmenter's settings.
     """
-    from .calibrate import validate_thresholds
+    from ..learn.calibrate import validate_thresholds
 
     info = read_adapter(path)
     meta = dict(info.meta, **{THRESHOLDS: validate_thresholds(dict(thresholds))})

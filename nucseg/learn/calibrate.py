@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from .data import Tile
-from .errors import InputError
-from .infer import InferConfig, SamTileSegmenter, stability_from_counts, upsampled_counts
+from ..errors import InputError
+from ..model.infer import InferConfig, SamTileSegmenter, stability_from_counts, upsampled_counts
 from .metrics import aji, binary_dice_iou, panoptic_quality, remove_ambiguous
 
 # The InferConfig fields a calibration sets (and an adapter's "thresholds" may hold), with their ranges.
@@ -129,7 +129,7 @@ def _candidates(seg: SamTileSegmenter, tiles: np.ndarray, cfg: CalibrationConfig
     b, h, w = tiles.shape[:3]
     x = torch.from_numpy(np.ascontiguousarray(tiles)).to(seg.device)
     emb = seg._encode(x)
-    from .fastdecode import prepare
+    from ..model.fastdecode import prepare
 
     with seg._amp():
         ctx = prepare(seg.model, emb)
@@ -159,7 +159,7 @@ def _paint(seg: SamTileSegmenter, c: _Candidates, setting: dict) -> np.ndarray:
 
 
 def metric_value(metric: str, gt: np.ndarray, pred: np.ndarray, ambiguous: np.ndarray | None) -> float:
-    """One image's ``metric`` after NuInsSeg's ambiguous-area rule (as :func:`nucseg.metrics.score_image`)."""
+    """One image's ``metric`` after NuInsSeg's ambiguous-area rule (as :func:`nucseg.learn.metrics.score_image`)."""
     if ambiguous is not None:
         gt, pred = remove_ambiguous(gt, pred, ambiguous)
     if metric in ("pq", "f1"):

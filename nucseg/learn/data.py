@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, InputError
-from .io import IMAGE_SUFFIXES, read_label_map, read_mask, read_rgb
+from ..errors import DataError, InputError
+from ..io import IMAGE_SUFFIXES, read_label_map, read_mask, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def summarize(tiles: list[Tile]) -> dict:
 
 def few_shot(tiles: list[Tile], exemplars: int, synthesize_per: int | None, seed: int) -> list[Tile]:
     """Keep ``exemplars`` tiles (seeded choice) and optionally add exemplar-guided synthetic tiles
-    (nuclei with their masks pasted onto other exemplars' backgrounds; see :mod:`nucseg.synthesis`)."""
+    (nuclei with their masks pasted onto other exemplars' backgrounds; see :mod:`nucseg.learn.synthesis`)."""
     if exemplars < 1:
         raise InputError("--exemplars must be >= 1")
     if exemplars > len(tiles):
