@@ -277,7 +277,7 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
     import contextlib
 
     from nucseg.io import writable_dir
-    from nucseg.wsi.predict import check_output_names, predict_slides
+    from nucseg.wsi.batch import check_output_names, predict_slides
     from nucseg.runlog import RunLog
 
     check_output_names(slides, args.out)

@@ -15,7 +15,7 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "predict_slide": "nucseg.wsi.predict",
-    "predict_slides": "nucseg.wsi.predict",
+    "predict_slides": "nucseg.wsi.batch",
     "PredictConfig": "nucseg.wsi.predict",
     "SlideSummary": "nucseg.wsi.predict",
 }

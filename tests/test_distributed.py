@@ -10,7 +10,8 @@ import pytest
 
 from nucseg.wsi.distributed import SegmenterSpec, predict_distributed, worker_segmenter
 from nucseg.errors import CheckpointError, DataError, InputError
-from nucseg.wsi.predict import PredictConfig, predict_slides
+from nucseg.wsi.batch import predict_slides
+from nucseg.wsi.predict import PredictConfig
 from nucseg.runlog import read_runlog
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main

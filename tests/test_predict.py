@@ -14,7 +14,8 @@ from skimage.draw import polygon as draw_polygon
 
 from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError, OutputError, SlideError
-from nucseg.wsi.predict import PredictConfig, SlideSummary, predict_slide, predict_slides
+from nucseg.wsi.batch import predict_slides
+from nucseg.wsi.predict import PredictConfig, SlideSummary, predict_slide
 from nucseg.segmenter import TileBatchResult
 from nucseg.wsi.synthslide import make_synthetic_slide, match_instances
 

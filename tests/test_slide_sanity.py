@@ -198,7 +198,7 @@ def test_predict_config_validate_accepts_the_defaults_and_sensible_values(tmp_pa
 
 
 def test_a_bad_setting_fails_a_batch_at_once_not_every_slide(files, tmp_path, capsys):
-    from nucseg.wsi.predict import predict_slides
+    from nucseg.wsi.batch import predict_slides
 
     out = tmp_path / "out"
     rc = main(["-q", "predict", str(files["slide"]), str(files["dpi72"]), "--out-dir", str(out), *THRESHOLD,

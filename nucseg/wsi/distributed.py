@@ -5,7 +5,7 @@ weights: the worker builds the segmenter once (cached per process) and reuses it
 Each worker runs on the GPU its environment shows it (``CUDA_VISIBLE_DEVICES``, which dask-cuda's
 ``LocalCUDACluster``, dask-jobqueue with ``--gres=gpu:1`` or SLURM set per worker), so one GPU per worker.
 
-A slide's last task is :func:`nucseg.wsi.predict.predict_slides` on that slide, so finished slides are skipped
+A slide's last task is :func:`nucseg.wsi.batch.predict_slides` on that slide, so finished slides are skipped
 and failures recorded exactly as in a single-process run, and a slide's outputs are identical whichever
 workers make them. Outputs and ``--work-dir`` must be on storage every worker sees. If a worker dies
 mid-slide, dask reschedules its task on another worker, which resumes from the zarr cache in the work dir.
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import CheckpointError, InputError, NucsegError
-from .predict import (PredictConfig, SlideSummary, check_output_names, finished_summary, predict_slides,
-                      predict_tile_range, slide_outputs)
+from .batch import check_output_names, finished_summary, predict_slides, slide_outputs
+from .predict import PredictConfig, SlideSummary, predict_tile_range
 from ..segmenter import TileSegmenter
 from .tiling import FLAG_CHUNK
 
@@ -232,7 +232,7 @@ def predict_distributed(
 ) -> list[SlideSummary]:
     """Predict ``slides`` on the workers of ``client`` (a ``dask.distributed.Client``).
 
-    Same outputs and skipping as :func:`nucseg.wsi.predict.predict_slides`; results are returned in input order.
+    Same outputs and skipping as :func:`nucseg.wsi.batch.predict_slides`; results are returned in input order.
     A slide with more than ``tiles_per_task`` tissue tiles is spread over the workers in ranges of that many
     tiles (rounded up to a multiple of ``FLAG_CHUNK``); 0 sends each slide whole to one worker. The result
     dicts of split slides carry ``parts``: each range's tiles, tiles predicted and worker.
