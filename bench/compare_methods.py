@@ -76,7 +76,7 @@ def run_one(name: str, args) -> dict:
     from nucseg.learn.data import load_dataset
     from nucseg.model.infer import InferConfig, SamTileSegmenter
     from nucseg.model.sam import load_sam
-    from nucseg.learn.train import pick_device
+    from nucseg.device import pick_device
 
     torch.set_num_threads(args.threads)
     tiles = load_dataset(args.data, tile_size=args.tile_size, drop_empty=True)

@@ -464,7 +464,7 @@ def calibrate(args: argparse.Namespace) -> int:
     from nucseg.learn.calibrate import CalibrationConfig, calibrate as run_calibration, describe_thresholds, resolve_infer
     from nucseg.learn.data import load_dataset
     from nucseg.model.infer import SamTileSegmenter
-    from nucseg.learn.train import pick_device
+    from nucseg.device import pick_device
 
     model, info = load_adapter(args.adapter, args.checkpoint)
     tiles = load_dataset(args.data, tile_size=info.input_size)

@@ -30,7 +30,8 @@ from ..io import atomic_path, write_json
 from ..model.lora import MethodConfig
 from ..model.modelcard import write_model_card
 from ..model.sam import load_sam
-from .train import TrainConfig, finetune, pick_device
+from ..device import pick_device
+from .train import TrainConfig, finetune
 
 METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
 

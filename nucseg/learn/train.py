@@ -28,6 +28,7 @@ from segment_anything.modeling import Sam
 
 from .augment import AugmentConfig, augment
 from .data import Tile
+from ..device import pick_device
 from ..errors import CheckpointError, InputError
 from ..model.infer import InferConfig, mask_boxes
 from ..model.lora import MethodConfig
@@ -98,14 +99,6 @@ class EpochLog:
     train_iou: float  # mean IoU of the masks predicted for positive prompts (is it segmenting at all?)
     lr: float
     seconds: float
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available")
-    return torch.device(name)
 
 
 def sample_prompts(

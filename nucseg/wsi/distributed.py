@@ -116,7 +116,7 @@ class SegmenterSpec:
             return ThresholdSegmenter(tile_size=self.tile_size or 512, mpp=self.mpp)
         from ..learn.calibrate import resolve_infer
         from ..model.infer import SamTileSegmenter
-        from ..learn.train import pick_device
+        from ..device import pick_device
 
         settings = dict(self.infer)
         if self.adapter:
