@@ -194,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _segmenter_spec(args: argparse.Namespace):
     """What builds the segmenter, from the CLI flags; small and picklable, so dask workers build their own."""
-    from nucseg.wsi.distributed import SegmenterSpec
+    from nucseg.segmenter import SegmenterSpec
 
     kind = getattr(args, "segmenter", "sam")
     if kind == "threshold":
@@ -463,13 +463,12 @@ def calibrate(args: argparse.Namespace) -> int:
     from nucseg.model.adapter import load_adapter, write_thresholds
     from nucseg.learn.calibrate import CalibrationConfig, calibrate as run_calibration, describe_thresholds, resolve_infer
     from nucseg.learn.data import load_dataset
-    from nucseg.model.infer import SamTileSegmenter
-    from nucseg.device import pick_device
+    from nucseg.segmenter import sam_segmenter
 
     model, info = load_adapter(args.adapter, args.checkpoint)
     tiles = load_dataset(args.data, tile_size=info.input_size)
-    cfg, _ = resolve_infer({"points_per_side": args.points_per_side}, None)  # search from the global defaults
-    seg = SamTileSegmenter(model, cfg, device=pick_device(args.device), mpp=info.mpp)
+    # the search starts from the global defaults, not the adapter's current thresholds
+    seg = sam_segmenter(model, {"points_per_side": args.points_per_side}, None, args.device, mpp=info.mpp)
     print(f"calibrating on {len(tiles)} tiles from {args.data}", file=sys.stderr)
     bar = _bar(args, total=len(tiles), unit="tile", desc="decode")
     try:

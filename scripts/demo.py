@@ -46,7 +46,7 @@ def main() -> int:
     from nucseg.learn.cv import CVConfig
     from nucseg.learn.data import load_dataset
     from nucseg.learn.demo import FULL, QUICK, Eta, make_demo_dataset
-    from nucseg.wsi.distributed import SegmenterSpec
+    from nucseg.segmenter import SegmenterSpec
     from nucseg.io import write_json
     from nucseg.wsi.predict import PredictConfig, predict_slide
     from nucseg.wsi.synthslide import make_synthetic_slide

@@ -62,7 +62,7 @@ def test_single_mask_and_adapter_without_mpp(tmp_path):
     """A base nucseg trained answers with output 0 (--single-mask); SAM's own base needs its 3 masks (default).
     An adapter that records no µm/px says so when it is built."""
     from nucseg.learn.data import load_dataset
-    from nucseg.wsi.distributed import SegmenterSpec
+    from nucseg.segmenter import SegmenterSpec
     from nucseg.model.lora import MethodConfig
     from nucseg.learn.train import TrainConfig, finetune
 

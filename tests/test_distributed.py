@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nucseg.wsi.distributed import SegmenterSpec, predict_distributed, worker_segmenter
+from nucseg.segmenter import SegmenterSpec
+from nucseg.wsi.distributed import predict_distributed, worker_segmenter
 from nucseg.errors import CheckpointError, DataError, InputError
 from nucseg.wsi.batch import predict_slides
 from nucseg.wsi.predict import PredictConfig

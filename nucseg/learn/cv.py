@@ -30,6 +30,7 @@ from ..io import atomic_path, write_json
 from ..model.lora import MethodConfig
 from ..model.modelcard import write_model_card
 from ..model.sam import load_sam
+from ..segmenter import sam_segmenter, zero_shot_settings
 from ..device import pick_device
 from .train import TrainConfig, finetune
 
@@ -162,8 +163,6 @@ def run_cv(
     not in it coming from each fold's calibration (``train_cfg.calibration_fraction`` of the fold's training
     images held back for it) or, without one, the global defaults.
     """
-    from .calibrate import resolve_infer
-
     explicit = infer_cfg.to_dict() if isinstance(infer_cfg, InferConfig) else dict(infer_cfg)
     base_infer = InferConfig(**explicit).validate()
     out_dir = Path(out_dir)
@@ -189,10 +188,9 @@ def run_cv(
                            on_start=on_start, on_step=on_step, infer=base_infer,
                            on_calibrate=(lambda msg, f=f: on_fold(f, len(folds), msg)) if on_fold else None)
             model, info = load_adapter(res.adapter, checkpoint)
-            fold_infer, used = resolve_infer(explicit, info.thresholds)
-            seg = SamTileSegmenter(model, fold_infer, device=device, mpp=mpp)
+            seg = sam_segmenter(model, explicit, info.thresholds, device, mpp=mpp)
             result, preds = score(seg, val, train_cfg.batch_size)
-            result["thresholds"] = used
+            result["thresholds"] = seg.thresholds_used
             for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
                 overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
             meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
@@ -209,8 +207,9 @@ def run_cv(
             else:
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)
-                zcfg = InferConfig(**{**asdict(base_infer), "multimask": cv_cfg.zero_shot_multimask})
-                zres, _ = score(SamTileSegmenter(base, zcfg, device=device), val, train_cfg.batch_size)
+                zseg = sam_segmenter(base, zero_shot_settings(asdict(base_infer), not cv_cfg.zero_shot_multimask),
+                                     None, device)
+                zres, _ = score(zseg, val, train_cfg.batch_size)
                 write_json(zpath, zres)
             zero_rows.append(zres["mean"])
     from .. import __version__

@@ -26,119 +26,16 @@ import functools
 import os
 import time
 import uuid
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from ..errors import CheckpointError, InputError, NucsegError
+from ..errors import InputError, NucsegError
 from .batch import check_output_names, finished_summary, predict_slides, slide_outputs
 from .predict import PredictConfig, SlideSummary, predict_tile_range
-from ..segmenter import TileSegmenter
+from ..segmenter import SegmenterSpec, TileSegmenter
 from .tiling import FLAG_CHUNK
 
 DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 40x slide has ~10-20k tiles
-
-
-@dataclass(frozen=True)
-class SegmenterSpec:
-    """How to build a segmenter: ``kind`` "sam" (``adapter`` and/or ``model`` + ``checkpoint``) or "threshold".
-
-    infer: the explicitly set :class:`nucseg.model.infer.InferConfig` fields as sorted (name, value) pairs (hashable,
-    picklable); thresholds not set here come from the adapter's calibrated ones, else the global defaults.
-    tile_size / mpp: the threshold segmenter's tile side and µm/px.
-    """
-
-    kind: str = "sam"
-    adapter: str | None = None
-    checkpoint: str | None = None
-    model: str | None = None
-    device: str = "auto"
-    infer: tuple[tuple[str, Any], ...] = ()
-    tile_size: int | None = None
-    mpp: float | None = None
-    single_mask: bool = False  # a base model run zero-shot: output 0 only (bases nucseg trained) instead of SAM's 3
-
-    @classmethod
-    def sam(cls, adapter: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
-            model: str | None = None, device: str = "auto", infer=None,
-            single_mask: bool = False) -> "SegmenterSpec":
-        """A SAM segmenter's spec. ``infer``: an :class:`nucseg.model.infer.InferConfig` (every field set explicitly,
-        so an adapter's calibrated thresholds are not used), or a dict of only the fields to set (the others
-        from the adapter's thresholds or the defaults), or None (all from the adapter or the defaults)."""
-        if infer is None:
-            settings = ()
-        elif isinstance(infer, dict):
-            settings = tuple(sorted(infer.items()))
-        else:
-            settings = tuple(sorted(infer.to_dict().items()))
-        return cls(kind="sam", adapter=None if adapter is None else str(adapter),
-                   checkpoint=None if checkpoint is None else str(checkpoint), model=model, device=device,
-                   infer=settings, single_mask=single_mask)
-
-    def check(self) -> None:
-        """Cheap checks the client can make before sending work out (no weights are loaded)."""
-        if self.kind not in ("sam", "threshold"):
-            raise InputError(f"unknown segmenter {self.kind!r}; choose 'sam' or 'threshold'")
-        if self.kind == "threshold":
-            return
-        if self.checkpoint and not Path(self.checkpoint).is_file():
-            raise CheckpointError(f"checkpoint not found: {self.checkpoint}")
-        if self.adapter:
-            from ..model.adapter import read_adapter
-
-            info = read_adapter(self.adapter)
-            if self.model and self.model != info.model_type:
-                raise CheckpointError(f"--model {self.model} but adapter {self.adapter} is for {info.model_type}")
-        elif not self.model:
-            raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
-
-    def thresholds_used(self) -> dict | None:
-        """{threshold: {"value", "source"}} a SAM segmenter of this spec uses (command line > adapter >
-        default), read without loading any weights; None for the threshold segmenter."""
-        if self.kind != "sam":
-            return None
-        from ..learn.calibrate import resolve_infer
-
-        thresholds = None
-        if self.adapter:
-            from ..model.adapter import read_adapter
-
-            thresholds = read_adapter(self.adapter).thresholds
-        return resolve_infer(dict(self.infer), thresholds)[1]
-
-    def build(self) -> TileSegmenter:
-        """The segmenter itself; checkpoint and adapter problems raise CheckpointError, bad settings InputError."""
-        self.check()
-        if self.kind == "threshold":
-            from ..model.classical import ThresholdSegmenter
-
-            return ThresholdSegmenter(tile_size=self.tile_size or 512, mpp=self.mpp)
-        from ..learn.calibrate import resolve_infer
-        from ..model.infer import SamTileSegmenter
-        from ..device import pick_device
-
-        settings = dict(self.infer)
-        if self.adapter:
-            from ..model.adapter import load_adapter
-
-            model, info = load_adapter(self.adapter, self.checkpoint)
-            if info.mpp is None:
-                warnings.warn(f"adapter {self.adapter} records no µm/px: slides are segmented at their own µm/px "
-                              f"unless --mpp says otherwise (train with --mpp to record it)", UserWarning, stacklevel=2)
-            identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
-            cfg, used = resolve_infer(settings, info.thresholds)
-            seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), mpp=info.mpp, identity=identity)
-            seg.thresholds_used = used
-            return seg
-        from ..model.sam import load_sam
-
-        model, fingerprint = load_sam(self.model, self.checkpoint)
-        # SAM's own base needs its 3 ambiguity masks; a base nucseg trained answers with output 0
-        cfg, used = resolve_infer({**settings, "multimask": not self.single_mask}, None)
-        seg = SamTileSegmenter(model, cfg, device=pick_device(self.device), identity=fingerprint)
-        seg.thresholds_used = used
-        return seg
 
 
 @functools.lru_cache(maxsize=2)
