@@ -234,7 +234,7 @@ def _slide_list(args: argparse.Namespace) -> tuple[list[Path], tuple[int, int] |
 
 
 def predict(args: argparse.Namespace) -> int:
-    from nucseg.wsi.predict import PredictConfig, predict_slide
+    from nucseg.wsi.predict import NUCLEI_SUFFIXES, PredictConfig, SlideOutputs, output_base, predict_slide
 
     slides, shard = _slide_list(args)
     if not args.out:
@@ -247,12 +247,11 @@ def predict(args: argparse.Namespace) -> int:
                         command=shlex.join(sys.argv)).validate()  # a bad value fails the run here, not every slide
     if args.tiles_per_task is not None and not args.scheduler:
         raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
-    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json", ".parquet"))
+    single = len(slides) == 1 and args.out.name.endswith(NUCLEI_SUFFIXES)
     if single and not args.scheduler:
-        base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json").removesuffix(".parquet")
-        cfg.csv = Path(base + ".csv") if args.csv else None
-        cfg.preview = Path(base + ".preview.png") if args.preview else None
-        cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
+        named = SlideOutputs(csv=args.csv, preview=args.preview, tissue_preview=args.tissue_preview).extras(
+            output_base(args.out))
+        cfg.csv, cfg.preview, cfg.tissue_preview = named.get("csv"), named.get("preview"), named.get("tissue_preview")
         cfg.labels = args.labels
         cfg.roi, cfg.roi_class = args.roi, args.roi_class
         seg = spec.build()
@@ -263,7 +262,7 @@ def predict(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         return _report(summaries, args.json)
-    if single or args.out.suffix in (".geojson", ".gz", ".json", ".parquet"):
+    if single or args.out.suffix in {"." + s.rsplit(".", 1)[1] for s in NUCLEI_SUFFIXES}:
         raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
     if args.labels:
         raise InputError("--labels PATH is for one slide; with several, use --labels-all")
@@ -278,11 +277,12 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
 
     from nucseg.io import writable_dir
     from nucseg.wsi.batch import check_output_names, predict_slides
+    from nucseg.wsi.predict import SlideOutputs
     from nucseg.runlog import RunLog
 
     check_output_names(slides, args.out)
-    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview,
-              "parquet": args.parquet}
+    outputs = SlideOutputs(gz=args.gz, parquet=args.parquet, csv=args.csv, labels=args.labels_all,
+                           preview=args.preview)
     # Everything that would fail every slide fails here, before anything is written.
     if args.scheduler:
         from nucseg.wsi.distributed import check_cluster_settings
@@ -298,12 +298,12 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
         with RunLog(out, len(slides), shard) as runlog:
             runlog.summary.thresholds = _say_thresholds(spec)
             if client is not None:
-                summaries = _predict_on_cluster(args, client, slides, spec, cfg, extras, runlog)
+                summaries = _predict_on_cluster(args, client, slides, spec, cfg, outputs, runlog)
             else:
                 bar = _bar(args, unit="tile", desc="tiles")
                 try:
                     summaries = predict_slides(slides, out, seg, cfg, _tile_progress(bar), on_start=runlog.start,
-                                               on_result=runlog.finish, **extras)
+                                               on_result=runlog.finish, outputs=outputs)
                 finally:
                     bar.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
@@ -321,7 +321,7 @@ def _connect(scheduler: str):
         raise InputError(f"cannot reach the dask scheduler {scheduler}: {' '.join(str(err).split())}") from None
 
 
-def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], spec, cfg, extras: dict,
+def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], spec, cfg, outputs,
                         runlog) -> list:
     """--scheduler: slides (large ones in tile ranges) on the dask cluster, logged as each finishes."""
     from nucseg.wsi.distributed import predict_distributed
@@ -337,7 +337,7 @@ def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], sp
     try:
         split = {} if args.tiles_per_task is None else {"tiles_per_task": args.tiles_per_task}
         return predict_distributed(client, slides, args.out, spec, cfg, on_start=runlog.start, on_result=done,
-                                   **split, **extras)
+                                   outputs=outputs, **split)
     finally:
         bar.close()
 

@@ -19,27 +19,9 @@ from typing import Callable, Sequence
 from ..errors import DiskFullError, InputError, NucsegError
 from ..io import write_json
 from ..segmenter import TileSegmenter
-from .predict import PredictConfig, Progress, SlideSummary, predict_slide
+from .predict import PredictConfig, Progress, SlideOutputs, SlideSummary, predict_slide
 
 log = logging.getLogger(__name__)
-
-
-def slide_outputs(slide: str | os.PathLike, out_dir: Path, gz: bool = False, csv: bool = False,
-                  labels: bool = False, preview: bool = False, parquet: bool = False) -> dict[str, Path]:
-    """The per-slide output paths predict_slides uses (``<out_dir>/<slide stem>.*``).
-
-    ``"geojson"`` is the nuclei output: ``.geojson``, ``.geojson.gz`` (gz) or GeoParquet ``.parquet`` (parquet).
-    """
-    stem = Path(slide).stem
-    main = f"{stem}.parquet" if parquet else f"{stem}.geojson{'.gz' if gz else ''}"
-    paths = {"geojson": out_dir / main, "summary": out_dir / f"{stem}.summary.json"}
-    if csv:
-        paths["csv"] = out_dir / f"{stem}.csv"
-    if labels:
-        paths["labels"] = out_dir / f"{stem}.labels.zarr"
-    if preview:
-        paths["preview"] = out_dir / f"{stem}.preview.png"
-    return paths
 
 
 def check_output_names(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
@@ -75,17 +57,14 @@ def predict_slides(
     config: PredictConfig | None = None,
     progress: Progress | None = None,
     *,
-    gz: bool = False,
-    csv: bool = False,
-    labels: bool = False,
-    preview: bool = False,
-    parquet: bool = False,
+    outputs: SlideOutputs = SlideOutputs(),
     overwrite: bool = False,
     stop_on_error: bool = False,
     on_start: Callable[[str], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
 ) -> list[SlideSummary]:
-    """Run :func:`predict_slide` on many slides, one ``<stem>.geojson`` (and extras) per slide in ``out_dir``.
+    """Run :func:`predict_slide` on many slides, one ``<stem>.geojson`` (and the other ``outputs``) per slide in
+    ``out_dir``.
 
     A slide whose outputs and ``<stem>.summary.json`` all exist is skipped (every output is written
     atomically and the summary last, so existence means complete); ``overwrite`` redoes it. A slide that
@@ -103,8 +82,7 @@ def predict_slides(
             on_start(str(p))
         try:
             summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
-                                   slide_outputs(p, out, gz=gz, csv=csv, labels=labels, preview=preview,
-                                                 parquet=parquet))
+                                   outputs.for_slide(p, out))
         except Exception as err:  # noqa: BLE001 - a bug: this slide failed, the others still get done
             if stop_on_error or not _slide_specific(err):
                 if on_result:  # the run stops here: its log and summary still count this slide as failed
@@ -143,7 +121,8 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
     finished = None if overwrite else finished_summary(outs)
     if finished is not None:
         return finished
-    slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"))
+    slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"),
+                                    tissue_preview=outs.get("tissue_preview"))
     t0 = time.perf_counter()
     try:
         summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import InputError, NucsegError
-from .batch import check_output_names, finished_summary, predict_slides, slide_outputs
-from .predict import PredictConfig, SlideSummary, predict_tile_range
+from .batch import check_output_names, finished_summary, predict_slides
+from .predict import PredictConfig, SlideOutputs, SlideSummary, predict_tile_range
 from ..segmenter import SegmenterSpec, TileSegmenter
 from .tiling import FLAG_CHUNK
 
@@ -45,7 +45,7 @@ def worker_segmenter(spec: SegmenterSpec) -> TileSegmenter:
 
 
 def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
-                       extras: dict[str, bool]) -> dict:
+                       outputs: SlideOutputs) -> dict:
     """One slide on a worker: skip if finished, else predict; user-facing errors come back in the summary.
 
     Returns ``SlideSummary.to_dict()`` plus ``worker`` (the worker's address), which the run log records.
@@ -54,15 +54,15 @@ def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: Pr
         segmenter = worker_segmenter(spec)
     except NucsegError as err:  # e.g. a corrupt checkpoint: every slide on this worker fails the same way
         return {**SlideSummary.failed(slide, str(err)).to_dict(), "worker": _worker_name()}
-    [summary] = predict_slides([slide], out_dir, segmenter, config, **extras)
+    [summary] = predict_slides([slide], out_dir, segmenter, config, outputs=outputs)
     return {**summary.to_dict(), "worker": _worker_name()}
 
 
 def _plan_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
-                    extras: dict[str, bool]) -> int:
+                    outputs: SlideOutputs) -> int:
     """Tissue tiles of ``slide`` (creating its cache), or 0 if its outputs are complete or it cannot be read
     (then the slide's own task skips it, or records the error, exactly as without splitting)."""
-    if finished_summary(slide_outputs(slide, Path(out_dir), **extras)) is not None:
+    if finished_summary(outputs.for_slide(slide, out_dir)) is not None:
         return 0
     try:
         n, _ = predict_tile_range(slide, worker_segmenter(spec), config, 0, 0)
@@ -85,9 +85,9 @@ def _predict_part_on_worker(slide: str, spec: SegmenterSpec, config: PredictConf
 
 
 def _finish_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
-                      extras: dict[str, bool], parts: list[dict]) -> dict:
+                      outputs: SlideOutputs, parts: list[dict]) -> dict:
     """The slide's last task, after its ranges (dask passes their results in ``parts``): stitch and write."""
-    d = _predict_on_worker(slide, out_dir, spec, config, extras)
+    d = _predict_on_worker(slide, out_dir, spec, config, outputs)
     d["predicted_tiles"] = int(d.get("predicted_tiles") or 0) + sum(p["predicted"] for p in parts)
     d["seconds"] = float(d.get("seconds") or 0.0) + sum(p["seconds"] for p in parts)
     return {**d, "parts": parts}
@@ -118,11 +118,7 @@ def predict_distributed(
     spec: SegmenterSpec,
     config: PredictConfig | None = None,
     *,
-    gz: bool = False,
-    csv: bool = False,
-    labels: bool = False,
-    preview: bool = False,
-    parquet: bool = False,
+    outputs: SlideOutputs = SlideOutputs(),
     tiles_per_task: int = DEFAULT_TILES_PER_TASK,
     on_start: Callable[[str], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
@@ -144,7 +140,6 @@ def predict_distributed(
     per = -(-tiles_per_task // FLAG_CHUNK) * FLAG_CHUNK
     out = Path(out_dir)
     check_output_names(slides, out)
-    extras = {"gz": gz, "csv": csv, "labels": labels, "preview": preview, "parquet": parquet}
     stage: dict = {}  # future -> ("plan" | "slide", index into slides)
     pending = as_completed()
 
@@ -159,9 +154,9 @@ def predict_distributed(
         if on_start:
             on_start(str(p))
         if per:
-            submit("plan", i, _plan_on_worker, str(p), str(out), spec, cfg, extras)
+            submit("plan", i, _plan_on_worker, str(p), str(out), spec, cfg, outputs)
         else:
-            submit("slide", i, _predict_on_worker, str(p), str(out), spec, cfg, extras)
+            submit("slide", i, _predict_on_worker, str(p), str(out), spec, cfg, outputs)
     results: list[dict | None] = [None] * len(slides)
     bug: BaseException | None = None
     for fut in pending:
@@ -174,14 +169,14 @@ def predict_distributed(
         if kind == "plan":
             p = str(slides[i])
             if value <= per:
-                submit("slide", i, _predict_on_worker, p, str(out), spec, cfg, extras)
+                submit("slide", i, _predict_on_worker, p, str(out), spec, cfg, outputs)
                 continue
             parts = []
             for start in range(0, value, per):  # futures of the ranges; the last task waits for all of them
                 key = f"nucseg-part-{Path(p).stem}-{start}-{uuid.uuid4().hex[:12]}"
                 parts.append(client.submit(_predict_part_on_worker, p, spec, cfg, start, min(start + per, value),
                                            key=key))
-            submit("slide", i, _finish_on_worker, p, str(out), spec, cfg, extras, parts)
+            submit("slide", i, _finish_on_worker, p, str(out), spec, cfg, outputs, parts)
             continue
         results[i] = value
         if on_result:

@@ -102,6 +102,10 @@ class PredictConfig:
     command: the command line recorded in the run summary (None: this process's ``sys.argv``).
     measurements: per-nucleus measurements beyond area, perimeter and score (nucseg.wsi.measure): "none", "shape"
     (QuPath's ``Nucleus:`` shape features) or "full" (shape plus hematoxylin / eosin optical densities).
+    roi / roi_class: segment only inside these regions (QuPath GeoJSON annotations, of that class if given, or a
+    mask image; nucseg.wsi.roi).
+    export_chunk: consecutive tiles per export-worker job.
+    Which extra outputs a batch writes, and their names: :class:`SlideOutputs`.
     """
 
     target_mpp: float | None = None
@@ -173,6 +177,48 @@ class PredictConfig:
 # The command-line option of each PredictConfig field, for messages.
 _OPTIONS = {"target_mpp": "--mpp", "slide_mpp": "--slide-mpp", "tile_size": "--tile-size", "overlap": "--overlap",
             "batch_size": "--batch-size", "work_dir": "--work-dir", "labels": "--labels"}
+
+# File name suffixes of a slide's outputs: every output of a slide is named <base><suffix>, where <base> is
+# <out_dir>/<slide stem> in a batch, or the nuclei output's path without its suffix for one slide (-o x.geojson).
+NUCLEI_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".parquet")
+OUTPUT_SUFFIXES = {"summary": ".summary.json", "csv": ".csv", "labels": ".labels.zarr", "preview": ".preview.png",
+                   "tissue_preview": ".tissue.png"}
+
+
+def output_base(out: str | os.PathLike) -> str:
+    """``x.geojson``, ``x.geojson.gz``, ``x.json``, ``x.parquet`` -> ``x``: what the other outputs of a one-slide
+    run are named after."""
+    return str(out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json").removesuffix(".parquet")
+
+
+@dataclass(frozen=True)
+class SlideOutputs:
+    """Which outputs each slide gets besides its nuclei table, and what they are called: the one description
+    of a slide's outputs that the CLI, the batch layer and the Dask workers share (small and picklable).
+
+    gz: gzipped GeoJSON nuclei (``.geojson.gz``); parquet: GeoParquet nuclei (``.parquet``) instead.
+    csv / labels / preview / tissue_preview: the optional extra outputs (names in ``OUTPUT_SUFFIXES``).
+    """
+
+    gz: bool = False
+    parquet: bool = False
+    csv: bool = False
+    labels: bool = False
+    preview: bool = False
+    tissue_preview: bool = False
+
+    def extras(self, base: str | os.PathLike) -> dict[str, Path]:
+        """The optional outputs asked for, ``{kind: <base><suffix>}``."""
+        return {k: Path(f"{base}{OUTPUT_SUFFIXES[k]}") for k in ("csv", "labels", "preview", "tissue_preview")
+                if getattr(self, k)}
+
+    def for_slide(self, slide: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """A batch slide's outputs, ``<out_dir>/<slide stem>.*``: ``"geojson"`` (the nuclei: ``.geojson``,
+        ``.geojson.gz`` or GeoParquet ``.parquet``), ``"summary"`` (written last) and the extras asked for."""
+        base = Path(out_dir) / Path(slide).stem
+        main = ".parquet" if self.parquet else ".geojson.gz" if self.gz else ".geojson"
+        return {"geojson": Path(f"{base}{main}"), "summary": Path(f"{base}{OUTPUT_SUFFIXES['summary']}"),
+                **self.extras(base)}
 
 
 @dataclass
