@@ -69,6 +69,8 @@ class InstantSegmenter:
     """The TileSegmenter contract (nucseg/segmenter.py) with no model: the same label map for every tile."""
 
     mpp = None
+    device = None  # declared here, not inherited: the legacy package has no SegmenterDefaults
+    provenance = None
 
     def __init__(self, tile_size: int = 512):
         from nucseg.segmenter import TileBatchResult

@@ -32,11 +32,36 @@ class TileBatchResult:
 
 
 class TileSegmenter(Protocol):
-    """Anything that turns (B, H, W, 3) uint8 RGB tiles of side ``tile_size`` into a TileBatchResult."""
+    """Anything that turns (B, H, W, 3) uint8 RGB tiles of side ``tile_size`` into a TileBatchResult.
+
+    Everything whole-slide prediction reads from a segmenter is declared here; :class:`SegmenterDefaults`
+    gives the optional ones their "not known" values, for simple segmenters to inherit.
+
+    tile_size: side of the (square) tiles it takes.
+    mpp: µm/px it was trained at (slides are resampled to it unless ``--mpp`` says otherwise); None: segment
+    at the slide's own µm/px.
+    fingerprint: identity of its weights and settings, the key of the resume cache; None: predictions are
+    never reused (safe, not fast), and a Dask run cannot split the slide.
+    device: the torch device it runs on (on CUDA, tiles are read into pinned memory); None for CPU-only code.
+    provenance: what the outputs record about the model (JSON-able dict); None: nothing.
+    """
 
     tile_size: int
+    mpp: float | None
+    fingerprint: str | None
+    device: Any
+    provenance: dict | None
 
     def __call__(self, tiles: np.ndarray) -> TileBatchResult: ...
+
+
+class SegmenterDefaults:
+    """The optional parts of :class:`TileSegmenter` with their "not known" values (see there)."""
+
+    mpp: float | None = None
+    fingerprint: str | None = None
+    device: Any = None
+    provenance: dict | None = None
 
 
 def zero_shot_settings(settings: dict, single_mask: bool = False) -> dict:

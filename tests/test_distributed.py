@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nucseg.segmenter import SegmenterSpec
+from nucseg.segmenter import SegmenterDefaults, SegmenterSpec
 from nucseg.wsi.distributed import predict_distributed, worker_segmenter
 from nucseg.errors import CheckpointError, DataError, InputError
 from nucseg.wsi.batch import predict_slides
@@ -153,7 +153,7 @@ def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
         predict_tile_range(slide, seg, PredictConfig(tile_size=128, overlap=24), 0, 0)
     with pytest.raises(DataError, match="missing"):  # what range tasks use: never create the shared cache
         predict_tile_range(slide, seg, cfg, 0, FLAG_CHUNK, create=False)
-    class NoFingerprint:  # a segmenter without an identity: its predictions can never be shared
+    class NoFingerprint(SegmenterDefaults):  # no identity (fingerprint None): its predictions can never be shared
         tile_size, mpp = seg.tile_size, seg.mpp
 
         def __call__(self, tiles):

@@ -208,3 +208,16 @@ def test_cli_writes_geoparquet_for_one_slide_and_for_a_batch(small_slide, tmp_pa
     assert batch.stat().st_mtime_ns == stamp  # finished: skipped
     summary = json.loads((out / f"{path.stem}.summary.json").read_text())
     assert "predict" in summary["provenance"]["command"] and summary["stages"]["polygons"]["cpu"] >= 0
+
+
+def test_builtin_segmenters_implement_the_whole_contract():
+    """predict reads a segmenter's attributes directly: every one the contract declares must be there."""
+    from nucseg.model.infer import SamTileSegmenter
+    from nucseg.model.sam import build_sam
+    from nucseg.segmenter import TileSegmenter
+
+    declared = set(TileSegmenter.__annotations__)
+    assert declared >= {"tile_size", "mpp", "fingerprint", "device", "provenance"}
+    for seg in (ThresholdSegmenter(), SamTileSegmenter(build_sam("vit_tiny", img_size=256), identity="base")):
+        assert all(hasattr(seg, name) for name in declared) and callable(seg)
+    assert ThresholdSegmenter().provenance is None and ThresholdSegmenter().device is None

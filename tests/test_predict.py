@@ -17,11 +17,11 @@ from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError, OutputError, SlideError
 from nucseg.wsi.batch import predict_slides
 from nucseg.wsi.predict import PredictConfig, SlideOutputs, SlideSummary, predict_slide
-from nucseg.segmenter import TileBatchResult
+from nucseg.segmenter import SegmenterDefaults, TileBatchResult
 from nucseg.wsi.synthslide import make_synthetic_slide, match_instances
 
 
-class Counting:
+class Counting(SegmenterDefaults):
     """Wraps a segmenter and counts calls/tiles, optionally failing after some calls (a 'killed' job)."""
 
     def __init__(self, inner, fail_after: int | None = None, fingerprint: str | None = None):

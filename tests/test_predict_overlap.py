@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nucseg.model.classical import ThresholdSegmenter
+from nucseg.segmenter import SegmenterDefaults
 from nucseg.wsi.predict import PredictConfig, predict_slide
 
 
@@ -32,7 +33,7 @@ def test_export_runs_while_inference_is_still_going(slide, tmp_path, monkeypatch
     monkeypatch.setattr(P, "instance_polygons", polygons)
     inner = ThresholdSegmenter()
 
-    class WaitsForExport:
+    class WaitsForExport(SegmenterDefaults):
         tile_size, mpp, fingerprint = inner.tile_size, inner.mpp, "waits-for-export"
 
         def __init__(self):

@@ -20,14 +20,14 @@ from skimage.measure import label as label_connected
 from skimage.morphology import local_maxima, reconstruction, remove_small_objects
 from skimage.segmentation import watershed
 
-from ..segmenter import TileBatchResult
+from ..segmenter import SegmenterDefaults, TileBatchResult
 
 # 8-connectivity for objects, so diagonal pixels belong to the same nucleus in every step.
 _CONN8 = np.ones((3, 3), dtype=bool)
 
 
 @dataclass
-class ThresholdSegmenter:
+class ThresholdSegmenter(SegmenterDefaults):
     """Nuclei = connected regions of strong haematoxylin (or darkness), split by a distance watershed.
 
     tile_size: side of the tiles it is given (the whole-slide tiler uses it).

@@ -11,7 +11,8 @@ else the slide's own µm/px.
 Tissue selection only drops tiles with no (1-pixel-dilated, low-resolution) tissue anywhere in them; tile
 ownership is defined on the full grid, so a dropped tile can only lose nuclei lying outside detected tissue.
 Resume: reruns with the same ``work_dir`` reuse read tiles and finished predictions; segmenters should expose
-a ``fingerprint`` (str or callable) that changes with their weights/settings, else predictions are redone.
+a ``fingerprint`` that changes with their weights/settings, else predictions are redone (the contract:
+:class:`nucseg.segmenter.TileSegmenter`).
 
 Overlap: three things run at once. A reader thread reads the next batch of tiles while the segmenter runs on
 the current one (into pinned host memory when the segmenter is on CUDA, so the upload is asynchronous), and
@@ -43,7 +44,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import shapely
@@ -56,11 +57,14 @@ from .measure import measure_tile
 from .measure import names as measurement_names
 from ..io import check_output, is_nucseg_png
 from ..segmenter import TileSegmenter
-from .slide import (TargetView, check_mpp, detect_tissue, open_slide, read_overview, slide_identity, slide_mpp,
-                    write_tissue_preview)
+from .slide import (TargetView, TissueMask, check_mpp, detect_tissue, open_slide, read_overview, slide_identity,
+                    slide_mpp, write_tissue_preview)
 from .stitch import StitchedLabels, Stitcher, keep_mask
-from .tiling import (FLAG_CHUNK, TILE_SIZE_RANGE, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key,
-                     make_grid, read_tiles_parallel, select_tissue_tiles)
+from .tiling import (FLAG_CHUNK, TILE_SIZE_RANGE, CacheDamaged, TileCache, TileGrid, _decode_failed, cache_dir_name,
+                     cache_key, make_grid, read_tiles_parallel, select_tissue_tiles)
+
+if TYPE_CHECKING:
+    from .roi import Roi  # imported when a run has a region of interest, not for every run
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +276,7 @@ def model_fingerprint(segmenter: TileSegmenter, override: str | None = None) -> 
     """The cache identity of a segmenter; without one, predictions are never reused (safe, not fast)."""
     if override:
         return str(override)
-    fp = getattr(segmenter, "fingerprint", None)
-    if callable(fp):
-        fp = fp()
+    fp = segmenter.fingerprint
     if fp:
         return str(fp)
     return f"volatile:{type(segmenter).__qualname__}:{uuid.uuid4()}"
@@ -387,8 +389,7 @@ def provenance(segmenter: TileSegmenter, cfg: PredictConfig, plan: "_Plan") -> d
     """
     from .. import __version__
 
-    seg = getattr(segmenter, "provenance", None)
-    seg = seg() if callable(seg) else seg
+    seg = segmenter.provenance
     return {
         "nucseg_version": __version__,
         "segmenter": seg,  # None where the segmenter does not describe itself
@@ -457,16 +458,16 @@ class _Plan:
     """What a slide run works on: the target-resolution view, the grid, the tissue tiles and the cache key."""
 
     view: TargetView
-    grid: object
+    grid: TileGrid
     selected: np.ndarray
-    tissue: object
+    tissue: TissueMask | None  # None when neither the tissue mask nor its preview is asked for
     tissue_area: float
     identity: str
     key: dict
     digest: str
     model: str
     notes: list[str]
-    roi: object = None  # nucseg.wsi.roi.Roi: nuclei are kept only if their centroid lies inside
+    roi: Roi | None = None  # nuclei are kept only if their centroid lies inside
 
     def open_cache(self, work: Path, create: bool = True) -> TileCache:
         T = self.grid.tile_size
@@ -479,7 +480,7 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
     mpp0 = slide_mpp(slide, cfg.slide_mpp, slide_path)
     if cfg.target_mpp:
         target = check_mpp(cfg.target_mpp, "target_mpp (--mpp)")
-    elif getattr(segmenter, "mpp", None):
+    elif segmenter.mpp:
         target = check_mpp(segmenter.mpp, "the model's training µm/px (its adapter's mpp)")
     else:
         target = mpp0
@@ -527,7 +528,7 @@ def _plan(slide, slide_path: Path, segmenter: TileSegmenter, cfg: PredictConfig,
     return _Plan(view, grid, selected, tissue, tissue_area, identity, key, digest, model, notes, roi)
 
 
-def check_grid(grid, view: TargetView) -> None:
+def check_grid(grid: TileGrid, view: TargetView) -> None:
     """Refuse a planned grid beyond MAX_TILES / MAX_TARGET_PIXELS, naming the numbers (one line)."""
     pixels = float(view.width) * float(view.height)
     if grid.n <= MAX_TILES and pixels <= MAX_TARGET_PIXELS:
@@ -634,7 +635,7 @@ class _Ready:
 
 def _host_buffer(shape: tuple[int, ...], segmenter: TileSegmenter) -> np.ndarray:
     """Tile buffer for one batch: page-locked when the segmenter runs on CUDA (asynchronous upload)."""
-    if getattr(getattr(segmenter, "device", None), "type", None) == "cuda":
+    if str(segmenter.device).startswith("cuda"):  # a torch.device or its name
         import torch
 
         return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
@@ -977,7 +978,7 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
     return stitcher.count
 
 
-def _tile_boxes(grid, selected: np.ndarray, factor: float) -> np.ndarray:
+def _tile_boxes(grid: TileGrid, selected: np.ndarray, factor: float) -> np.ndarray:
     xy = grid.origin(selected).astype(np.float64)
     return np.column_stack([xy * factor, (xy + grid.tile_size) * factor]) if len(xy) else np.zeros((0, 4))
 
