@@ -21,7 +21,6 @@ checked against the key names and shapes that the installed peft itself produces
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -221,8 +220,3 @@ def _base_buffers(info: AdapterInfo, checkpoint: str | Path | None, keys: list[s
     check_base(info, info.model_type, fingerprint)
     state = model.state_dict()
     return {k: state[k.removeprefix(PREFIX)].detach().clone().contiguous() for k in keys}
-
-
-def read_peft_config(path: str | Path) -> dict:
-    """The exported adapter_config.json (for the model card and tests)."""
-    return json.loads((Path(path) / PEFT_CONFIG).read_text())

@@ -12,7 +12,7 @@ one encode/decode path.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -194,10 +194,6 @@ def load_sam(
         )
     model.load_state_dict(state)
     return model, sha256_file(checkpoint)
-
-
-def spec_dict(spec: ModelSpec) -> dict:
-    return asdict(spec)
 
 
 # --------------------------------------------------------------------------------------------------------
