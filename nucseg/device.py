@@ -7,6 +7,8 @@ import torch
 
 from .errors import InputError
 
+DEVICES = ("auto", "cuda", "cpu")  # the names --device accepts
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: the CUDA GPU if there is one, else the CPU; an explicit ``cuda`` without a GPU is a user error."""

@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import CheckpointError, InputError
 
+SEGMENTER_KINDS = ("sam", "threshold")  # SegmenterSpec.kind: a SAM model, or the classical threshold baseline
+
 
 @dataclass
 class TileBatchResult:
@@ -125,7 +127,7 @@ class SegmenterSpec:
 
     def check(self) -> None:
         """Cheap checks the client can make before sending work out (no weights are loaded)."""
-        if self.kind not in ("sam", "threshold"):
+        if self.kind not in SEGMENTER_KINDS:
             raise InputError(f"unknown segmenter {self.kind!r}; choose 'sam' or 'threshold'")
         if self.kind == "threshold":
             return

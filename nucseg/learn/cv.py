@@ -35,6 +35,7 @@ from ..device import pick_device
 from .train import TrainConfig, finetune
 
 METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
+GROUP_BY = ("image", "organ")  # what stays together in one fold: the tiles of one image, or one organ's images
 
 
 @dataclass
@@ -55,7 +56,7 @@ class CVConfig:
 
 def make_folds(tiles: list[Tile], k: int, seed: int, group_by: str) -> list[np.ndarray]:
     """Validation indices of each fold; groups (images or organs) are shuffled with ``seed`` and dealt out."""
-    if group_by not in ("image", "organ"):
+    if group_by not in GROUP_BY:
         raise InputError("--group-by must be 'image' or 'organ'")
     keys = [t.stem if group_by == "image" else t.organ for t in tiles]
     groups = sorted(set(keys))
