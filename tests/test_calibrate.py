@@ -153,3 +153,14 @@ def test_segment_uses_adapter_thresholds_unless_given(tiny_adapter, tmp_path, ca
                  "--points-per-side", "8", "--stability-thresh", "0.77"]) == 0
     err = capsys.readouterr().err
     assert "stability_thresh 0.77 (command line)" in err and f"min_area {t['min_area']:g} (adapter)" in err
+
+
+def test_thresholds_read_back_from_json_are_described_the_same():
+    """cv's summary.md lists resumed folds' thresholds from metrics.json (sorted keys): same line as in memory."""
+    from nucseg.learn.calibrate import describe_thresholds, resolve_infer
+
+    _, used = resolve_infer({"pred_iou_thresh": 0.5}, {"stability_thresh": 0.7})
+    back = json.loads(json.dumps(used, sort_keys=True))
+    assert list(back) != list(used)  # the order did change on the way through JSON
+    assert describe_thresholds(back) == describe_thresholds(used)
+    assert describe_thresholds(used).startswith("pred_iou_thresh 0.5 (command line), stability_thresh 0.7 (adapter)")

@@ -264,5 +264,8 @@ def resolve_infer(explicit: dict, thresholds: dict | None) -> tuple[InferConfig,
 
 
 def describe_thresholds(used: dict) -> str:
-    """One line for the terminal: ``pred_iou_thresh 0.3 (adapter), ...``."""
-    return ", ".join(f"{k} {v['value']:g} ({v['source']})" for k, v in used.items())
+    """One line for the terminal: ``pred_iou_thresh 0.3 (adapter), ...``, in THRESHOLD_FIELDS order whatever the
+    dict's order (cv's summary.md reads resumed folds back from JSON written with sorted keys)."""
+    order = {k: i for i, k in enumerate(THRESHOLD_FIELDS)}
+    items = sorted(used.items(), key=lambda kv: order.get(kv[0], len(order)))
+    return ", ".join(f"{k} {v['value']:g} ({v['source']})" for k, v in items)
