@@ -22,7 +22,7 @@ from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import OutputError
 from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg.wsi.synthslide import make_synthetic_slide
-from nucseg.wsi.tiling import TileCache, is_nucseg_cache
+from nucseg.wsi.cache import TileCache, is_nucseg_cache
 from nucseg_cli.main import main
 
 T, OVERLAP = 128, 24

@@ -141,7 +141,7 @@ def test_a_large_slide_is_split_over_the_workers(cluster, tmp_path):
 
 def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
     from nucseg.wsi.predict import predict_tile_range
-    from nucseg.wsi.tiling import FLAG_CHUNK
+    from nucseg.wsi.cache import FLAG_CHUNK
 
     slide = tmp_path / "s.tif"
     make_synthetic_slide(slide, 600, 600, mpp=0.5, nuclei=40, pyramid=False, seed=1)

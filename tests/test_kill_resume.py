@@ -233,7 +233,7 @@ def test_cache_killed_while_being_created_is_rebuilt(tmp_path, monkeypatch, kill
     the next run must rebuild the half-made group, not trust it or crash on a missing array."""
     import zarr
 
-    from nucseg.wsi.tiling import TileCache
+    from nucseg.wsi.cache import TileCache
 
     coords = np.array([[0, 0], [200, 0], [0, 200]])
     real = zarr.Group.create_array

@@ -60,8 +60,8 @@ from ..segmenter import TileSegmenter
 from .slide import (TargetView, TissueMask, check_mpp, detect_tissue, open_slide, read_overview, slide_identity,
                     slide_mpp, write_tissue_preview)
 from .stitch import StitchedLabels, Stitcher, keep_mask
-from .tiling import (FLAG_CHUNK, TILE_SIZE_RANGE, CacheDamaged, TileCache, TileGrid, _decode_failed, cache_dir_name,
-                     cache_key, make_grid, read_tiles_parallel, select_tissue_tiles)
+from .cache import FLAG_CHUNK, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
+from .tiling import TILE_SIZE_RANGE, TileGrid, make_grid, read_tiles_parallel, select_tissue_tiles
 
 if TYPE_CHECKING:
     from .roi import Roi  # imported when a run has a region of interest, not for every run
