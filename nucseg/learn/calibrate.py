@@ -27,9 +27,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import Tile
 from ..errors import InputError
 from ..model.infer import InferConfig, SamTileSegmenter, stability_from_counts, upsampled_counts
+from .data import Tile
 from .metrics import aji, binary_dice_iou, panoptic_quality, remove_ambiguous
 
 # The InferConfig fields a calibration sets (and an adapter's "thresholds" may hold), with their ranges.

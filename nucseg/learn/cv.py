@@ -21,17 +21,17 @@ from typing import Callable
 
 import numpy as np
 
-from ..model.adapter import load_adapter, read_adapter
-from .data import Tile, cut_tiles
+from ..device import pick_device
 from ..errors import DataError, InputError
-from .evaluate import evaluate_arrays
-from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
 from ..io import atomic_path, write_json
+from ..model.adapter import load_adapter, read_adapter
+from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
 from ..model.lora import MethodConfig
 from ..model.modelcard import write_model_card
 from ..model.sam import load_sam
 from ..segmenter import sam_segmenter, zero_shot_settings
-from ..device import pick_device
+from .data import Tile, cut_tiles
+from .evaluate import evaluate_arrays
 from .train import TrainConfig, finetune
 
 METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")

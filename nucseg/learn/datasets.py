@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from .data import IMAGES_DIR, LABELS_DIR
 from ..errors import DataError, InputError, NucsegError, OutputError
 from ..io import atomic_path, write_json
+from .data import IMAGES_DIR, LABELS_DIR
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, total bytes; 0 when unknown)
 SOURCE_FILE = ".nucseg-source.json"

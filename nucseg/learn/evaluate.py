@@ -30,9 +30,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .data import LABELS_DIR, VAGUE_DIR
 from ..errors import DataError
 from ..io import LABEL_SUFFIXES, read_label_map, read_mask
+from .data import LABELS_DIR, VAGUE_DIR
 from .metrics import AMBIGUOUS_THRESHOLD, COUNT_KEYS, FLOAT_KEYS, score_image
 
 

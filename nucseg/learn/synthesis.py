@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .augment import hed_jitter
 from ..errors import DataError, InputError
+from .augment import hed_jitter
 
 
 @dataclass

@@ -23,9 +23,9 @@ from segment_anything.modeling import Sam
 from .. import __version__
 from ..errors import CheckpointError, InputError
 from ..io import atomic_path, check_output, sha256_file, write_json
+from ..wsi.slide import MPP_RANGE
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
 from .sam import PATCH, SPECS, attach_foreground_head, load_sam
-from ..wsi.slide import MPP_RANGE
 
 FORMAT = "nucseg-adapter"
 FORMAT_VERSION = 1

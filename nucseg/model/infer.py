@@ -38,9 +38,9 @@ from segment_anything.modeling import Sam
 from torchvision.ops import batched_nms
 
 from ..errors import InputError
+from ..segmenter import TileBatchResult
 from .fastdecode import ImageContext, decode_points, prepare
 from .sam import encode
-from ..segmenter import TileBatchResult
 
 PROMPT_MODES = ("auto", "grid")
 # On CPU the decoder is memory-bound: chunks whose per-prompt image tokens fit in about this many bytes stay

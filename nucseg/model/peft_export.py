@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import WEIGHTS, AdapterInfo, read_adapter
 from ..errors import CheckpointError, InputError, OutputError
 from ..io import atomic_path, sha256_file, write_json
+from .adapter import WEIGHTS, AdapterInfo, read_adapter
 from .lora import PEFT_TARGETS, SLICE_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"

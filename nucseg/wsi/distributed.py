@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import InputError, NucsegError
-from .batch import check_output_names, finished_summary, predict_slides
-from .predict import PredictConfig, SlideOutputs, SlideSummary, predict_tile_range
 from ..segmenter import SegmenterSpec, TileSegmenter
+from .batch import check_output_names, finished_summary, predict_slides
 from .cache import FLAG_CHUNK
+from .predict import PredictConfig, SlideOutputs, SlideSummary, predict_tile_range
 
 DEFAULT_TILES_PER_TASK = 2048  # ~20 s of one H100 at the 100 tiles/s target; a 40x slide has ~10-20k tiles
 

@@ -50,17 +50,17 @@ import numpy as np
 import shapely
 
 from ..errors import InputError, OutputError
+from ..io import check_output, is_nucseg_png
+from ..segmenter import TileSegmenter
+from .cache import FLAG_CHUNK, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
                      instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, write_ome_zarr_labels)
 from .measure import MODES as MEASUREMENT_MODES
 from .measure import measure_tile
 from .measure import names as measurement_names
-from ..io import check_output, is_nucseg_png
-from ..segmenter import TileSegmenter
 from .slide import (TargetView, TissueMask, check_mpp, detect_tissue, open_slide, read_overview, slide_identity,
                     slide_mpp, write_tissue_preview)
 from .stitch import StitchedLabels, Stitcher, keep_mask
-from .cache import FLAG_CHUNK, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
 from .tiling import TILE_SIZE_RANGE, TileGrid, make_grid, read_tiles_parallel, select_tissue_tiles
 
 if TYPE_CHECKING:

@@ -26,9 +26,9 @@ import numpy as np
 import shapely
 from shapely.geometry import shape
 
-from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
 from ..errors import InputError
 from ..io import check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, save_png, write_json
+from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
 
 POLYGONAL = ("Polygon", "MultiPolygon")
 
