@@ -18,6 +18,7 @@ _LAZY = {
     "predict_slides": "nucseg.wsi.batch",
     "PredictConfig": "nucseg.wsi.predict",
     "SlideSummary": "nucseg.wsi.predict",
+    "SlideOutputs": "nucseg.wsi.predict",
 }
 
 __all__ = ["__version__", *_LAZY]
