@@ -3,7 +3,7 @@
 Both run side by side in one process on the same device, each warmed up first, on real held-out tiles of
 he-nuclei-sample. Wall time is the figure; the process's CPU time is recorded beside it because on a shared
 machine other jobs stretch wall time but not the work done (``machine.load_1min`` says how busy it was). Reported per method: seconds per tile, prompts decoded, and Dice / AJI / PQ / F1 against
-the hand-drawn ground truth (``nucseg.evaluate.evaluate_arrays``).
+the hand-drawn ground truth (``nucseg.learn.evaluate.evaluate_arrays``).
 
 Methods:
 * ``nucseg-auto``: SamTileSegmenter, ``--prompts auto`` (foreground-head pruning when the weights have a
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance, write_report  # noqa: E402
 
-from nucseg.evaluate import evaluate_arrays  # noqa: E402
-from nucseg.infer import InferConfig, SamTileSegmenter, segment_tiles  # noqa: E402
+from nucseg.learn.evaluate import evaluate_arrays  # noqa: E402
+from nucseg.model.infer import InferConfig, SamTileSegmenter, segment_tiles  # noqa: E402
 
 
 def amg_label_map(anns: list[dict], shape: tuple[int, int], min_keep: float, min_area: int) -> np.ndarray:

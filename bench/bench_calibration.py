@@ -2,7 +2,7 @@
 
 A small model (vit_tiny, SAM architecture, trained from scratch, method ``full``) is trained on real H&E
 tiles of ../shared/data/he-nuclei-sample; the images are split three ways, by image: training, calibration
-(thresholds grid-searched there, nucseg.calibrate) and test (never seen by either). On the test tiles the
+(thresholds grid-searched there, nucseg.learn.calibrate) and test (never seen by either). On the test tiles the
 same adapter is scored through the real inference path (``prompts="auto"``) with the global default
 thresholds and with the calibrated ones; the thresholds chosen on the test tiles themselves are reported as
 an upper bound for what any threshold choice could give.
@@ -39,14 +39,14 @@ def main() -> int:
 
     import numpy as np
 
-    from nucseg.adapter import load_adapter
-    from nucseg.calibrate import THRESHOLD_FIELDS, CalibrationConfig, calibrate
-    from nucseg.data import load_dataset
-    from nucseg.evaluate import evaluate_arrays
-    from nucseg.infer import InferConfig, SamTileSegmenter, segment_tiles
-    from nucseg.lora import MethodConfig
+    from nucseg.model.adapter import load_adapter
+    from nucseg.learn.calibrate import THRESHOLD_FIELDS, CalibrationConfig, calibrate
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.evaluate import evaluate_arrays
+    from nucseg.model.infer import InferConfig, SamTileSegmenter, segment_tiles
+    from nucseg.model.lora import MethodConfig
     from nucseg.threads import configure_threads
-    from nucseg.train import TrainConfig, finetune
+    from nucseg.learn.train import TrainConfig, finetune
 
     configure_threads()
     tiles = load_dataset(args.data, tile_size=args.tile_size, drop_empty=True)

@@ -1,5 +1,5 @@
-"""Mask decoder cost per prompt: segment-anything's decoder (nucseg.sam.decode) vs nucseg's fast path
-(nucseg.fastdecode), same weights and prompts, at several prompts per call.
+"""Mask decoder cost per prompt: segment-anything's decoder (nucseg.model.sam.decode) vs nucseg's fast path
+(nucseg.model.fastdecode), same weights and prompts, at several prompts per call.
 
 Grid prompting is decoder-bound (1,024 prompts per tile), so this is the per-prompt price every benchmark
 above pays. Random weights are fine: the cost does not depend on them. Process CPU time is reported (robust
@@ -44,8 +44,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from nucseg.fastdecode import decode_points, prepare
-    from nucseg.sam import build_sam, decode
+    from nucseg.model.fastdecode import decode_points, prepare
+    from nucseg.model.sam import build_sam, decode
 
     rows = []
     with torch.inference_mode():

@@ -1,7 +1,7 @@
 """GPU throughput: vit_b at 512 px in bf16, tiles/s for the image encoder alone and end to end.
 
 End to end is SamTileSegmenter on a batch of real 512 px tiles handed over as numpy arrays from pinned
-buffers (as nucseg.predict does): upload, encoder, prompt pruning, decoder, NMS, painting, label maps back on
+buffers (as nucseg.wsi.predict does): upload, encoder, prompt pruning, decoder, NMS, painting, label maps back on
 the host. Batch sizes 1..32; each point is warmed up, bracketed by torch.cuda.synchronize, and reports peak
 GPU memory. Random vit_b weights are fine for the encoder; end to end they decode the whole grid (no
 foreground head, few accepted masks to skip prompts with), i.e. the worst case of ``--prompts auto``. Pass
@@ -90,8 +90,8 @@ def main() -> int:
               "Run it on a GPU node (docs/PERFORMANCE.md).", file=sys.stderr)
         return 2
 
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.sam import encode
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.model.sam import encode
 
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -146,9 +146,9 @@ def time_slide(model, mut, args, bf16: bool) -> dict:
     ``--slide-side N`` times a generated N x N slide at 0.5 µm/px instead. Reports tiles/s for the whole run
     and after planning (tissue detection), each stage's wall/CPU seconds, and which lane bounds the run.
     """
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.predict import PredictConfig, export_workers, predict_slide
-    from nucseg.synthslide import make_synthetic_slide
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.wsi.predict import PredictConfig, export_workers, predict_slide
+    from nucseg.wsi.synthslide import make_synthetic_slide
 
     with tempfile.TemporaryDirectory(prefix="nucseg-gpu-") as tmp:
         if args.slide_side:

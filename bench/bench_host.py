@@ -69,6 +69,8 @@ class InstantSegmenter:
     """The TileSegmenter contract (nucseg/segmenter.py) with no model: the same label map for every tile."""
 
     mpp = None
+    device = None  # declared here, not inherited: the legacy package has no SegmenterDefaults
+    provenance = None
 
     def __init__(self, tile_size: int = 512):
         from nucseg.segmenter import TileBatchResult
@@ -115,7 +117,8 @@ class Times:
 
 
 def instrument_legacy(times: Times) -> None:
-    """Stage timers around the legacy functions (the same boundaries as the new code's own timers)."""
+    """Stage timers around the legacy functions (the same boundaries as the new code's own timers); the legacy
+    package has the flat layout (nucseg.predict, not nucseg.wsi.predict)."""
     import nucseg.export as E
     import nucseg.predict as P
     import nucseg.slide as S
@@ -133,8 +136,11 @@ def instrument_legacy(times: Times) -> None:
 
 
 def child(args: argparse.Namespace) -> int:
+    import importlib
+
     import nucseg
-    import nucseg.predict as P
+
+    P = importlib.import_module("nucseg.predict" if args.impl == "legacy" else "nucseg.wsi.predict")
 
     where = Path(nucseg.__file__).resolve()
     if args.impl == "legacy" and not str(where).startswith(str(Path(args.legacy_root).resolve())):

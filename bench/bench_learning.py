@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from nucseg.cv import CVConfig, run_cv
-from nucseg.data import load_dataset
-from nucseg.infer import InferConfig
-from nucseg.lora import MethodConfig
-from nucseg.train import TrainConfig
+from nucseg.learn.cv import CVConfig, run_cv
+from nucseg.learn.data import load_dataset
+from nucseg.model.infer import InferConfig
+from nucseg.model.lora import MethodConfig
+from nucseg.learn.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--legacy", default=None, help="a commit whose measure_tile to time against today's")
     args = ap.parse_args()
 
-    from nucseg.classical import ThresholdSegmenter
-    from nucseg.predict import PredictConfig, predict_slide
+    from nucseg.model.classical import ThresholdSegmenter
+    from nucseg.wsi.predict import PredictConfig, predict_slide
 
     seg = ThresholdSegmenter()
     runs: dict[str, list] = {m: [] for m in MODES}
@@ -90,10 +90,10 @@ def kernel_vs_legacy(commit: str, seg, repeat: int) -> dict:
     import numpy as np
 
     from nucseg import measure
-    from nucseg.slide import open_slide
+    from nucseg.wsi.slide import open_slide
 
     src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{commit}:nucseg/measure.py"], check=True,
-                         capture_output=True, text=True).stdout.replace("from .export import", "from nucseg.export import")
+                         capture_output=True, text=True).stdout.replace("from .export import", "from nucseg.wsi.export import")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "legacy_measure.py"
         path.write_text(src)

@@ -1,7 +1,7 @@
 """Native 512 px encoder against SAM's usual 1024 px input (512 px tiles upsampled 2x), same weights.
 
 nucseg builds the model at the tile's size and interpolates the checkpoint's position tables on load
-(nucseg.sam); the alternative is the official 1024 px geometry with every tile upsampled. For each model the
+(nucseg.model.sam); the alternative is the official 1024 px geometry with every tile upsampled. For each model the
 weights are built (or loaded) at 1024 px and the 512 px model is loaded from exactly that state dict, as an
 official checkpoint would be. Timed: the image encoder alone on one tile, and end to end (SamTileSegmenter,
 ``--prompts grid`` so both decode the same number of prompts) for the models in ``--e2e-models``.
@@ -28,7 +28,7 @@ from common import BENCH_ORGAN, REPO, SAMPLE, load_tiles, provenance, write_repo
 
 def weights_pair(name: str, checkpoint: Path | None, seed: int):
     """(model at 512, model at 1024) with the same weights: the 1024 one's state dict loaded into 512."""
-    from nucseg.sam import load_sam
+    from nucseg.model.sam import load_sam
 
     big, _ = load_sam(name, checkpoint, img_size=1024, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,8 +64,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.sam import encode
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.model.sam import encode
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     tile = load_tiles(args.data, 1, 512)[0]

@@ -30,8 +30,8 @@ def _child(slide: str, work: str, result: str, batch: int) -> None:
     """Run one prediction and report its own wall time and peak RSS."""
     import psutil
 
-    from nucseg.classical import ThresholdSegmenter
-    from nucseg.predict import PredictConfig, predict_slide
+    from nucseg.model.classical import ThresholdSegmenter
+    from nucseg.wsi.predict import PredictConfig, predict_slide
 
     proc = psutil.Process()
     rss_before = proc.memory_info().rss
@@ -98,7 +98,7 @@ def main() -> None:
         _child(*args.child, batch=args.batch_size)
         return
 
-    from nucseg.synthslide import make_synthetic_slide
+    from nucseg.wsi.synthslide import make_synthetic_slide
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="nucseg-bench-") as tmp:

@@ -38,12 +38,12 @@ else:
 import dataclasses
 
 import numpy as np
-from nucseg.data import load_dataset
-from nucseg.demo import QUICK, make_demo_dataset
-from nucseg.infer import InferConfig, SamTileSegmenter, segment_tiles
-from nucseg.lora import apply_method
-from nucseg.sam import load_sam
-from nucseg.train import Trainer
+from nucseg.learn.data import load_dataset
+from nucseg.learn.demo import QUICK, make_demo_dataset
+from nucseg.model.infer import InferConfig, SamTileSegmenter, segment_tiles
+from nucseg.model.lora import apply_method
+from nucseg.model.sam import load_sam
+from nucseg.learn.train import Trainer
 
 r = QUICK
 tiles = load_dataset(make_demo_dataset(sys.argv[3], tiles_per_organ=4, size=r.size, zoom=r.zoom), tile_size=r.size)

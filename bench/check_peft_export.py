@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from nucseg.adapter import load_adapter, save_adapter
-from nucseg.lora import MethodConfig, apply_method, count_parameters
-from nucseg.peft_export import export_peft
-from nucseg.sam import attach_foreground_head, decode, encode, load_sam
+from nucseg.model.adapter import load_adapter, save_adapter
+from nucseg.model.lora import MethodConfig, apply_method, count_parameters
+from nucseg.model.peft_export import export_peft
+from nucseg.model.sam import attach_foreground_head, decode, encode, load_sam
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out", type=Path)

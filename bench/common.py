@@ -70,14 +70,14 @@ def provenance() -> dict:
 
 def bench_images(data: Path, n_images: int) -> list[str]:
     """Stems of the first ``n_images`` images of a NuInsSeg organ folder (sorted)."""
-    from nucseg.data import discover
+    from nucseg.learn.data import discover
 
     return [s.stem for s in discover(data)][:n_images]
 
 
 def load_tiles(data: Path, n: int, tile_size: int) -> list:
     """The first ``n`` tiles with nuclei, cut to ``tile_size``, of the held-out images of ``data``."""
-    from nucseg.data import load_dataset
+    from nucseg.learn.data import load_dataset
 
     keep = set(bench_images(data, HELD_OUT_IMAGES))
     tiles = [t for t in load_dataset(data, tile_size=tile_size, drop_empty=True) if t.stem in keep]
@@ -97,8 +97,8 @@ class ModelUnderTest:
 def load_model(adapter: Path | None, checkpoint: Path | None, model_type: str, img_size: int, seed: int = 0
                ) -> ModelUnderTest:
     """An adapter on its base (``--adapter [--checkpoint]``), a base checkpoint, or a seeded random model."""
-    from nucseg.adapter import load_adapter
-    from nucseg.sam import load_sam
+    from nucseg.model.adapter import load_adapter
+    from nucseg.model.sam import load_sam
 
     if adapter is not None:
         model, info = load_adapter(adapter, checkpoint)

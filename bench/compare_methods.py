@@ -2,7 +2,7 @@
 
 Methods (README, "Models and adapters"): the base zero-shot; decoder only; LoRA r4 on q,v (SAMed); LoRA r4
 + DoRA on the whole qkv (through peft); SAM-Adapter; Med-SA (2D parts); full fine-tuning. Each method is
-``nucseg.cv.run_cv`` with the same folds (grouped by source image, seed 42), the same training settings and the
+``nucseg.learn.cv.run_cv`` with the same folds (grouped by source image, seed 42), the same training settings and the
 same automatic prompting, run in a fresh process so that its peak memory is its own.
 
 CPU run on the shared real tiles with the tiny glioblastoma-pretrained base (bench/pretrain_tiny.py), the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, SAMPLE, TINY_BASE, provenance, write_report  # noqa: E402
 
-from nucseg.lora import MethodConfig  # noqa: E402
+from nucseg.model.lora import MethodConfig  # noqa: E402
 
 METHODS: dict[str, tuple[MethodConfig | None, str]] = {
     "zero-shot": (None, "the base model, no training"),
@@ -54,8 +54,8 @@ SHOWN = ("dice", "aji", "pq", "f1")
 
 
 def _configs(args):
-    from nucseg.infer import InferConfig
-    from nucseg.train import TrainConfig
+    from nucseg.model.infer import InferConfig
+    from nucseg.learn.train import TrainConfig
 
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                         balance_ce=not args.no_balance_ce, seed=42)
@@ -72,11 +72,11 @@ def _peak_memory_mib(device: str) -> tuple[float, str]:
 
 def run_one(name: str, args) -> dict:
     """One method's cross-validation in this process; returns its row of the table."""
-    from nucseg.cv import CVConfig, make_folds, run_cv, score
-    from nucseg.data import load_dataset
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.sam import load_sam
-    from nucseg.train import pick_device
+    from nucseg.learn.cv import CVConfig, make_folds, run_cv, score
+    from nucseg.learn.data import load_dataset
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.model.sam import load_sam
+    from nucseg.device import pick_device
 
     torch.set_num_threads(args.threads)
     tiles = load_dataset(args.data, tile_size=args.tile_size, drop_empty=True)

@@ -33,9 +33,9 @@ def main() -> int:
         print(f"base checkpoint {args.base} missing: run bench/pretrain_tiny.py first", file=sys.stderr)
         return 2
 
-    from nucseg.data import load_dataset
-    from nucseg.lora import MethodConfig
-    from nucseg.train import TrainConfig, finetune
+    from nucseg.learn.data import load_dataset
+    from nucseg.model.lora import MethodConfig
+    from nucseg.learn.train import TrainConfig, finetune
 
     held_out = set(bench_images(args.data, HELD_OUT_IMAGES))
     tiles = [t for t in load_dataset(args.data, tile_size=args.tile_size, drop_empty=True) if t.stem not in held_out]

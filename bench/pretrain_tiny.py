@@ -17,10 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from nucseg.adapter import export_merged, load_adapter
-from nucseg.data import load_dataset
-from nucseg.lora import MethodConfig
-from nucseg.train import TrainConfig, finetune
+from nucseg.model.adapter import export_merged, load_adapter
+from nucseg.learn.data import load_dataset
+from nucseg.model.lora import MethodConfig
+from nucseg.learn.train import TrainConfig, finetune
 
 
 def main() -> None:
@@ -59,10 +59,10 @@ def export_from_checkpoint(out: Path, tile_size: int) -> None:
     """The base as it was after the last finished epoch (when a run is stopped early for time)."""
     import torch
 
-    from nucseg.lora import apply_method
-    from nucseg.sam import attach_foreground_head, load_sam
+    from nucseg.model.lora import apply_method
+    from nucseg.model.sam import attach_foreground_head, load_sam
 
-    from nucseg.train import CHECKPOINT, load_training_state
+    from nucseg.learn.train import CHECKPOINT, load_training_state
 
     state = load_training_state(out / "train" / CHECKPOINT)
     model, _ = load_sam("vit_tiny", img_size=tile_size, seed=0)

@@ -1,7 +1,7 @@
 """One point of the demo-recipe search: train vit_tiny from scratch on demo tiles, report train IoU and the
 validation PQ with thresholds calibrated on the validation tiles (an upper bound for the recipe).
 
-Used to choose nucseg.demo.QUICK (docs/BENCHMARKS.md, "Demo recipe"); each run is one recipe, e.g.
+Used to choose nucseg.learn.demo.QUICK (docs/BENCHMARKS.md, "Demo recipe"); each run is one recipe, e.g.
 
     .venv/bin/python bench/sweep_demo_recipe.py --size 128 --zoom 2 --batch-size 8 --steps 300 --lr 2e-3
 """
@@ -34,14 +34,14 @@ def main() -> None:
 
     import torch
 
-    from nucseg.calibrate import THRESHOLD_FIELDS, CalibrationConfig, calibrate
-    from nucseg.data import load_dataset
-    from nucseg.demo import make_demo_dataset
-    from nucseg.evaluate import evaluate_arrays
-    from nucseg.infer import InferConfig, SamTileSegmenter, segment_tiles
-    from nucseg.lora import MethodConfig, apply_method
-    from nucseg.sam import load_sam
-    from nucseg.train import Trainer, TrainConfig
+    from nucseg.learn.calibrate import THRESHOLD_FIELDS, CalibrationConfig, calibrate
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import make_demo_dataset
+    from nucseg.learn.evaluate import evaluate_arrays
+    from nucseg.model.infer import InferConfig, SamTileSegmenter, segment_tiles
+    from nucseg.model.lora import MethodConfig, apply_method
+    from nucseg.model.sam import load_sam
+    from nucseg.learn.train import Trainer, TrainConfig
 
     n = (a.train_tiles + a.val_tiles) // 2
     tiles = load_dataset(make_demo_dataset(f"{a.work}/data-{a.size}-{a.zoom}-{n}", tiles_per_organ=n, size=a.size,

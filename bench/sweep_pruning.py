@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance, write_report  # noqa: E402
 
-from nucseg.cv import score  # noqa: E402
-from nucseg.infer import InferConfig, SamTileSegmenter  # noqa: E402
+from nucseg.learn.cv import score  # noqa: E402
+from nucseg.model.infer import InferConfig, SamTileSegmenter  # noqa: E402
 
 
 def main() -> int:

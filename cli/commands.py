@@ -27,7 +27,7 @@ def _bar(args: argparse.Namespace, **kw) -> tqdm:
 
 
 def _method(args: argparse.Namespace):
-    from nucseg.lora import MethodConfig
+    from nucseg.model.lora import MethodConfig
 
     return MethodConfig(method=args.method, rank=args.rank, alpha=args.alpha,
                         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
@@ -37,8 +37,8 @@ def _method(args: argparse.Namespace):
 
 
 def _train_cfg(args: argparse.Namespace):
-    from nucseg.augment import AugmentConfig
-    from nucseg.train import TrainConfig
+    from nucseg.learn.augment import AugmentConfig
+    from nucseg.learn.train import TrainConfig
 
     aug = AugmentConfig(flip=False, rot90=False, stain_jitter=0, brightness=0, contrast=0, saturation=0) \
         if args.no_augment else AugmentConfig()
@@ -55,8 +55,8 @@ THRESHOLD_OPTIONS = ("pred_iou_thresh", "stability_thresh", "fg_threshold", "nms
 
 def _infer_cfg(args: argparse.Namespace) -> dict:
     """The inference settings given on the command line; thresholds left unset (None) are not in it, so the
-    adapter's calibrated ones (or the global defaults) apply (nucseg.calibrate.resolve_infer)."""
-    from nucseg.infer import InferConfig
+    adapter's calibrated ones (or the global defaults) apply (nucseg.learn.calibrate.resolve_infer)."""
+    from nucseg.model.infer import InferConfig
 
     explicit = {"points_per_side": args.points_per_side, "prompts": args.prompts,
                 "decoder_batch": args.decoder_batch}
@@ -69,14 +69,14 @@ def _say_thresholds(spec) -> dict | None:
     """Which thresholds this run uses, and from where (stderr, so stdout stays machine-readable)."""
     used = spec.thresholds_used()
     if used:
-        from nucseg.calibrate import describe_thresholds
+        from nucseg.learn.calibrate import describe_thresholds
 
         print(f"thresholds: {describe_thresholds(used)}", file=sys.stderr)
     return used
 
 
 def _tiles(args: argparse.Namespace, input_size: int | None = 512):
-    from nucseg.data import few_shot, load_dataset
+    from nucseg.learn.data import few_shot, load_dataset
 
     tiles = load_dataset(args.data, tile_size=input_size, drop_empty=args.drop_empty and input_size is not None)
     if args.exemplars:
@@ -110,14 +110,14 @@ def _training_callbacks(args: argparse.Namespace, total_epochs: int):
 
 
 def train(args: argparse.Namespace) -> int:
-    from nucseg.adapter import check_merge_output
+    from nucseg.model.adapter import check_merge_output
     from nucseg.io import check_not_input, writable_dir
-    from nucseg.train import finetune
+    from nucseg.learn.train import finetune
 
     method, cfg = _method(args), _train_cfg(args)
     check_not_input(args.out, [args.data])
     if args.merge:
-        from nucseg.lora import check_mergeable
+        from nucseg.model.lora import check_mergeable
 
         check_mergeable(method)
         check_merge_output(args.merge)
@@ -132,7 +132,7 @@ def train(args: argparse.Namespace) -> int:
         close()
     print(f"final loss {res.history[-1].loss:.4f}; curves: {args.out / 'curves.png'}", file=sys.stderr)
     if args.merge:
-        from nucseg.adapter import export_merged, load_adapter
+        from nucseg.model.adapter import export_merged, load_adapter
 
         model, _ = load_adapter(res.adapter, args.checkpoint)
         print(f"merged model: {export_merged(model, args.merge)}", file=sys.stderr)
@@ -146,7 +146,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def cv(args: argparse.Namespace) -> int:
-    from nucseg.cv import CVConfig, run_cv
+    from nucseg.learn.cv import CVConfig, run_cv
     from nucseg.io import check_not_input, writable_dir
 
     method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
@@ -177,7 +177,7 @@ def cv(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from nucseg.evaluate import evaluate_dirs
+    from nucseg.learn.evaluate import evaluate_dirs
     from nucseg.io import json_safe
 
     result = evaluate_dirs(args.gt, args.pred, args.ambiguous)
@@ -194,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _segmenter_spec(args: argparse.Namespace):
     """What builds the segmenter, from the CLI flags; small and picklable, so dask workers build their own."""
-    from nucseg.distributed import SegmenterSpec
+    from nucseg.segmenter import SegmenterSpec
 
     kind = getattr(args, "segmenter", "sam")
     if kind == "threshold":
@@ -225,7 +225,7 @@ def segment(args: argparse.Namespace) -> int:
 
 def _slide_list(args: argparse.Namespace) -> tuple[list[Path], tuple[int, int] | None]:
     """Positional slides + --input-list, then this job's shard (--shard i/n, or the SLURM array task for lists)."""
-    from nucseg.shard import read_slide_list, select
+    from nucseg.wsi.shard import read_slide_list, select
 
     listed = [Path(p) for p in read_slide_list(args.input_list)] if args.input_list else []
     if not args.slides and not listed:
@@ -234,7 +234,7 @@ def _slide_list(args: argparse.Namespace) -> tuple[list[Path], tuple[int, int] |
 
 
 def predict(args: argparse.Namespace) -> int:
-    from nucseg.predict import PredictConfig, predict_slide
+    from nucseg.wsi.predict import NUCLEI_SUFFIXES, PredictConfig, SlideOutputs, output_base, predict_slide
 
     slides, shard = _slide_list(args)
     if not args.out:
@@ -247,12 +247,11 @@ def predict(args: argparse.Namespace) -> int:
                         command=shlex.join(sys.argv)).validate()  # a bad value fails the run here, not every slide
     if args.tiles_per_task is not None and not args.scheduler:
         raise InputError("--tiles-per-task N (N >= 0) goes with --scheduler")
-    single = len(slides) == 1 and args.out.name.endswith((".geojson", ".geojson.gz", ".json", ".parquet"))
+    single = len(slides) == 1 and args.out.name.endswith(NUCLEI_SUFFIXES)
     if single and not args.scheduler:
-        base = str(args.out).removesuffix(".gz").removesuffix(".geojson").removesuffix(".json").removesuffix(".parquet")
-        cfg.csv = Path(base + ".csv") if args.csv else None
-        cfg.preview = Path(base + ".preview.png") if args.preview else None
-        cfg.tissue_preview = Path(base + ".tissue.png") if args.tissue_preview else None
+        named = SlideOutputs(csv=args.csv, preview=args.preview, tissue_preview=args.tissue_preview).extras(
+            output_base(args.out))
+        cfg.csv, cfg.preview, cfg.tissue_preview = named.get("csv"), named.get("preview"), named.get("tissue_preview")
         cfg.labels = args.labels
         cfg.roi, cfg.roi_class = args.roi, args.roi_class
         seg = spec.build()
@@ -263,7 +262,7 @@ def predict(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         return _report(summaries, args.json)
-    if single or args.out.suffix in (".geojson", ".gz", ".json", ".parquet"):
+    if single or args.out.suffix in {"." + s.rsplit(".", 1)[1] for s in NUCLEI_SUFFIXES}:
         raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
     if args.labels:
         raise InputError("--labels PATH is for one slide; with several, use --labels-all")
@@ -277,15 +276,16 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
     import contextlib
 
     from nucseg.io import writable_dir
-    from nucseg.predict import check_output_names, predict_slides
+    from nucseg.wsi.batch import check_output_names, predict_slides
+    from nucseg.wsi.predict import SlideOutputs
     from nucseg.runlog import RunLog
 
     check_output_names(slides, args.out)
-    extras = {"gz": args.gz, "csv": args.csv, "labels": args.labels_all, "preview": args.preview,
-              "parquet": args.parquet}
+    outputs = SlideOutputs(gz=args.gz, parquet=args.parquet, csv=args.csv, labels=args.labels_all,
+                           preview=args.preview)
     # Everything that would fail every slide fails here, before anything is written.
     if args.scheduler:
-        from nucseg.distributed import check_cluster_settings
+        from nucseg.wsi.distributed import check_cluster_settings
 
         check_cluster_settings(cfg, *([] if args.tiles_per_task is None else [args.tiles_per_task]))
         spec.check()  # the workers load the weights; the client only checks what it cheaply can
@@ -298,12 +298,12 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
         with RunLog(out, len(slides), shard) as runlog:
             runlog.summary.thresholds = _say_thresholds(spec)
             if client is not None:
-                summaries = _predict_on_cluster(args, client, slides, spec, cfg, extras, runlog)
+                summaries = _predict_on_cluster(args, client, slides, spec, cfg, outputs, runlog)
             else:
                 bar = _bar(args, unit="tile", desc="tiles")
                 try:
                     summaries = predict_slides(slides, out, seg, cfg, _tile_progress(bar), on_start=runlog.start,
-                                               on_result=runlog.finish, **extras)
+                                               on_result=runlog.finish, outputs=outputs)
                 finally:
                     bar.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
@@ -321,10 +321,10 @@ def _connect(scheduler: str):
         raise InputError(f"cannot reach the dask scheduler {scheduler}: {' '.join(str(err).split())}") from None
 
 
-def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], spec, cfg, extras: dict,
+def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], spec, cfg, outputs,
                         runlog) -> list:
     """--scheduler: slides (large ones in tile ranges) on the dask cluster, logged as each finishes."""
-    from nucseg.distributed import predict_distributed
+    from nucseg.wsi.distributed import predict_distributed
 
     bar = _bar(args, total=len(slides), unit="slide", desc="slides")
 
@@ -337,7 +337,7 @@ def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], sp
     try:
         split = {} if args.tiles_per_task is None else {"tiles_per_task": args.tiles_per_task}
         return predict_distributed(client, slides, args.out, spec, cfg, on_start=runlog.start, on_result=done,
-                                   **split, **extras)
+                                   outputs=outputs, **split)
     finally:
         bar.close()
 
@@ -374,7 +374,7 @@ def _report(summaries: list, as_json: bool = False) -> int:
 
 
 def weights(args: argparse.Namespace) -> int:
-    from nucseg import weights as w
+    from nucseg.model import weights as w
     from nucseg.io import sha256_file
 
     if args.action == "list":
@@ -406,9 +406,9 @@ def weights(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from nucseg.adapter import check_merge_output, export_merged, load_adapter, read_adapter
+    from nucseg.model.adapter import check_merge_output, export_merged, load_adapter, read_adapter
     from nucseg.errors import CheckpointError
-    from nucseg.lora import check_mergeable
+    from nucseg.model.lora import check_mergeable
 
     check_merge_output(args.out)
     check_mergeable(read_adapter(args.adapter).method, CheckpointError)  # before the base is built
@@ -418,7 +418,7 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def import_qupath(args: argparse.Namespace) -> int:
-    from nucseg.qupath import ImportConfig, import_qupath as run
+    from nucseg.wsi.qupath import ImportConfig, import_qupath as run
 
     report = run(args.image, args.geojson, args.out,
                  ImportConfig(organ=args.organ, tile_size=args.tile_size, mpp=args.mpp, slide_mpp=args.slide_mpp,
@@ -431,21 +431,21 @@ def import_qupath(args: argparse.Namespace) -> int:
 
 
 def demo_data(args: argparse.Namespace) -> int:
-    from nucseg.demo import make_demo_dataset
+    from nucseg.learn.demo import make_demo_dataset
 
     print(make_demo_dataset(args.out, tiles_per_organ=args.tiles_per_organ, size=args.size, seed=args.seed))
     return 0
 
 
 def export_peft(args: argparse.Namespace) -> int:
-    from nucseg.peft_export import export_peft as run
+    from nucseg.model.peft_export import export_peft as run
 
     print(run(args.adapter, args.out, args.checkpoint))
     return 0
 
 
 def data(args: argparse.Namespace) -> int:
-    from nucseg.datasets import fetch_dataset
+    from nucseg.learn.datasets import fetch_dataset
 
     bar = _bar(args, unit="B", unit_scale=True, desc=args.name)
 
@@ -460,16 +460,15 @@ def data(args: argparse.Namespace) -> int:
         bar.close()
     print(root)
 def calibrate(args: argparse.Namespace) -> int:
-    from nucseg.adapter import load_adapter, write_thresholds
-    from nucseg.calibrate import CalibrationConfig, calibrate as run_calibration, describe_thresholds, resolve_infer
-    from nucseg.data import load_dataset
-    from nucseg.infer import SamTileSegmenter
-    from nucseg.train import pick_device
+    from nucseg.model.adapter import load_adapter, write_thresholds
+    from nucseg.learn.calibrate import CalibrationConfig, calibrate as run_calibration, describe_thresholds, resolve_infer
+    from nucseg.learn.data import load_dataset
+    from nucseg.segmenter import sam_segmenter
 
     model, info = load_adapter(args.adapter, args.checkpoint)
     tiles = load_dataset(args.data, tile_size=info.input_size)
-    cfg, _ = resolve_infer({"points_per_side": args.points_per_side}, None)  # search from the global defaults
-    seg = SamTileSegmenter(model, cfg, device=pick_device(args.device), mpp=info.mpp)
+    # the search starts from the global defaults, not the adapter's current thresholds
+    seg = sam_segmenter(model, {"points_per_side": args.points_per_side}, None, args.device, mpp=info.mpp)
     print(f"calibrating on {len(tiles)} tiles from {args.data}", file=sys.stderr)
     bar = _bar(args, total=len(tiles), unit="tile", desc="decode")
     try:

@@ -83,7 +83,7 @@ def number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
 
 
 def _mpp_type():
-    from nucseg.slide import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
+    from nucseg.wsi.slide import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
 
     return number(*MPP_RANGE)
 
@@ -122,7 +122,8 @@ def _add_single_mask(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
-    from nucseg.sam import SPECS
+    from nucseg.device import DEVICES
+    from nucseg.model.sam import SPECS
 
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=model_default, choices=list(SPECS),
@@ -130,12 +131,12 @@ def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") 
                         + ("" if model_default else "; default: the adapter's"))
     g.add_argument("--checkpoint", type=Path, help="base weights: an official sam_vit_*.pth (see 'nucseg weights')"
                    " or a file with the same keys; without it the model is randomly initialised (seeded)")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: the first CUDA GPU if there is one, else the CPU")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    from nucseg.lora import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
+    from nucseg.model.lora import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lora", choices=list(METHODS),
@@ -186,9 +187,11 @@ def _add_training(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inference(p: argparse.ArgumentParser) -> None:
+    from nucseg.model.infer import PROMPT_MODES
+
     g = p.add_argument_group("automatic prompting")
     g.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile")
-    g.add_argument("--prompts", default="auto", choices=["auto", "grid"],
+    g.add_argument("--prompts", default="auto", choices=PROMPT_MODES,
                    help="auto: prune the grid (foreground map, in-mask skipping); grid: decode every point")
     g.add_argument("--pred-iou-thresh", type=FRACTION, default=None,
                    help="keep masks whose predicted IoU is at least this (0..1)")
@@ -255,11 +258,13 @@ def _add_calibration_split(t) -> None:
 
 
 def _add_calibrate(sub, command) -> None:
+    from nucseg.device import DEVICES
+
     p = command("calibrate", "re-pick an adapter's inference thresholds on your annotated tiles")
     p.add_argument("adapter", type=Path, help="adapter folder; its nucseg.json is rewritten (atomically)")
     p.add_argument("--data", required=True, type=Path, help="NuInsSeg-layout annotated tiles (or one organ)")
     p.add_argument("--checkpoint", type=Path, help="the base checkpoint the adapter was trained on")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+    p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: the first CUDA GPU if there is one, else the CPU")
     p.add_argument("--metric", default="pq", choices=["pq", "aji", "f1", "dice"], help="what to maximise")
     p.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile, as for predict")
@@ -269,7 +274,10 @@ def _add_calibrate(sub, command) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from nucseg import __version__
-    from nucseg.tiling import TILE_SIZE_RANGE
+    from nucseg.model.weights import REGISTRY as WEIGHTS
+    from nucseg.segmenter import SEGMENTER_KINDS
+    from nucseg.wsi.measure import MODES as MEASUREMENT_MODES
+    from nucseg.wsi.tiling import TILE_SIZE_RANGE
 
     ap = _Parser(prog="nucseg", description="Fine-tune SAM on H&E nuclei; segment whole slides.",
                  parents=[_common(suppress=False)], formatter_class=_Formatter)
@@ -338,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "slides, --input-list, --scheduler)")
     p.add_argument("--input-list", type=Path, help="text file with one slide path per line (UTF-8; # comments)")
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
-    p.add_argument("--segmenter", default="sam", choices=["sam", "threshold"],
+    p.add_argument("--segmenter", default="sam", choices=SEGMENTER_KINDS,
                    help="threshold: classical haematoxylin baseline, no model (for checks and comparisons)")
     p.add_argument("--mpp", type=MPP, help="target µm/px (default: the adapter's training µm/px, else the slide's)")
     p.add_argument("--slide-mpp", type=MPP, help="µm/px of slides whose metadata lacks it (or is wrong)")
@@ -373,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --scheduler: spread a slide with more than N tissue tiles over the workers in "
                    "ranges of N tiles, then stitch once (0: each slide whole on one worker; default 2048)")
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
-    p.add_argument("--measurements", choices=("none", "shape", "full"), default="full",
+    p.add_argument("--measurements", choices=MEASUREMENT_MODES, default="full",
                    help="per-nucleus measurements, named as QuPath names them: none (area, perimeter, score "
                    "only), shape (+ Nucleus: area, perimeter, circularity, solidity, min/max diameter, "
                    "eccentricity) or full (+ hematoxylin OD mean/std dev/max, eosin OD mean; default)")
@@ -389,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub.add_parser("list", help="names, URLs and SHA-256 of the official checkpoints", parents=common)
     f = wsub.add_parser("fetch", help="download into the user cache and verify", parents=common,
                         formatter_class=_Formatter)
-    f.add_argument("name", choices=["vit_b", "vit_l", "vit_h"], help="which official checkpoint")
+    f.add_argument("name", choices=list(WEIGHTS), help="which official checkpoint")
     f.add_argument("--dest", type=Path, default=None, help="folder to download into (default: the user cache)")
     v = wsub.add_parser("verify", help="which official checkpoint a file is (by SHA-256)", parents=common)
     v.add_argument("file", type=Path, help="a checkpoint file")
@@ -427,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sharing_commands(sub, common: list) -> None:
     """Commands that make or fetch artifacts shared with other people and tools: export-peft, data fetch."""
+    from nucseg.learn.datasets import SOURCES as DATASETS
+
     p = sub.add_parser(
         "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
         description=textwrap.fill("Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
@@ -434,7 +444,7 @@ def _add_sharing_commands(sub, common: list) -> None:
         "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
         "'nucseg merge').", 100),
         epilog="examples:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
-        "  from nucseg.sam import load_sam; from peft import PeftModel\n"
+        "  from nucseg.model.sam import load_sam; from peft import PeftModel\n"
         "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
         "  model = PeftModel.from_pretrained(sam, 'runs/lora/peft')",
         parents=common, formatter_class=_Formatter)
@@ -454,7 +464,7 @@ def _add_sharing_commands(sub, common: list) -> None:
         "unpack it into DIR/NuInsSeg. Rerun the same command after an interruption: the download resumes.", 100),
         epilog="examples:\n  nucseg data fetch nuinsseg data/\n  nucseg train --data data/NuInsSeg --out runs/lora "
         "--checkpoint sam_vit_b_01ec64.pth", parents=common, formatter_class=_Formatter)
-    f.add_argument("name", choices=["nuinsseg"], help="the dataset")
+    f.add_argument("name", choices=list(DATASETS), help="the dataset")
     f.add_argument("dir", type=Path, help="destination folder; the dataset lands in DIR/NuInsSeg")
     f.add_argument("--keep-archive", action="store_true",
                    help="keep the verified .zip after unpacking (default: remove it)")
@@ -534,7 +544,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA) or a RuntimeError saying so; torch is loaded by then if it matters."""
     if "torch" not in sys.modules:
         return False
-    from nucseg.infer import is_out_of_memory
+    from nucseg.model.infer import is_out_of_memory
 
     return is_out_of_memory(err)
 

@@ -14,10 +14,11 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.2.0"
 
 _LAZY = {
-    "predict_slide": "nucseg.predict",
-    "predict_slides": "nucseg.predict",
-    "PredictConfig": "nucseg.predict",
-    "SlideSummary": "nucseg.predict",
+    "predict_slide": "nucseg.wsi.predict",
+    "predict_slides": "nucseg.wsi.batch",
+    "PredictConfig": "nucseg.wsi.predict",
+    "SlideSummary": "nucseg.wsi.predict",
+    "SlideOutputs": "nucseg.wsi.predict",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -45,7 +45,7 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
 
 def segment_image(segmenter: TileSegmenter, image: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """Instance labels (H, W) of one RGB image; larger than the model input: the seam-correct grid of predict."""
-    from .infer import segment_tiles
+    from .model.infer import segment_tiles
 
     return segment_tiles(segmenter, [image], batch_size)[0]
 

@@ -9,7 +9,7 @@
 3. whole-slide prediction with fold 1's adapter and its calibrated thresholds — GeoJSON, CSV and a preview;
 4. REPORT.md tying it together. The last line printed is the report's path.
 
-The recipe is nucseg.demo.QUICK; ``--full`` runs nucseg.demo.FULL (more tiles, 5 folds, longer training).
+The recipe is nucseg.learn.demo.QUICK; ``--full`` runs nucseg.learn.demo.FULL (more tiles, 5 folds, longer training).
 The numbers are those of a tiny model on synthetic tiles: they show the pipeline working, not SAM's accuracy
 on real tissue (docs/BENCHMARKS.md).
 """
@@ -37,20 +37,20 @@ CALIBRATE_UNITS, SCORE_UNITS, ZERO_SHOT_UNITS, SLIDE_UNITS = 12, 4, 16, 30
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
-    ap.add_argument("--full", action="store_true", help="the long demo (nucseg.demo.FULL): tens of minutes")
+    ap.add_argument("--full", action="store_true", help="the long demo (nucseg.learn.demo.FULL): tens of minutes")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs per fold")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs given)")
     args = ap.parse_args()
     threads = configure_threads(args.threads)
 
-    from nucseg.cv import run_cv
-    from nucseg.cv import CVConfig
-    from nucseg.data import load_dataset
-    from nucseg.demo import FULL, QUICK, Eta, make_demo_dataset
-    from nucseg.distributed import SegmenterSpec
+    from nucseg.learn.cv import run_cv
+    from nucseg.learn.cv import CVConfig
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import FULL, QUICK, Eta, make_demo_dataset
+    from nucseg.segmenter import SegmenterSpec
     from nucseg.io import write_json
-    from nucseg.predict import PredictConfig, predict_slide
-    from nucseg.synthslide import make_synthetic_slide
+    from nucseg.wsi.predict import PredictConfig, predict_slide
+    from nucseg.wsi.synthslide import make_synthetic_slide
 
     recipe = FULL if args.full else QUICK
     if args.epochs:
@@ -119,7 +119,7 @@ def main() -> int:
 
 def write_report(out: Path, recipe, summary: dict, res, true_nuclei: int, thresholds: dict, seconds: float, threads,
                  full: bool) -> Path:
-    from nucseg.calibrate import describe_thresholds
+    from nucseg.learn.calibrate import describe_thresholds
     from nucseg.io import atomic_path
 
     ft, zs = summary["fine_tuned"], summary["zero_shot"]
@@ -138,7 +138,7 @@ def write_report(out: Path, recipe, summary: dict, res, true_nuclei: int, thresh
                          for f in summary["folds"] if f.get("thresholds"))
     text = f"""# nucseg demo report
 
-{'`scripts/demo.py --full`' if full else '`make demo`'}: synthetic data made by `nucseg.demo`
+{'`scripts/demo.py --full`' if full else '`make demo`'}: synthetic data made by `nucseg.learn.demo`
 ({summary['tiles']} tiles of {recipe.size} px, 2 organs, nuclei 8-20 px rendered at
 {recipe.zoom}x) and a synthetic {recipe.slide_px}² slide at 0.5 µm/px; model vit_tiny (SAM architecture), {model},
 {recipe.epochs} epochs per fold, lr {recipe.lr}, batch {recipe.batch_size}, CPU with {threads.threads} threads.

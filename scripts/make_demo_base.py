@@ -44,13 +44,13 @@ def main() -> None:
     import torch
 
     from nucseg import __version__
-    from nucseg.adapter import export_merged, is_merged_checkpoint, load_adapter
-    from nucseg.data import load_dataset
-    from nucseg.demo import (BASE_DIR, BASE_FILE, BASE_INFO, BASE_ORGANS, BASE_SEED, BASE_STAIN, KIND, QUICK,
+    from nucseg.model.adapter import export_merged, is_merged_checkpoint, load_adapter
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import (BASE_DIR, BASE_FILE, BASE_INFO, BASE_ORGANS, BASE_SEED, BASE_STAIN, KIND, QUICK,
                              make_demo_dataset)
     from nucseg.io import atomic_path, sha256_file, write_json
-    from nucseg.lora import MethodConfig
-    from nucseg.train import TrainConfig, finetune
+    from nucseg.model.lora import MethodConfig
+    from nucseg.learn.train import TrainConfig, finetune
 
     r = QUICK
     data = make_demo_dataset(a.out / "data", organs=BASE_ORGANS, tiles_per_organ=a.tiles_per_organ, size=r.size,

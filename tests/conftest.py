@@ -52,7 +52,7 @@ def cmu_svs(shared_data: Path) -> Path:
 def small_slide(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """A generated pyramidal 1200 x 1000 slide at 0.5 µm/px, all tissue, 250 nuclei, and its true labels.
     Read-only: tests that write next to a slide make their own."""
-    from nucseg.synthslide import make_synthetic_slide
+    from nucseg.wsi.synthslide import make_synthetic_slide
 
     path = tmp_path_factory.mktemp("small") / "small.tif"
     gt = make_synthetic_slide(path, 1200, 1000, mpp=0.5, nuclei=250, tissue_fraction=1.0, seed=7)
@@ -65,7 +65,7 @@ def tiny_official_ckpt(tmp_path_factory) -> Path:
     so loading it exercises the real key names and the position-table interpolation to 512 px."""
     import torch
 
-    from nucseg.sam import build_sam
+    from nucseg.model.sam import build_sam
 
     torch.manual_seed(123)
     model = build_sam("vit_tiny", img_size=1024)
@@ -81,7 +81,7 @@ def tiny_official_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_tiles(he_sample):
     """Eight real tiles, four of each organ (deterministic choice)."""
-    from nucseg.data import load_dataset
+    from nucseg.learn.data import load_dataset
 
     tiles = load_dataset(he_sample)
     by_organ: dict[str, list] = {}
@@ -92,7 +92,7 @@ def real_tiles(he_sample):
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """The `make demo` recipe (nucseg.demo.QUICK) at reduced size: one fold on fewer tiles, LoRA on the shipped
+    """The `make demo` recipe (nucseg.learn.demo.QUICK) at reduced size: one fold on fewer tiles, LoRA on the shipped
     demo base (adapters/demo-base) as `make demo` does.
 
     Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the
@@ -104,14 +104,14 @@ def demo_model(tmp_path_factory):
 
     import torch
 
-    from nucseg.adapter import load_adapter
-    from nucseg.calibrate import resolve_infer, split_for_calibration
-    from nucseg.cv import score
-    from nucseg.data import load_dataset
-    from nucseg.demo import QUICK, make_demo_dataset
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.sam import load_sam
-    from nucseg.train import calibrate_model, finetune
+    from nucseg.model.adapter import load_adapter
+    from nucseg.learn.calibrate import resolve_infer, split_for_calibration
+    from nucseg.learn.cv import score
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import QUICK, make_demo_dataset
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.model.sam import load_sam
+    from nucseg.learn.train import calibrate_model, finetune
 
     recipe = replace(QUICK, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS)
     base = recipe.checkpoint()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.color import hed2rgb, rgb2hed
 
-from nucseg.augment import AugmentConfig, augment, hed_jitter
+from nucseg.learn.augment import AugmentConfig, augment, hed_jitter
 from nucseg.errors import InputError
 from nucseg.io import read_label_map, read_rgb
 

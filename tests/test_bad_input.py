@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from nucseg.demo import make_demo_dataset
+from nucseg.learn.demo import make_demo_dataset
 from nucseg.errors import NucsegError
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 NUCSEG = str(Path(sys.executable).with_name("nucseg"))
@@ -31,9 +31,9 @@ TINY = ["--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """Good and bad inputs, made once: slides, a dataset, an adapter and damaged copies."""
-    from nucseg.data import load_dataset
-    from nucseg.lora import MethodConfig
-    from nucseg.train import TrainConfig, finetune
+    from nucseg.learn.data import load_dataset
+    from nucseg.model.lora import MethodConfig
+    from nucseg.learn.train import TrainConfig, finetune
 
     root = tmp_path_factory.mktemp("inputs")
     p = {"root": root}

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nucseg.predict as predict_mod
-from nucseg.classical import ThresholdSegmenter
+import nucseg.wsi.predict as predict_mod
+from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import OutputError
-from nucseg.predict import PredictConfig, predict_slide
-from nucseg.synthslide import make_synthetic_slide
-from nucseg.tiling import TileCache, is_nucseg_cache
+from nucseg.wsi.predict import PredictConfig, predict_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
+from nucseg.wsi.cache import TileCache, is_nucseg_cache
 from nucseg_cli.main import main
 
 T, OVERLAP = 128, 24

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nucseg.calibrate import (THRESHOLD_FIELDS, CalibrationConfig, calibrate, metric_value, resolve_infer,
+from nucseg.learn.calibrate import (THRESHOLD_FIELDS, CalibrationConfig, calibrate, metric_value, resolve_infer,
                               split_for_calibration, validate_thresholds)
-from nucseg.data import load_dataset
-from nucseg.demo import make_demo_dataset
+from nucseg.learn.data import load_dataset
+from nucseg.learn.demo import make_demo_dataset
 from nucseg.errors import InputError
-from nucseg.infer import InferConfig
+from nucseg.model.infer import InferConfig
 from nucseg_cli.main import main
 
 GOOD = {"pred_iou_thresh": 0.3, "stability_thresh": 0.6, "fg_threshold": 0.1, "nms_iou": 0.5, "min_area": 6,
@@ -71,8 +71,8 @@ def test_split_holds_back_whole_images(tmp_path):
 def test_grid_estimate_equals_a_real_run(demo_model):
     """With prompts="grid" every point is decoded in a real run too, so the label maps the search paints for a
     setting from its one decoding pass must be exactly the segmenter's, and its scores exactly the real ones."""
-    from nucseg.calibrate import _candidates, _paint
-    from nucseg.infer import SamTileSegmenter, segment_tiles
+    from nucseg.learn.calibrate import _candidates, _paint
+    from nucseg.model.infer import SamTileSegmenter, segment_tiles
 
     model, val, _ = demo_model
     val = val[:4]
@@ -108,7 +108,7 @@ def tiny_adapter(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_train_stores_thresholds_and_calibrate_rewrites_them(tiny_adapter, tmp_path, capsys):
-    from nucseg.adapter import load_adapter, read_adapter
+    from nucseg.model.adapter import load_adapter, read_adapter
 
     adapter, data = tiny_adapter
     meta = json.loads((adapter / "nucseg.json").read_text())
@@ -153,3 +153,14 @@ def test_segment_uses_adapter_thresholds_unless_given(tiny_adapter, tmp_path, ca
                  "--points-per-side", "8", "--stability-thresh", "0.77"]) == 0
     err = capsys.readouterr().err
     assert "stability_thresh 0.77 (command line)" in err and f"min_area {t['min_area']:g} (adapter)" in err
+
+
+def test_thresholds_read_back_from_json_are_described_the_same():
+    """cv's summary.md lists resumed folds' thresholds from metrics.json (sorted keys): same line as in memory."""
+    from nucseg.learn.calibrate import describe_thresholds, resolve_infer
+
+    _, used = resolve_infer({"pred_iou_thresh": 0.5}, {"stability_thresh": 0.7})
+    back = json.loads(json.dumps(used, sort_keys=True))
+    assert list(back) != list(used)  # the order did change on the way through JSON
+    assert describe_thresholds(back) == describe_thresholds(used)
+    assert describe_thresholds(used).startswith("pred_iou_thresh 0.5 (command line), stability_thresh 0.7 (adapter)")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nucseg.demo import make_demo_dataset
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.learn.demo import make_demo_dataset
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
@@ -61,10 +61,10 @@ def test_segment_and_train_json(tmp_path, capsys):
 def test_single_mask_and_adapter_without_mpp(tmp_path):
     """A base nucseg trained answers with output 0 (--single-mask); SAM's own base needs its 3 masks (default).
     An adapter that records no µm/px says so when it is built."""
-    from nucseg.data import load_dataset
-    from nucseg.distributed import SegmenterSpec
-    from nucseg.lora import MethodConfig
-    from nucseg.train import TrainConfig, finetune
+    from nucseg.learn.data import load_dataset
+    from nucseg.segmenter import SegmenterSpec
+    from nucseg.model.lora import MethodConfig
+    from nucseg.learn.train import TrainConfig, finetune
 
     assert SegmenterSpec.sam(model="vit_tiny", device="cpu").build().cfg.multimask is True
     assert SegmenterSpec.sam(model="vit_tiny", device="cpu", single_mask=True).build().cfg.multimask is False

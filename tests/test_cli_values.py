@@ -93,8 +93,8 @@ def test_values_the_issue_named(argv, needle, tmp_path, capsys, monkeypatch):
 
 def test_library_configs_check_what_the_cli_checks():
     from nucseg.errors import InputError
-    from nucseg.infer import InferConfig
-    from nucseg.train import TrainConfig
+    from nucseg.model.infer import InferConfig
+    from nucseg.learn.train import TrainConfig
 
     for bad in ({"lr": float("nan")}, {"lr": 0.0}, {"box_fraction": 2.0}, {"positive_prompts": 0}):
         with pytest.raises(InputError, match="must be"):
@@ -141,3 +141,45 @@ def test_quiet_after_the_command_is_kept(monkeypatch):
     assert args.quiet is True and args.verbose == 0 and args.debug is False
     args = build_parser().parse_args(["eval", "-q", "--debug", "--gt", "g", "--pred", "p"])
     assert args.quiet is True and args.debug is True
+
+
+def _choices(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, list]:
+    """{"<command> <option>": choices} of every option with choices, subcommands included."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.update(_choices(sub, f"{prefix}{name} "))
+        elif action.choices is not None:
+            out[f"{prefix}{(action.option_strings or [action.dest])[-1]}"] = list(action.choices)
+    return out
+
+
+def test_every_choices_list_is_the_library_constant():
+    """The CLI offers exactly the values the library accepts (some lists are spelled out in the parser to keep
+    `nucseg --help` from importing the scoring code; this keeps them equal to the library's)."""
+    from nucseg.device import DEVICES
+    from nucseg.learn.calibrate import METRICS as CALIBRATION_METRICS
+    from nucseg.learn.cv import GROUP_BY
+    from nucseg.learn.datasets import SOURCES
+    from nucseg.model.infer import PROMPT_MODES
+    from nucseg.model.lora import METHODS
+    from nucseg.model.sam import SPECS
+    from nucseg.model.weights import REGISTRY
+    from nucseg.segmenter import SEGMENTER_KINDS
+    from nucseg.wsi.measure import MODES
+
+    library = {"--device": DEVICES, "--metric": CALIBRATION_METRICS, "--calibration-metric": CALIBRATION_METRICS,
+               "--group-by": GROUP_BY, "--prompts": PROMPT_MODES, "--method": METHODS, "--model": SPECS,
+               "--segmenter": SEGMENTER_KINDS, "--measurements": MODES, "weights fetch name": REGISTRY,
+               "data fetch name": SOURCES}
+    found = _choices(build_parser())
+    checked = 0
+    for key, choices in found.items():
+        option = next((k for k in library if key.endswith(k)), None)
+        if option is None:
+            assert key.endswith("--log-level") or key.endswith("action"), f"{key}: no library constant checked"
+            continue
+        assert choices == list(library[option]), key
+        checked += 1
+    assert checked >= len(library)

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_compare_methods_writes_one_table(tmp_path, tiny_official_ckpt):
-    from nucseg.demo import make_demo_dataset
+    from nucseg.learn.demo import make_demo_dataset
 
     data = make_demo_dataset(tmp_path / "demo", tiles_per_organ=2, size=128, seed=1)
     prefix = tmp_path / "methods"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nucseg.demo import make_demo_dataset
+from nucseg.learn.demo import make_demo_dataset
 from nucseg_cli.main import main
 
 TINY = ["--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--points-per-side", "8"]
@@ -63,7 +63,7 @@ def test_eval_json_on_real_nuinsseg_examples(nuinsseg_gt, capsys):
     assert set(out) == {"per_image", "mean"} and set(out["per_image"]) == {"human_bladder_01", "human_bladder_02"}
     assert set(out["mean"]) >= {"dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95"}
     from nucseg.io import read_label_map
-    from nucseg.metrics import score_image
+    from nucseg.learn.metrics import score_image
 
     gt = read_label_map(nuinsseg_gt / "label masks modify" / "human_bladder_01.tif")
     pred = read_label_map(nuinsseg_gt / "predictions" / "human_bladder_01.npy")
@@ -83,7 +83,7 @@ def test_eval_json_on_real_nuinsseg_examples(nuinsseg_gt, capsys):
     (["weights", "fetch", "vit_b", "--dest", "{tmp}/w"], 1, "--checkpoint"),
 ])
 def test_bad_input_is_one_line_and_exit_code(args, code, needle, demo, tmp_path, capsys, monkeypatch):
-    import nucseg.weights as w
+    import nucseg.model.weights as w
 
     def offline(*a, **k):  # this workplace has no internet anyway; never try
         raise OSError("network unreachable")

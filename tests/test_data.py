@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from nucseg.data import Tile, cut_tiles, discover, few_shot, load_dataset, summarize
+from nucseg.learn.data import Tile, cut_tiles, discover, few_shot, load_dataset, summarize
 from nucseg.errors import DataError, InputError
 
 

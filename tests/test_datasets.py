@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import nucseg.datasets as ds
-from nucseg.data import discover
-from nucseg.demo import make_demo_dataset
+import nucseg.learn.datasets as ds
+from nucseg.learn.data import discover
+from nucseg.learn.demo import make_demo_dataset
 from nucseg.errors import DataError, NucsegError
 from nucseg_cli.main import main
 

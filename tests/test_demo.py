@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from nucseg.demo import make_demo_dataset
+from nucseg.learn.demo import make_demo_dataset
 from nucseg.io import read_label_map, read_rgb
 
 ORGANS = ("demo organ a", "demo organ b")

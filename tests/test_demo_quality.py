@@ -1,4 +1,4 @@
-"""First-run quality guard: one fold of the `make demo` recipe (nucseg.demo.QUICK: LoRA on the shipped demo
+"""First-run quality guard: one fold of the `make demo` recipe (nucseg.learn.demo.QUICK: LoRA on the shipped demo
 base, 20 epochs) on fewer tiles must still find the nuclei of validation tiles it never saw, with calibrated
 thresholds, and must not fall far below the base it started from. A change that makes the demo useless
 again (a damaged base, a broken loss or LoRA, a threshold default, the renderer) fails here, not in front of
@@ -36,9 +36,9 @@ def test_the_shipped_base_is_checked_before_use(tmp_path):
 
     import pytest
 
-    from nucseg.demo import BASE_DIR, BASE_FILE, BASE_INFO, demo_base
+    from nucseg.learn.demo import BASE_DIR, BASE_FILE, BASE_INFO, demo_base
     from nucseg.errors import CheckpointError
-    from nucseg.sam import load_sam
+    from nucseg.model.sam import load_sam
 
     path = demo_base()
     model, fingerprint = load_sam("vit_tiny", path, img_size=128)  # official SAM keys, loads as a checkpoint

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import nucseg.export as export_mod
-import nucseg.tiling as tiling_mod
+import nucseg.wsi.export as export_mod
+import nucseg.wsi.cache as cache_mod
 from nucseg.errors import DiskFullError
 from nucseg.io import atomic_path
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
@@ -106,7 +106,7 @@ def test_injected_while_writing_the_cache(slides, tmp_path, monkeypatch, capsys,
     def full(array, values, indices):
         raise OSError(code, "injected")
 
-    monkeypatch.setattr(tiling_mod, "_write_chunks", full)
+    monkeypatch.setattr(cache_mod, "_write_chunks", full)
     out = tmp_path / "out"
     rc = main(["-q", "predict", str(slides[0]), "-o", str(out / "s0.geojson"), "--work-dir", str(tmp_path / "w"),
                *THRESHOLD])

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from nucseg.distributed import SegmenterSpec, predict_distributed, worker_segmenter
+from nucseg.segmenter import SegmenterDefaults, SegmenterSpec
+from nucseg.wsi.distributed import predict_distributed, worker_segmenter
 from nucseg.errors import CheckpointError, DataError, InputError
-from nucseg.predict import PredictConfig, predict_slides
+from nucseg.wsi.batch import predict_slides
+from nucseg.wsi.predict import PredictConfig, SlideOutputs
 from nucseg.runlog import read_runlog
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "48"]
@@ -74,7 +76,7 @@ def test_workers_build_the_segmenter_once_and_spread_the_slides(cluster, slides,
     cfg = PredictConfig(tile_size=256, overlap=48, work_dir=tmp_path / "work")
     started, finished = [], []
     with Client(cluster) as client:
-        sums = predict_distributed(client, slides[:3], tmp_path / "out", spec, cfg, csv=True,
+        sums = predict_distributed(client, slides[:3], tmp_path / "out", spec, cfg, outputs=SlideOutputs(csv=True),
                                    on_start=started.append, on_result=finished.append)
         cache = client.run(lambda: worker_segmenter.cache_info()._asdict())
     assert [s.slide for s in sums] == [str(p) for p in slides[:3]]  # input order, whatever order they finished in
@@ -84,7 +86,7 @@ def test_workers_build_the_segmenter_once_and_spread_the_slides(cluster, slides,
     # two worker processes, each built the segmenter once and reused it for its later slides
     assert len(cache) == 2 and all(c["misses"] == 1 for c in cache.values())
     assert sum(c["hits"] for c in cache.values()) >= 1
-    ref = predict_slides(slides[:3], tmp_path / "ref", spec.build(), cfg, csv=True)
+    ref = predict_slides(slides[:3], tmp_path / "ref", spec.build(), cfg, outputs=SlideOutputs(csv=True))
     assert [s.nuclei for s in sums] == [s.nuclei for s in ref]
 
 
@@ -115,10 +117,10 @@ def test_a_large_slide_is_split_over_the_workers(cluster, tmp_path):
     cfg = PredictConfig(tile_size=128, overlap=24, work_dir=tmp_path / "work")
     finished = []
     with Client(cluster) as client:
-        [s] = predict_distributed(client, [slide], tmp_path / "out", spec, cfg, csv=True, tiles_per_task=50,
-                                  on_result=finished.append)
+        [s] = predict_distributed(client, [slide], tmp_path / "out", spec, cfg, outputs=SlideOutputs(csv=True),
+                                  tiles_per_task=50, on_result=finished.append)
     [ref] = predict_slides([slide], tmp_path / "ref", spec.build(), dataclasses.replace(cfg, work_dir=tmp_path / "w"),
-                           csv=True)
+                           outputs=SlideOutputs(csv=True))
     for name in ("big.geojson", "big.csv"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert s.error is None and s.nuclei == ref.nuclei > 100
@@ -132,14 +134,14 @@ def test_a_large_slide_is_split_over_the_workers(cluster, tmp_path):
     # rerun: complete outputs are skipped (the planning task sees them and no range is sent)
     again = []
     with Client(cluster) as client:
-        [s2] = predict_distributed(client, [slide], tmp_path / "out", spec, cfg, csv=True, tiles_per_task=50,
-                                   on_result=again.append)
+        [s2] = predict_distributed(client, [slide], tmp_path / "out", spec, cfg, outputs=SlideOutputs(csv=True),
+                                   tiles_per_task=50, on_result=again.append)
     assert s2.skipped and "parts" not in again[0]
 
 
 def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
-    from nucseg.predict import predict_tile_range
-    from nucseg.tiling import FLAG_CHUNK
+    from nucseg.wsi.predict import predict_tile_range
+    from nucseg.wsi.cache import FLAG_CHUNK
 
     slide = tmp_path / "s.tif"
     make_synthetic_slide(slide, 600, 600, mpp=0.5, nuclei=40, pyramid=False, seed=1)
@@ -151,7 +153,7 @@ def test_tile_ranges_must_be_aligned_to_flag_chunks(tmp_path):
         predict_tile_range(slide, seg, PredictConfig(tile_size=128, overlap=24), 0, 0)
     with pytest.raises(DataError, match="missing"):  # what range tasks use: never create the shared cache
         predict_tile_range(slide, seg, cfg, 0, FLAG_CHUNK, create=False)
-    class NoFingerprint:  # a segmenter without an identity: its predictions can never be shared
+    class NoFingerprint(SegmenterDefaults):  # no identity (fingerprint None): its predictions can never be shared
         tile_size, mpp = seg.tile_size, seg.mpp
 
         def __call__(self, tiles):

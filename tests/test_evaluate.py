@@ -12,8 +12,8 @@ import tifffile
 from skimage.io import imsave
 
 from nucseg.errors import DataError
-from nucseg.evaluate import evaluate_arrays, evaluate_dirs
-from nucseg.metrics import FLOAT_KEYS, score_image
+from nucseg.learn.evaluate import evaluate_arrays, evaluate_dirs
+from nucseg.learn.metrics import FLOAT_KEYS, score_image
 
 
 def _box(boxes: dict[int, tuple[int, int, int, int]], shape: tuple[int, int] = (12, 12)) -> np.ndarray:

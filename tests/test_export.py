@@ -15,11 +15,11 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 from skimage.io import imread
 
-from nucseg import measure
-from nucseg.classical import ThresholdSegmenter
-from nucseg.export import GeoJSONWriter, NucleusRecord, instance_polygons
-from nucseg.predict import PredictConfig, predict_slide
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi import measure
+from nucseg.model.classical import ThresholdSegmenter
+from nucseg.wsi.export import GeoJSONWriter, NucleusRecord, instance_polygons
+from nucseg.wsi.predict import PredictConfig, predict_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 W0, H0 = 2220, 2967
 
@@ -158,7 +158,7 @@ def test_ome_zarr_downsampled_image_overlays_the_labels(tmp_path, monkeypatch):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Reader
 
-    import nucseg.predict as predict
+    import nucseg.wsi.predict as predict
 
     slide = tmp_path / "big.tif"
     make_synthetic_slide(slide, 1400, 1000, mpp=0.5, nuclei=120, tissue_fraction=1.0, seed=5)
@@ -276,7 +276,7 @@ def test_gzip_output_is_the_same_collection(tmp_path):
 
 
 def test_label_colors_are_distinct_for_neighbouring_ids_and_capped():
-    from nucseg.export import LABEL_COLOR_LIMIT, label_colors
+    from nucseg.wsi.export import LABEL_COLOR_LIMIT, label_colors
 
     colors = label_colors(500)
     assert colors[0] == {"label-value": 0, "rgba": [0, 0, 0, 0]} and [c["label-value"] for c in colors] == list(range(501))

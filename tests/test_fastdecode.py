@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nucseg.fastdecode import decode_points, prepare
-from nucseg.sam import build_sam, decode
+from nucseg.model.fastdecode import decode_points, prepare
+from nucseg.model.sam import build_sam, decode
 
 
 @pytest.mark.parametrize("multimask", [False, True])
 def test_fast_decoder_matches_the_reference_decoder(multimask):
-    """Same masks and IoU as nucseg.sam.decode (itself checked against segment-anything per image), for
+    """Same masks and IoU as nucseg.model.sam.decode (itself checked against segment-anything per image), for
     prompts of several tiles in any order, one tile without prompts, and non-trivial decoder weights."""
     torch.manual_seed(0)
     model = build_sam("vit_tiny", img_size=256)

@@ -18,11 +18,11 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 from skimage.measure import find_contours
 
-from nucseg.classical import ThresholdSegmenter
-from nucseg.export import outline_rings, tile_polygons
-from nucseg.predict import PredictConfig, predict_slide
-from nucseg.slide import TargetView
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.model.classical import ThresholdSegmenter
+from nucseg.wsi.export import outline_rings, tile_polygons
+from nucseg.wsi.predict import PredictConfig, predict_slide
+from nucseg.wsi.slide import TargetView
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 
 def _random_labels(rng, shape, n, smooth: bool) -> np.ndarray:
@@ -167,8 +167,8 @@ def test_provenance_in_outputs_and_summary(small_slide, tmp_path):
 
 
 def test_sam_segmenter_describes_itself():
-    from nucseg.infer import InferConfig, SamTileSegmenter
-    from nucseg.sam import build_sam
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.model.sam import build_sam
 
     seg = SamTileSegmenter(build_sam("vit_tiny", img_size=256), InferConfig(pred_iou_thresh=0.4), identity="base+abc")
     p = seg.provenance
@@ -177,8 +177,8 @@ def test_sam_segmenter_describes_itself():
 
 
 def test_entry_points_are_lazy_top_level_names():
-    code = ("import sys, nucseg; assert 'nucseg.predict' not in sys.modules and 'zarr' not in sys.modules; "
-            "from nucseg import predict_slide, PredictConfig; import nucseg.predict as P; "
+    code = ("import sys, nucseg; assert 'nucseg.wsi.predict' not in sys.modules and 'zarr' not in sys.modules; "
+            "from nucseg import predict_slide, PredictConfig; import nucseg.wsi.predict as P; "
             "assert predict_slide is P.predict_slide and PredictConfig is P.PredictConfig")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -208,3 +208,16 @@ def test_cli_writes_geoparquet_for_one_slide_and_for_a_batch(small_slide, tmp_pa
     assert batch.stat().st_mtime_ns == stamp  # finished: skipped
     summary = json.loads((out / f"{path.stem}.summary.json").read_text())
     assert "predict" in summary["provenance"]["command"] and summary["stages"]["polygons"]["cpu"] >= 0
+
+
+def test_builtin_segmenters_implement_the_whole_contract():
+    """predict reads a segmenter's attributes directly: every one the contract declares must be there."""
+    from nucseg.model.infer import SamTileSegmenter
+    from nucseg.model.sam import build_sam
+    from nucseg.segmenter import TileSegmenter
+
+    declared = set(TileSegmenter.__annotations__)
+    assert declared >= {"tile_size", "mpp", "fingerprint", "device", "provenance"}
+    for seg in (ThresholdSegmenter(), SamTileSegmenter(build_sam("vit_tiny", img_size=256), identity="base")):
+        assert all(hasattr(seg, name) for name in declared) and callable(seg)
+    assert ThresholdSegmenter().provenance is None and ThresholdSegmenter().device is None

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nucseg.errors import InputError
-from nucseg.infer import InferConfig, SamTileSegmenter, grid_points, mask_boxes, stability_score
-from nucseg.sam import attach_foreground_head, load_sam
+from nucseg.model.infer import InferConfig, SamTileSegmenter, grid_points, mask_boxes, stability_score
+from nucseg.model.sam import attach_foreground_head, load_sam
 
 
 def _disk(cy, cx, r, n=128):
@@ -82,7 +82,7 @@ def _blobs(n: int, low: int = 128, seed: int = 0) -> torch.Tensor:
 def test_window_painting_matches_full_upsampling():
     """Painting inside box windows gives the same claims and areas as upsampling every mask to the full tile
     (the definition), also for a tile cropped smaller than the model input and masks on the border."""
-    from nucseg.infer import paint_claims
+    from nucseg.model.infer import paint_claims
 
     logits = _blobs(40)
     index = torch.tensor([0, 1] * 20)
@@ -115,7 +115,7 @@ class _OOMDecode:
 
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])
 def test_decoder_out_of_memory_halves_the_chunk_and_continues(monkeypatch, error):
-    import nucseg.infer as infer
+    import nucseg.model.infer as infer
 
     model, _ = load_sam("vit_tiny", seed=0)
     tiles = np.random.default_rng(1).integers(0, 255, (2, 128, 128, 3), dtype=np.uint8)
@@ -135,7 +135,7 @@ def test_decoder_out_of_memory_halves_the_chunk_and_continues(monkeypatch, error
 
 
 def test_encoder_out_of_memory_splits_the_tile_batch(monkeypatch):
-    import nucseg.infer as infer
+    import nucseg.model.infer as infer
 
     model, _ = load_sam("vit_tiny", seed=0)
     tiles = np.random.default_rng(2).integers(0, 255, (4, 128, 128, 3), dtype=np.uint8)
@@ -158,7 +158,7 @@ def test_encoder_out_of_memory_splits_the_tile_batch(monkeypatch):
 
 
 def test_other_runtime_errors_are_not_swallowed(monkeypatch):
-    import nucseg.infer as infer
+    import nucseg.model.infer as infer
 
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
@@ -172,7 +172,7 @@ def test_other_runtime_errors_are_not_swallowed(monkeypatch):
 
 def test_segment_tiles_batches_mixed_sizes_by_shape():
     """Tiles of different sizes come back in input order with their own shapes, as one call per tile gives."""
-    from nucseg.infer import segment_tiles
+    from nucseg.model.infer import segment_tiles
 
     model, _ = load_sam("vit_tiny", seed=0)
     seg = SamTileSegmenter(model, InferConfig(points_per_side=4, prompts="grid", pred_iou_thresh=-1e9,
@@ -188,7 +188,7 @@ def test_segment_tiles_batches_mixed_sizes_by_shape():
 
 def test_upsampled_counts_match_full_upsampling():
     """Stability and area at tile resolution, measured in windows, equal those of whole upsampled masks."""
-    from nucseg.infer import upsampled_counts
+    from nucseg.model.infer import upsampled_counts
 
     logits = _blobs(30, seed=1)
     up = torch.nn.functional.interpolate(logits[:, None], size=(512, 512), mode="bilinear", align_corners=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 NUCSEG = str(Path(sys.executable).with_name("nucseg"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -140,7 +140,7 @@ def test_uint32_ids_beyond_int32(tmp_path):
 
 
 def test_a_dataset_with_big_ids_is_not_called_negative(tmp_path):
-    from nucseg.data import SampleFiles, load_sample
+    from nucseg.learn.data import SampleFiles, load_sample
 
     img, lab = tmp_path / "a.png", tmp_path / "a.tif"
     imsave(img, np.full((30, 40, 3), 200, np.uint8), check_contrast=False)
@@ -153,7 +153,7 @@ def test_a_dataset_with_big_ids_is_not_called_negative(tmp_path):
 
 
 def test_a_16bit_training_tile_is_not_white(tmp_path):
-    from nucseg.data import SampleFiles, load_sample
+    from nucseg.learn.data import SampleFiles, load_sample
 
     img, lab = tmp_path / "a.tif", tmp_path / "a_labels.tif"
     tifffile.imwrite(img, RGB8[:30, :40].astype(np.uint16) * 257)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 NUCSEG = str(Path(sys.executable).with_name("nucseg"))
 SEED = int(os.environ.get("NUCSEG_KILL_SEED", "20240611"))
@@ -106,7 +106,7 @@ def test_predict_one_slide_survives_random_kills(slides, tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "kill").mkdir()
     duration = _run(argv, tmp_path / "ref")
-    hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.predict, nucseg.classical"), 6, 1)
+    hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.wsi.predict, nucseg.model.classical"), 6, 1)
     print(f"{hits} SIGKILLs landed before the run finished")  # shown by pytest -rP
     assert hits >= 3, f"only {hits} kills landed before the run finished"
     ref, got = _files(tmp_path / "ref" / "out"), _files(tmp_path / "kill" / "out")
@@ -122,7 +122,7 @@ def test_predict_input_list_batch_survives_random_kills(slides, tmp_path):
         (tmp_path / run / "slides.txt").write_text("".join(f"{s}\n" for s in slides))
     argv = ["predict", "--input-list", "slides.txt", "--out-dir", "out", "--work-dir", "work", *PREDICT]
     duration = _run(argv, tmp_path / "ref")
-    hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.predict, nucseg.classical"), 6, 2)
+    hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.wsi.predict, nucseg.model.classical"), 6, 2)
     print(f"{hits} SIGKILLs landed before the run finished")  # shown by pytest -rP
     assert hits >= 3, f"only {hits} kills landed before the run finished"
     ref_dir, got_dir = tmp_path / "ref" / "out", tmp_path / "kill" / "out"
@@ -158,7 +158,7 @@ def test_cv_survives_random_kills(tmp_path):
     # would hide what this test checks: that resuming changes nothing.
     env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     duration = _run(argv, tmp_path / "ref", env)
-    hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.cv, nucseg.data", env), 5, 3, env)
+    hits = _kill_and_finish(argv, tmp_path / "kill", duration, _startup("nucseg.learn.cv, nucseg.learn.data", env), 5, 3, env)
     print(f"{hits} SIGKILLs landed before the run finished")  # shown by pytest -rP
     assert hits >= 3, f"only {hits} kills landed before the run finished"
     ref, got = _files(tmp_path / "ref" / "cv"), _files(tmp_path / "kill" / "cv")
@@ -181,7 +181,7 @@ def test_cv_survives_random_kills(tmp_path):
 def _history(path: Path) -> list[dict]:
     if path.suffix == ".json":
         return json.loads(path.read_text())
-    from nucseg.train import load_training_state
+    from nucseg.learn.train import load_training_state
 
     return load_training_state(path)["history"]
 
@@ -190,7 +190,7 @@ def _same_checkpoint(a: Path, b: Path) -> None:
     """Same weights, optimiser state and schedule (the exact training state a resumed run continues from)."""
     import torch
 
-    from nucseg.train import load_training_state
+    from nucseg.learn.train import load_training_state
 
     sa, sb = (load_training_state(p) for p in (a, b))
     assert sa["epoch"] == sb["epoch"] and sa["fingerprint"] == sb["fingerprint"]
@@ -233,7 +233,7 @@ def test_cache_killed_while_being_created_is_rebuilt(tmp_path, monkeypatch, kill
     the next run must rebuild the half-made group, not trust it or crash on a missing array."""
     import zarr
 
-    from nucseg.tiling import TileCache
+    from nucseg.wsi.cache import TileCache
 
     coords = np.array([[0, 0], [200, 0], [0, 200]])
     real = zarr.Group.create_array

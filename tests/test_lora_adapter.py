@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from nucseg.adapter import export_merged, load_adapter, read_adapter, save_adapter
+from nucseg.model.adapter import export_merged, load_adapter, read_adapter, save_adapter
 from nucseg.errors import CheckpointError, InputError
-from nucseg.lora import MethodConfig, QKVLoRA, apply_method, count_parameters, merge
-from nucseg.sam import attach_foreground_head, encode, load_sam
+from nucseg.model.lora import MethodConfig, QKVLoRA, apply_method, count_parameters, merge
+from nucseg.model.sam import attach_foreground_head, encode, load_sam
 
 
 def _perturb_trainables(model, seed=0):

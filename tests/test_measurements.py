@@ -1,4 +1,4 @@
-"""QuPath-named per-nucleus measurements (nucseg.measure): values against scikit-image's own on known shapes and
+"""QuPath-named per-nucleus measurements (nucseg.wsi.measure): values against scikit-image's own on known shapes and
 pixels, the same numbers in GeoJSON, CSV and GeoParquet, ``--measurements none``, and independence from the
 export processes and from where the tile pixels come from (cache, inference hand-over, the slide)."""
 
@@ -14,11 +14,11 @@ from skimage.draw import disk, ellipse, polygon
 from skimage.measure import find_contours, regionprops_table
 import shapely
 
-from nucseg import measure
-from nucseg.classical import ThresholdSegmenter
+from nucseg.wsi import measure
+from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError
-from nucseg.measure import measure_tile, min_caliper
-from nucseg.predict import PredictConfig, predict_slide
+from nucseg.wsi.measure import measure_tile, min_caliper
+from nucseg.wsi.predict import PredictConfig, predict_slide
 
 PROPS = ("label", "area", "perimeter", "solidity", "feret_diameter_max", "eccentricity")
 

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from nucseg.adapter import export_merged, load_adapter, read_adapter, save_adapter
-from nucseg.adapters_sam import SAMAdapterEncoder, high_frequency, sam_adapter_parameters
+from nucseg.model.adapter import export_merged, load_adapter, read_adapter, save_adapter
+from nucseg.model.adapters_sam import SAMAdapterEncoder, high_frequency, sam_adapter_parameters
 from nucseg.errors import CheckpointError, InputError
-from nucseg.fastdecode import decode_points, has_fast_path, prepare
-from nucseg.lora import MethodConfig, QKVLoRA, apply_method, count_parameters
-from nucseg.medsa import MedSABlock, MedSADecoderBlock, hidden_dims, medsa_parameters
-from nucseg.sam import attach_foreground_head, build_sam, decode, encode, load_sam
+from nucseg.model.fastdecode import decode_points, has_fast_path, prepare
+from nucseg.model.lora import MethodConfig, QKVLoRA, apply_method, count_parameters
+from nucseg.model.medsa import MedSABlock, MedSADecoderBlock, hidden_dims, medsa_parameters
+from nucseg.model.sam import attach_foreground_head, build_sam, decode, encode, load_sam
 
 VIT_B_512 = 91_343_408  # vit_b built at 512 px (tests/test_sam.py derives it from the official 93,735,472)
 DECODER = 4_058_340  # vit_b's mask decoder
@@ -315,7 +315,7 @@ def test_old_method_files_still_load():
                                    ["--dora", "--rslora", "--targets", "q,v,proj"]],
                          ids=["adapter", "medsa", "dora-rslora"])
 def test_each_method_trains_saves_reloads_and_segments_through_the_cli(flags, tmp_path, tiny_official_ckpt, capsys):
-    from nucseg.demo import make_demo_dataset
+    from nucseg.learn.demo import make_demo_dataset
     from nucseg.io import read_label_map
     from nucseg_cli.main import main
 

@@ -11,7 +11,7 @@ import tifffile
 from scipy import ndimage
 from skimage.io import imread
 
-from nucseg.metrics import (
+from nucseg.learn.metrics import (
     COUNT_KEYS,
     FLOAT_KEYS,
     aji,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nucseg.adapter import load_adapter, save_adapter
+from nucseg.model.adapter import load_adapter, save_adapter
 from nucseg.errors import InputError, OutputError
-from nucseg.lora import MethodConfig, apply_method
-from nucseg.sam import ForegroundHead, attach_foreground_head, build_sam, decode, encode, load_sam
+from nucseg.model.lora import MethodConfig, apply_method
+from nucseg.model.sam import ForegroundHead, attach_foreground_head, build_sam, decode, encode, load_sam
 from nucseg_cli.main import main
 
 SIZE = 512
@@ -130,7 +130,7 @@ def test_export_config_is_samed_as_rank_2r_on_qkv(tmp_path, ckpt512):
 
 
 def test_full_fine_tune_and_foreign_folders_are_refused(tmp_path, ckpt512, capsys):
-    from nucseg.peft_export import export_peft
+    from nucseg.model.peft_export import export_peft
 
     full = _make_adapter(tmp_path / "full", ckpt512, MethodConfig(method="full"))
     with pytest.raises(InputError, match="full fine-tune"):
@@ -165,10 +165,10 @@ def test_every_adapter_has_a_model_card(tmp_path, ckpt512):
 
 @pytest.mark.parametrize("method", [dict(method="adapter"), dict(method="medsa"), dict(method="lora", dora=True)])
 def test_methods_without_a_peft_form_are_refused(method, tmp_path):
-    from nucseg.adapter import AdapterInfo
+    from nucseg.model.adapter import AdapterInfo
     from nucseg.errors import InputError
-    from nucseg.lora import MethodConfig
-    from nucseg.peft_export import to_peft
+    from nucseg.model.lora import MethodConfig
+    from nucseg.model.peft_export import to_peft
 
     info = AdapterInfo(tmp_path, {"base": {"model": "vit_tiny"}, "input_size": 64}, MethodConfig(**method).validate())
     with pytest.raises(InputError, match="load it with nucseg"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nucseg.demo import make_demo_dataset
+from nucseg.learn.demo import make_demo_dataset
 from nucseg.io import apply_umask, atomic_path, current_umask
 from nucseg_cli.main import main
 

@@ -6,20 +6,22 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
-from nucseg.classical import ThresholdSegmenter
+from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError, OutputError, SlideError
-from nucseg.predict import PredictConfig, SlideSummary, predict_slide, predict_slides
-from nucseg.segmenter import TileBatchResult
-from nucseg.synthslide import make_synthetic_slide, match_instances
+from nucseg.wsi.batch import predict_slides
+from nucseg.wsi.predict import PredictConfig, SlideOutputs, SlideSummary, predict_slide
+from nucseg.segmenter import SegmenterDefaults, TileBatchResult
+from nucseg.wsi.synthslide import make_synthetic_slide, match_instances
 
 
-class Counting:
+class Counting(SegmenterDefaults):
     """Wraps a segmenter and counts calls/tiles, optionally failing after some calls (a 'killed' job)."""
 
     def __init__(self, inner, fail_after: int | None = None, fingerprint: str | None = None):
@@ -145,7 +147,7 @@ def test_unwritable_output_and_mid_run_failure_leave_no_partial_file(small_slide
     # a failure while features are being streamed out: no output file, no temporary left behind
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    import nucseg.predict as P
+    import nucseg.wsi.predict as P
 
     real = P.instance_polygons
     calls = {"n": 0}
@@ -214,15 +216,33 @@ def test_predict_slides_batch_skip_and_errors(small_slide, tmp_path):
     seg = Counting(ThresholdSegmenter())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing here should warn
-        sums = predict_slides([path, second, bad], out, seg, PredictConfig(work_dir=tmp_path / "w"), csv=True)
+        sums = predict_slides([path, second, bad], out, seg, PredictConfig(work_dir=tmp_path / "w"),
+                              outputs=SlideOutputs(csv=True))
     assert [s.error is None for s in sums] == [True, True, False]
     assert "broken.svs" in sums[2].error
     assert sums[0].nuclei == gt.max() and sums[1].nuclei > 40
     assert (out / "small.geojson").exists() and (out / "second.csv").exists()
     assert json.loads((out / "small.summary.json").read_text())["nuclei"] == gt.max()
     calls = seg.calls
-    again = predict_slides([path, second, bad], out, seg, PredictConfig(work_dir=tmp_path / "w"), csv=True)
+    again = predict_slides([path, second, bad], out, seg, PredictConfig(work_dir=tmp_path / "w"),
+                           outputs=SlideOutputs(csv=True))
     assert [s.skipped for s in again] == [True, True, False]
     assert again[0].nuclei == gt.max() and seg.calls == calls
     with pytest.raises(InputError, match="share output names"):
         predict_slides([path, path], out, seg)
+
+
+def test_slide_outputs_name_every_output_in_one_place(tmp_path):
+    """One-slide (-o x.geojson) and batch (--out-dir) runs name their outputs from the same suffix table."""
+    from nucseg.wsi.predict import output_base
+
+    assert SlideOutputs(gz=True, csv=True, labels=True, preview=True).for_slide("/data/a.svs", tmp_path) == {
+        "geojson": tmp_path / "a.geojson.gz", "summary": tmp_path / "a.summary.json", "csv": tmp_path / "a.csv",
+        "labels": tmp_path / "a.labels.zarr", "preview": tmp_path / "a.preview.png"}
+    assert SlideOutputs().for_slide("b.tiff", tmp_path) == {"geojson": tmp_path / "b.geojson",
+                                                           "summary": tmp_path / "b.summary.json"}
+    assert SlideOutputs(gz=True, parquet=True).for_slide("b.tiff", tmp_path)["geojson"] == tmp_path / "b.parquet"
+    for name in ("x.geojson", "x.geojson.gz", "x.json", "x.parquet"):
+        assert output_base(tmp_path / name) == str(tmp_path / "x")
+    assert SlideOutputs(csv=True, tissue_preview=True).extras(output_base("r/x.geojson")) == {
+        "csv": Path("r/x.csv"), "tissue_preview": Path("r/x.tissue.png")}

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nucseg.classical import ThresholdSegmenter
-from nucseg.predict import PredictConfig, predict_slide
+from nucseg.model.classical import ThresholdSegmenter
+from nucseg.segmenter import SegmenterDefaults
+from nucseg.wsi.predict import PredictConfig, predict_slide
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def slide(small_slide) -> Path:
 def test_export_runs_while_inference_is_still_going(slide, tmp_path, monkeypatch):
     """The third segmenter call waits until the export thread has stitched tile 0: with export after
     inference (no overlap) it would wait forever; the output is the same as without any waiting."""
-    import nucseg.predict as P
+    import nucseg.wsi.predict as P
 
     stitched = threading.Event()
     real_polygons = P.instance_polygons
@@ -32,7 +33,7 @@ def test_export_runs_while_inference_is_still_going(slide, tmp_path, monkeypatch
     monkeypatch.setattr(P, "instance_polygons", polygons)
     inner = ThresholdSegmenter()
 
-    class WaitsForExport:
+    class WaitsForExport(SegmenterDefaults):
         tile_size, mpp, fingerprint = inner.tile_size, inner.mpp, "waits-for-export"
 
         def __init__(self):

@@ -13,9 +13,9 @@ from scipy import ndimage as ndi
 from shapely.geometry import mapping
 
 from nucseg.errors import InputError, OutputError
-from nucseg.export import instance_polygons
+from nucseg.wsi.export import instance_polygons
 from nucseg.io import read_label_map, read_rgb
-from nucseg.qupath import ImportConfig, import_qupath, rasterize, read_qupath_objects
+from nucseg.wsi.qupath import ImportConfig, import_qupath, rasterize, read_qupath_objects
 
 
 def _canonical(labels: np.ndarray) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_round_trip_labels_polygons_import_is_exact(real_tile, tmp_path):
     png = next((tmp_path / "ds" / "glioma" / "tissue images").glob("*.png"))
     assert np.array_equal(read_rgb(png), read_rgb(image)[y0 : y0 + h, x0 : x0 + w])
     # and nucseg's own loader reads it unchanged
-    from nucseg.data import load_dataset
+    from nucseg.learn.data import load_dataset
 
     tiles = load_dataset(tmp_path / "ds")
     assert len(tiles) == 1 and tiles[0].labels.max() == len(ids)

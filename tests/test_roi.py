@@ -11,9 +11,9 @@ import shapely
 from PIL import Image
 from shapely.geometry import mapping, shape
 
-from nucseg.classical import ThresholdSegmenter
+from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError
-from nucseg.predict import PredictConfig, predict_slide
+from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
@@ -116,7 +116,7 @@ def test_roi_with_several_slides_is_refused(small_slide, tmp_path, capsys):
 
 
 def test_load_roi_directly(tmp_path):
-    from nucseg.roi import load_roi
+    from nucseg.wsi.roi import load_roi
 
     roi = load_roi(_annotations(tmp_path / "r.geojson", {"A": REGION}), 1200, 1000)
     assert roi.contains(np.array([300.0, 50.0]), np.array([250.0, 50.0])).tolist() == [True, False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from nucseg.runlog import RunLog, read_runlog
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nucseg.demo import make_demo_dataset
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.learn.demo import make_demo_dataset
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
@@ -51,9 +51,9 @@ def _one_error(rc: int, err: str, code: int, needle: str = "") -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from nucseg.data import load_dataset
-    from nucseg.lora import MethodConfig
-    from nucseg.train import TrainConfig, finetune
+    from nucseg.learn.data import load_dataset
+    from nucseg.model.lora import MethodConfig
+    from nucseg.learn.train import TrainConfig, finetune
 
     root = tmp_path_factory.mktemp("safety")
     p = {"root": root}
@@ -119,7 +119,7 @@ def test_training_state_round_trips_without_pickle(inputs, tmp_path):
     """The checkpoint is safetensors + JSON, and holds what exact resume needs."""
     from safetensors import safe_open
 
-    from nucseg.train import load_training_state
+    from nucseg.learn.train import load_training_state
 
     ckpt = inputs["root"] / "run" / "checkpoint.safetensors"
     with safe_open(str(ckpt), framework="pt") as fh:

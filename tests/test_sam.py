@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from nucseg.errors import CheckpointError
-from nucseg.lora import MethodConfig, apply_method, count_parameters
+from nucseg.model.lora import MethodConfig, apply_method, count_parameters
 from nucseg.io import sha256_file
-from nucseg.sam import adapt_state_dict, build_sam, decode, encode, load_sam
+from nucseg.model.sam import adapt_state_dict, build_sam, decode, encode, load_sam
 
 
 def test_vit_b_parameter_counts_exact():

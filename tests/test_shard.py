@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nucseg.errors import InputError
-from nucseg.shard import parse_shard, read_slide_list, select, slurm_shard
+from nucseg.wsi.shard import parse_shard, read_slide_list, select, slurm_shard
 
 SLIDES = [f"s{k}.svs" for k in range(10)]
 
@@ -103,7 +103,7 @@ THRESHOLD = ["--segmenter", "threshold", "--tile-size", "128", "--overlap", "24"
 
 @pytest.fixture(scope="module")
 def two_slides(tmp_path_factory):
-    from nucseg.synthslide import make_synthetic_slide
+    from nucseg.wsi.synthslide import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("shard")
     out = []

@@ -11,8 +11,8 @@ import openslide
 import pytest
 
 from nucseg.errors import InputError, SlideError
-from nucseg.slide import TargetView, _mpp_from_tiff_tags, best_level, detect_tissue, open_slide, slide_mpp
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.slide import TargetView, _mpp_from_tiff_tags, best_level, detect_tissue, open_slide, slide_mpp
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 
 @pytest.fixture(scope="module")

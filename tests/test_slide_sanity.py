@@ -14,12 +14,12 @@ import pytest
 import tifffile
 from skimage.io import imsave
 
-import nucseg.predict as predict_mod
-from nucseg.classical import ThresholdSegmenter
+import nucseg.wsi.predict as predict_mod
+from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import InputError, SlideError
-from nucseg.predict import PredictConfig, predict_slide
-from nucseg.slide import MPP_RANGE, TargetView, check_mpp, open_slide, slide_mpp
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.wsi.predict import PredictConfig, predict_slide
+from nucseg.wsi.slide import MPP_RANGE, TargetView, check_mpp, open_slide, slide_mpp
+from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
@@ -164,7 +164,7 @@ def test_the_issue_example_would_be_refused_by_the_grid_limit_as_well():
     """722,488² target px (a 72-dpi TIFF taken at face value, target 0.5 µm/px): refused on both limits."""
     from types import SimpleNamespace
 
-    from nucseg.tiling import make_grid
+    from nucseg.wsi.tiling import make_grid
 
     grid = make_grid(722_488, 722_488, 512, 64)
     view = SimpleNamespace(width=722_488, height=722_488, path=Path("x.tif"), target_mpp=0.5, mpp0=352.8)
@@ -198,7 +198,7 @@ def test_predict_config_validate_accepts_the_defaults_and_sensible_values(tmp_pa
 
 
 def test_a_bad_setting_fails_a_batch_at_once_not_every_slide(files, tmp_path, capsys):
-    from nucseg.predict import predict_slides
+    from nucseg.wsi.batch import predict_slides
 
     out = tmp_path / "out"
     rc = main(["-q", "predict", str(files["slide"]), str(files["dpi72"]), "--out-dir", str(out), *THRESHOLD,

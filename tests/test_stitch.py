@@ -11,11 +11,11 @@ import zarr
 from skimage.draw import ellipse
 from skimage.segmentation import relabel_sequential
 
-from nucseg.classical import ThresholdSegmenter
-from nucseg.predict import PredictConfig, predict_slide
-from nucseg.stitch import StitchedLabels, Stitcher, keep_mask
-from nucseg.synthslide import make_synthetic_slide, match_instances, seam_positions
-from nucseg.tiling import make_grid
+from nucseg.model.classical import ThresholdSegmenter
+from nucseg.wsi.predict import PredictConfig, predict_slide
+from nucseg.wsi.stitch import StitchedLabels, Stitcher, keep_mask
+from nucseg.wsi.synthslide import make_synthetic_slide, match_instances, seam_positions
+from nucseg.wsi.tiling import make_grid
 
 TILE, OVERLAP = 512, 64
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from nucseg.segmenter import TileBatchResult
-from nucseg.stitch import stitch_image
-from nucseg.synthslide import make_synthetic_slide
+from nucseg.segmenter import SegmenterDefaults, TileBatchResult
+from nucseg.wsi.stitch import stitch_image
+from nucseg.wsi.synthslide import make_synthetic_slide
 
 
-class LocalSegmenter:
+class LocalSegmenter(SegmenterDefaults):
     """Purely local: connected components of dark pixels. Its answer for a nucleus depends only on the pixels
     of that nucleus, so a seam-correct stitch must equal one pass over the whole image."""
 

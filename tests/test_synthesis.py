@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 
 from nucseg.errors import DataError, InputError
 from nucseg.io import read_label_map, read_rgb
-from nucseg.synthesis import (
+from nucseg.learn.synthesis import (
     SynthesisConfig,
     compose,
     extract_nuclei,

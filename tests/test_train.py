@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from nucseg.adapter import load_adapter
-from nucseg.data import Tile
+from nucseg.model.adapter import load_adapter
+from nucseg.learn.data import Tile
 from nucseg.errors import CheckpointError
-from nucseg.lora import MethodConfig, apply_method
-from nucseg.sam import load_sam
-from nucseg.train import Trainer, TrainConfig, finetune, sample_prompts
+from nucseg.model.lora import MethodConfig, apply_method
+from nucseg.model.sam import load_sam
+from nucseg.learn.train import Trainer, TrainConfig, finetune, sample_prompts
 from safetensors.torch import load_file
 
 FAST = dict(batch_size=2, positive_prompts=6, negative_prompts=2, device="cpu")
@@ -102,7 +102,7 @@ def _stop_after_first_epoch(epoch: int, step: int, steps: int, loss: float) -> N
 @pytest.fixture(autouse=True)
 def _swallow_interrupt(monkeypatch):
     """finetune's first call above is 'killed' at the start of epoch 2 (after epoch 1 was checkpointed)."""
-    import nucseg.train as train_mod
+    import nucseg.learn.train as train_mod
 
     real = train_mod.Trainer.fit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nucseg import weights
+from nucseg.model import weights
 from nucseg.io import sha256_file
 from nucseg.errors import CheckpointError, InputError, NucsegError
 

@@ -1,0 +1,1 @@
+"""Learning: datasets, augmentation, training, calibration, cross-validation and scoring."""

@@ -1,0 +1,1 @@
+"""Models: SAM and its fine-tuning methods (LoRA, adapters), the adapter format, weights, and the tile segmenters."""

@@ -1,0 +1,276 @@
+"""The adapter folder: what fine-tuning produces, small enough to mail, never the base model.
+
+    <adapter>/adapter.safetensors   the trained tensors only (LoRA factors, decoder, foreground head)
+    <adapter>/method.json           the MethodConfig that says where those tensors go
+    <adapter>/nucseg.json           provenance: base model + checkpoint SHA-256, input size, µm/px,
+                                    parameter counts, training config, data summary, cv metrics, version
+
+Applying an adapter rebuilds the base (from the same checkpoint, verified by hash), applies the method and
+loads the tensors; the base checkpoint file itself is never written. See adapters/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from segment_anything.modeling import Sam
+
+from .. import __version__
+from ..errors import CheckpointError, InputError
+from ..io import atomic_path, check_output, sha256_file, write_json
+from ..wsi.slide import MPP_RANGE
+from .lora import MethodConfig, apply_method, merge, trainable_state_dict
+from .sam import PATCH, SPECS, attach_foreground_head, load_sam
+
+FORMAT = "nucseg-adapter"
+FORMAT_VERSION = 1
+MERGED_FORMAT = "nucseg-merged"
+MIN_INPUT, MAX_INPUT = 64, 4096  # encoder input side (px): what a SAM encoder can sensibly run at
+MIN_MPP, MAX_MPP = MPP_RANGE
+WEIGHTS = "adapter.safetensors"
+METHOD = "method.json"
+META = "nucseg.json"
+THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.learn.calibrate)
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    meta: dict
+    method: MethodConfig
+
+    @property
+    def model_type(self) -> str:
+        return self.meta["base"]["model"]
+
+    @property
+    def mpp(self) -> float | None:
+        return self.meta.get("mpp")
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"])
+
+    @property
+    def thresholds(self) -> dict | None:
+        """The calibrated inference thresholds (``nucseg.json`` key ``"thresholds"``), validated; None if absent."""
+        if self.meta.get(THRESHOLDS) is None:
+            return None
+        from ..learn.calibrate import validate_thresholds
+
+        try:
+            return validate_thresholds(self.meta[THRESHOLDS], f"{self.path / META}: thresholds")
+        except InputError as err:
+            raise CheckpointError(str(err)) from None
+
+
+def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict) -> Path:
+    """Write the adapter folder atomically (a killed job leaves the previous adapter or none)."""
+    path = Path(path)
+    tensors = trainable_state_dict(model)
+    with atomic_path(path, is_dir=True, owned=is_adapter_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        write_json(tmp / METHOD, method.to_dict())
+        full = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "nucseg_version": __version__,
+            "method": method.to_dict(),
+            "method_sha256": sha256_file(tmp / METHOD),
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            "tensors": len(tensors),
+            **meta,
+        }
+        write_json(tmp / META, full)
+        from .modelcard import write_model_card
+
+        write_model_card(tmp, full)  # README.md: the same provenance, for people
+    return path
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A folder nucseg wrote as an adapter (what a rerun of training may replace)."""
+    try:
+        return path.is_dir() and json.loads((path / META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is(value, kinds, lo=None, hi=None) -> bool:
+    """``value`` has one of ``kinds`` (bool never counts as a number) and lies in [lo, hi]."""
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def validate_meta(meta) -> dict:
+    """Check nucseg.json by type and range before anything is built from it; ValueError says what is wrong.
+
+    Unknown keys are allowed (later minor versions add some); the keys nucseg reads are not optional.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+    if not _is(meta.get("format_version"), (int,), 1):
+        raise ValueError(f"format_version must be a whole number >= 1, not {meta.get('format_version')!r}")
+    base = meta.get("base")
+    if not isinstance(base, dict) or base.get("model") not in SPECS or not _is(base.get("fingerprint"), (str,)) \
+            or len(base["fingerprint"]) > 256:
+        raise ValueError(f"base must name a model ({', '.join(SPECS)}) and a fingerprint")
+    if not _is(base.get("init_seed", 0), (int,), 0, 2**63 - 1):
+        raise ValueError(f"base.init_seed must be a whole number >= 0, not {base.get('init_seed')!r}")
+    size = meta.get("input_size")
+    if not _is(size, (int,), MIN_INPUT, MAX_INPUT) or size % PATCH:
+        raise ValueError(f"input_size must be a multiple of {PATCH} in {MIN_INPUT}..{MAX_INPUT}, not {size!r}")
+    if meta.get("mpp") is not None and not _is(meta["mpp"], (int, float), MIN_MPP, MAX_MPP):
+        raise ValueError(f"mpp must be null or a number of µm/px in {MIN_MPP}..{MAX_MPP}, not {meta['mpp']!r}")
+    for key in ("weights_sha256", "method_sha256"):
+        value = meta.get(key)
+        if (key in meta or key == "weights_sha256") and not (isinstance(value, str) and len(value) == 64
+                                                            and all(c in "0123456789abcdef" for c in value)):
+            raise ValueError(f"{key} must be 64 hex digits, not {value!r}")
+    if not isinstance(meta.get("method"), dict):
+        raise ValueError("method must be a JSON object")
+    try:  # method, rank, adapter width and scale, DoRA/rsLoRA flags: by type and range, before anything is built
+        MethodConfig.from_dict(meta["method"])
+    except (InputError, TypeError) as err:
+        raise ValueError(f"method: {err}") from None
+    if meta.get(THRESHOLDS) is not None:  # calibrated inference thresholds (nucseg.learn.calibrate)
+        from ..learn.calibrate import validate_thresholds
+
+        try:
+            validate_thresholds(meta[THRESHOLDS], f"{META}: thresholds")
+        except InputError as err:
+            raise ValueError(str(err)) from None
+    return meta
+
+
+def read_adapter(path: str | Path) -> AdapterInfo:
+    """Read and check an adapter's description (types, ranges, the method file's hash) before anything is built.
+
+    A tampered or damaged nucseg.json / method.json is a CheckpointError (exit 4), never a traceback, and never
+    a model of absurd size: the rank is bounded here, before :func:`apply_adapter` allocates anything.
+    """
+    path = Path(path)
+    if not (path / META).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a nucseg adapter (expected {META} and {WEIGHTS})")
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and _is(meta.get("format_version"), (int,)) and meta["format_version"] > FORMAT_VERSION:
+            raise CheckpointError(f"adapter {path} needs a newer nucseg (format {meta['format_version']})")
+        validate_meta(meta)
+        method_raw = meta["method"]
+        if (path / METHOD).is_file():
+            if "method_sha256" in meta and sha256_file(path / METHOD) != meta["method_sha256"]:
+                raise ValueError(f"{METHOD} does not match its SHA-256 recorded in {META}")
+            method_raw = json.loads((path / METHOD).read_text(encoding="utf-8"))
+            if method_raw != meta["method"]:
+                raise ValueError(f"{METHOD} and the method recorded in {META} differ")
+        if not isinstance(method_raw, dict):
+            raise ValueError("method must be a JSON object")
+        method = MethodConfig.from_dict(method_raw)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, InputError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"adapter {path} has an invalid {META} or {METHOD}: {err}") from None
+    return AdapterInfo(path, meta, method)
+
+
+def write_thresholds(path: str | Path, thresholds: dict) -> dict:
+    """Store calibrated thresholds in the adapter's nucseg.json, atomically; every other key is kept as is.
+
+    The weights and their recorded SHA-256 are untouched (the hash covers ``adapter.safetensors`` only), so
+    the adapter stays loadable; prediction caches key on the thresholds through the segmenter's settings.
+    """
+    from ..learn.calibrate import validate_thresholds
+
+    info = read_adapter(path)
+    meta = dict(info.meta, **{THRESHOLDS: validate_thresholds(dict(thresholds))})
+    write_json(info.path / META, meta)
+    return meta
+
+
+def check_base(info: AdapterInfo, model_type: str, fingerprint: str) -> None:
+    """Refuse to apply an adapter to a base it was not trained on: the result would be silently wrong."""
+    base = info.meta["base"]
+    if base["model"] != model_type:
+        raise CheckpointError(f"adapter {info.path} was trained on {base['model']}, not {model_type}")
+    if base["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"adapter {info.path} was trained on base weights {base['fingerprint'][:24]}, but the given base is "
+            f"{fingerprint[:24]}; pass the --checkpoint it was trained with"
+        )
+
+
+def load_adapter(path: str | Path, checkpoint: str | Path | None = None) -> tuple[Sam, AdapterInfo]:
+    """Base model (from ``checkpoint`` or the seeded random init recorded in the adapter) + adapter."""
+    info = read_adapter(path)
+    base = info.meta["base"]
+    seed = int(base.get("init_seed", 0))
+    model, fingerprint = load_sam(base["model"], checkpoint, img_size=info.input_size, seed=seed)
+    check_base(info, base["model"], fingerprint)
+    apply_adapter(model, info)
+    return model.eval(), info
+
+
+def apply_adapter(model: Sam, info: AdapterInfo) -> Sam:
+    """Load the adapter's tensors into an already-built base (hash checked before the method is applied)."""
+    weights = info.path / WEIGHTS
+    if sha256_file(weights) != info.meta.get("weights_sha256"):
+        raise CheckpointError(f"adapter weights {weights} do not match their recorded SHA-256 (corrupt copy?)")
+    apply_method(model, info.method)
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:
+        raise CheckpointError(f"cannot read adapter weights {weights}: {err}") from None
+    if any(k.startswith("fg_head.") for k in tensors):
+        attach_foreground_head(model)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad} | {
+        n for n, _ in model.named_parameters() if n.startswith("fg_head.")}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise CheckpointError(f"adapter {info.path} does not fit its method (missing {missing}, unexpected {extra})")
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise CheckpointError(f"adapter tensor {name} has shape {tuple(value.shape)}, "
+                                      f"model expects {tuple(own[name].shape)}")
+            own[name].copy_(value)
+    return model
+
+
+def is_merged_checkpoint(path: Path) -> bool:
+    """A merged model nucseg exported (.safetensors tagged as such; a .pth cannot be told apart, so never)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format") == MERGED_FORMAT
+    except Exception:
+        return False
+
+
+def check_merge_output(out: str | Path) -> Path:
+    """Before any work: the merged-model path must not replace a file nucseg did not export."""
+    return check_output(out, is_merged_checkpoint)
+
+
+def export_merged(model: Sam, out: str | Path) -> Path:
+    """Fold the adapter into the base and save a full state dict with official SAM keys (one file)."""
+    merge(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("fg_head.")}
+    with atomic_path(out, owned=is_merged_checkpoint) as tmp:
+        if str(out).endswith(".safetensors"):
+            save_file(state, str(tmp), metadata={"format": MERGED_FORMAT})
+        else:
+            torch.save(state, tmp)
+    return Path(out)

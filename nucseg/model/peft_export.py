@@ -1,0 +1,222 @@
+"""Export a nucseg adapter in PEFT's format, so ``peft.PeftModel.from_pretrained(sam, OUT)`` loads it.
+
+SAM fuses q, k and v into one ``qkv`` Linear, and nucseg's SAMed LoRA adapts the q and v slices with a
+rank-r pair (A_p, B_p) each. That is exactly a PEFT LoRA of rank ``len(parts) * r`` on the whole ``qkv``:
+
+    A = [A_q; A_v]                       (2r, dim)     the factors stacked
+    B = [[B_q, 0], [0, 0], [0, B_v]]      (3 dim, 2r)   rows of q from the q factor, zero rows for k
+
+so ``B @ A = [B_q A_q; 0; B_v A_v]``, the update nucseg adds. PEFT scales by ``lora_alpha / r``; the
+exported ``lora_alpha`` is chosen so that this quotient is nucseg's scale to the last bit (checked).
+Whole-module targets (``qkv``, ``proj``, ``mlp``) were trained through peft already: their keys only lose
+the adapter name. A trained mask decoder (prompt encoder) becomes ``modules_to_save``. A decoder-only
+adapter has no LoRA layer at all: it is exported with peft's placeholder target ``dummy-target-modules``,
+which makes PEFT wrap nothing but the ``modules_to_save``. A full fine-tune is no adapter; it is refused
+(``nucseg merge`` writes it as one checkpoint).
+
+The foreground head used for prompt pruning is not part of SAM, so it goes in a side file
+(``nucseg_fg_head.safetensors``, keys of :class:`nucseg.model.sam.ForegroundHead`). The exported tensors are
+checked against the key names and shapes that the installed peft itself produces for this config.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, InputError, OutputError
+from ..io import atomic_path, sha256_file, write_json
+from .adapter import WEIGHTS, AdapterInfo, read_adapter
+from .lora import PEFT_TARGETS, SLICE_TARGETS
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FG_HEAD = "nucseg_fg_head.safetensors"
+PROVENANCE = "nucseg_export.json"
+PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
+QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+_SLICE_KEY = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.qkv)\.lora_([AB])\.([qkv])$")
+
+
+@dataclass
+class PeftExport:
+    """What :func:`to_peft` computed: the LoraConfig arguments, PEFT's tensors and the foreground head's."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    fg_head: dict[str, torch.Tensor]
+
+
+def _alpha_for(scale: float, r: int) -> float:
+    """A ``lora_alpha`` whose ``lora_alpha / r`` is ``scale`` exactly in float64 (PEFT's scaling)."""
+    alpha = scale * r
+    for _ in range(4):
+        q = alpha / r
+        if q == scale:
+            return alpha
+        alpha = math.nextafter(alpha, math.inf if q < scale else -math.inf)
+    raise CheckpointError(f"no PEFT lora_alpha reproduces nucseg's LoRA scale {scale!r} at rank {r} exactly")
+
+
+def to_peft(info: AdapterInfo, tensors: dict[str, torch.Tensor]) -> PeftExport:
+    """Map an adapter's tensors to PEFT's keys and config (pure: nothing is read or written)."""
+    cfg = info.method
+    if cfg.method in ("adapter", "medsa"):
+        raise InputError(f"adapter {info.path} uses --method {cfg.method}: its bottleneck modules have no PEFT "
+                         f"equivalent; load it with nucseg (nucseg.model.adapter.load_adapter)")
+    if getattr(cfg, "dora", False):
+        raise InputError(f"adapter {info.path} uses DoRA, whose magnitude vector is per output row of each adapted "
+                         f"slice and has no exact PEFT form on the fused qkv; load it with nucseg")
+    if cfg.method == "full":
+        raise InputError(f"adapter {info.path} is a full fine-tune (every encoder weight changed): PEFT has no "
+                         "adapter form for it; 'nucseg merge' writes it as one checkpoint with official SAM keys")
+    fg = {k.removeprefix("fg_head."): v for k, v in tensors.items() if k.startswith("fg_head.")}
+    parts = [p for p in SLICE_TARGETS if cfg.method == "lora" and p in cfg.targets]
+    whole = [t for t in cfg.targets if cfg.method == "lora" and t in PEFT_TARGETS]
+    out: dict[str, torch.Tensor] = {}
+    slices: dict[str, dict[str, torch.Tensor]] = {}
+    modules: set[str] = set()
+    for key, value in tensors.items():
+        if key.startswith("fg_head."):
+            continue
+        m = _SLICE_KEY.match(key)
+        if m:
+            slices.setdefault(m.group(1), {})[m.group(2) + m.group(3)] = value
+        elif ".lora_" in key and ".default." in key:  # a peft-injected layer: drop the adapter name
+            out[PREFIX + key.replace(".default.", ".")] = value
+        elif key.split(".", 1)[0] in ("mask_decoder", "prompt_encoder"):
+            modules.add(key.split(".", 1)[0])
+            out[PREFIX + key] = value
+        else:
+            raise CheckpointError(f"adapter {info.path} holds a tensor PEFT cannot express: {key}")
+    for module, f in slices.items():
+        if sorted(f) != sorted(f"{ab}{p}" for p in parts for ab in "AB"):
+            raise CheckpointError(f"adapter {info.path}: {module} has LoRA factors {sorted(f)}, its method "
+                                  f"says {parts}")
+        dim, r = f[f"B{parts[0]}"].shape
+        a = torch.cat([f[f"A{p}"] for p in parts], 0)  # (len(parts) * r, dim)
+        b = a.new_zeros(3 * dim, len(parts) * r)
+        for j, p in enumerate(parts):
+            i = SLICE_TARGETS.index(p)
+            b[i * dim : (i + 1) * dim, j * r : (j + 1) * r] = f[f"B{p}"]
+        out[f"{PREFIX}{module}.lora_A.weight"] = a.contiguous()
+        out[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous()
+
+    patterns = ([QKV] if parts else []) + [PEFT_TARGETS[t] for t in whole]
+    config: dict = {
+        "r": cfg.rank,
+        "lora_alpha": _alpha_for(cfg.scale, cfg.rank),
+        "lora_dropout": cfg.dropout,
+        "bias": "none",
+        "modules_to_save": sorted(modules) or None,
+        # the base is no Hugging Face model: a name here only makes from_pretrained warn that it differs
+        "base_model_name_or_path": None,
+    }
+    if not patterns:  # decoder only: PEFT needs a target; its placeholder targets nothing
+        try:
+            from peft.utils.constants import DUMMY_TARGET_MODULES
+        except ImportError:
+            import peft
+
+            raise CheckpointError(f"peft {peft.__version__} has no placeholder target, so it cannot hold a "
+                                  "decoder-only adapter; upgrade peft (tested with 0.21)") from None
+        config["target_modules"] = DUMMY_TARGET_MODULES
+    else:
+        config["target_modules"] = "|".join(f"(?:{p})" for p in patterns)
+    if parts:
+        rq = len(parts) * cfg.rank
+        if whole:  # other layers keep rank r: a per-module rank for the fused qkv
+            config["rank_pattern"] = {"attn.qkv": rq}
+            config["alpha_pattern"] = {"attn.qkv": _alpha_for(cfg.scale, rq)}
+        else:
+            config["r"], config["lora_alpha"] = rq, _alpha_for(cfg.scale, rq)
+    return PeftExport(config, out, fg)
+
+
+def check_against_peft(export: PeftExport, model_type: str, input_size: int) -> list[str]:
+    """Build the model on the meta device, let peft wrap it with ``export.config`` and compare key names and
+    shapes with what PEFT would save: an export that peft cannot load is an error here, not for the user.
+
+    Returns the buffers of ``modules_to_save`` that PEFT wants in the file but an adapter never stores (they
+    are the base's: the prompt encoder's random Fourier matrix), for the caller to take from the base."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from .sam import build_sam
+
+    with torch.device("meta"):
+        wrapped = get_peft_model(build_sam(model_type, input_size), LoraConfig(**export.config))
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(wrapped).items()}
+    buffers = {PREFIX + n.replace(".modules_to_save.default.", ".") for n, _ in wrapped.base_model.model.named_buffers()}
+    have = {k: tuple(v.shape) for k, v in export.tensors.items()}
+    missing = sorted(set(want) - set(have) - buffers)
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or wrong:
+        raise CheckpointError(f"PEFT export does not fit peft's layout (missing {missing[:3]}, unexpected "
+                              f"{extra[:3]}, mis-shaped {wrong[:3]})")
+    return sorted((set(want) - set(have)) & buffers)
+
+
+def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Write ``out/`` with adapter_config.json, adapter_model.safetensors, the foreground head side file,
+    the provenance of the source adapter and a model card (README.md). Returns ``out``.
+
+    ``checkpoint`` (the base) is read only for adapters that trained the prompt encoder: PEFT stores that
+    whole module, including a buffer the adapter takes from the base."""
+    from peft import LoraConfig
+
+    from .modelcard import write_model_card
+
+    info = read_adapter(adapter)
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (out / PEFT_CONFIG).is_file()):
+        raise OutputError(f"{out} exists and is not a PEFT export; choose a new folder")  # never replace others' data
+    weights = info.path / WEIGHTS
+    sha = sha256_file(weights)
+    if sha != info.meta.get("weights_sha256"):
+        raise CheckpointError(f"adapter weights {weights} do not match their recorded SHA-256 (corrupt copy?)")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:
+        raise CheckpointError(f"cannot read adapter weights {weights}: {err}") from None
+    export = to_peft(info, tensors)
+    buffers = check_against_peft(export, info.model_type, info.input_size)
+    if buffers:
+        export.tensors.update(_base_buffers(info, checkpoint, buffers))
+    with atomic_path(out, is_dir=True) as tmp:
+        LoraConfig(**export.config).save_pretrained(str(tmp))
+        save_file(export.tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        if export.fg_head:
+            w = export.fg_head["net.0.weight"]
+            save_file(export.fg_head, str(tmp / FG_HEAD), metadata={
+                "module": "nucseg.model.sam.ForegroundHead", "in_channels": str(w.shape[1]), "hidden": str(w.shape[0]),
+                "layers": "Conv2d(in,hidden,3,padding=1) GELU Conv2d(hidden,1,1)",
+                "input": "image embedding (B, C, h, w)", "output": "nucleus foreground logits (B, 1, h, w)"})
+        write_json(tmp / PROVENANCE, {
+            "source_adapter": str(info.path), "source_weights_sha256": sha,
+            "peft_weights_sha256": sha256_file(tmp / PEFT_WEIGHTS),
+            "fg_head_sha256": sha256_file(tmp / FG_HEAD) if export.fg_head else None,
+            "nucseg": info.meta,
+        })
+        write_model_card(tmp, info.meta, peft_export=True)
+    return out
+
+
+def _base_buffers(info: AdapterInfo, checkpoint: str | Path | None, keys: list[str]) -> dict[str, torch.Tensor]:
+    from .adapter import check_base
+    from .sam import load_sam
+
+    base = info.meta["base"]
+    if checkpoint is None and base.get("checkpoint_sha256"):
+        raise InputError(f"adapter {info.path} trained the prompt encoder; PEFT stores it whole, with buffers "
+                         f"that come from the base: pass --checkpoint ({base.get('checkpoint_name')})")
+    model, fingerprint = load_sam(info.model_type, checkpoint, img_size=info.input_size,
+                                  seed=int(base.get("init_seed", 0)))
+    check_base(info, info.model_type, fingerprint)
+    state = model.state_dict()
+    return {k: state[k.removeprefix(PREFIX)].detach().clone().contiguous() for k in keys}

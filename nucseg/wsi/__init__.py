@@ -1,0 +1,1 @@
+"""Whole slides: reading, tiling and the tile cache, stitching, exports, measurements, batch and Dask runs."""

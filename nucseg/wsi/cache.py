@@ -1,0 +1,397 @@
+"""The zarr resume cache of a slide run: tiles read and predictions made, so reruns resume.
+
+Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings, under ``work_dir``)::
+
+    <stem>-<key16>.zarr/            attrs: key (the JSON the name hashes), slide path
+      coords       (n, 2) int64     tile origins (x, y) in target pixels, in processing order
+      tiles        (n, T, T, 3) u8  RGB tiles, chunk = one tile
+      tiles_done   (n,) bool        tile i was read and written completely, chunk = FLAG_CHUNK tiles
+      pred/<model16>/               attrs: model (the fingerprint string)
+        labels     (n, T, T) int32  raw per-tile instance labels, chunk = one tile
+        scores     (n, K) float32   scores[i, k-1] = score of label k (NaN past n_inst[i])
+        n_inst     (n,) int32       chunk = FLAG_CHUNK tiles
+        done       (n,) bool        prediction i was written completely, chunk = FLAG_CHUNK tiles
+
+Flags are written after the data they describe (zarr's local store writes each chunk atomically), so a
+killed run leaves at worst un-flagged work that is redone.
+
+Damage is repaired, never fatal: a chunk that fails to decode (a truncated or overwritten file) only costs
+the work it held. A damaged flag or ``n_inst`` chunk counts as "none of its tiles done" (and is rewritten when
+they are), a damaged tile is read from the slide again, and a damaged prediction raises
+:class:`CacheDamaged` with its tiles after marking them not done, so the caller recomputes them. A warning
+says so once per cache. The cache only ever deletes a store it recognises as its own (a zarr v3 group with a
+cache key, or one it left half-created); anything else at its path is an OutputError.
+
+Several processes may fill one cache at once if each owns whole flag chunks (tile ranges aligned to
+``FLAG_CHUNK``): tiles and predictions have one chunk per tile, and a process only ever writes the flag chunks
+of the tiles it fills, from its own copy. ``nucseg.wsi.distributed`` spreads the tiles of a large slide over
+workers that way. Flags are chunked by ``FLAG_CHUNK`` rather than per tile because zarr reads ~0.2 ms per
+chunk: per-tile flags would cost seconds to open a 20,000-tile slide. Creating the group and a model's
+prediction group happens under an exclusive ``flock`` on ``<cache>.lock`` beside it, so two processes
+opening a new cache do not both create it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, OutputError
+
+CACHE_VERSION = 2  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges)
+FLAG_CHUNK = 64
+
+
+def cache_key(**fields) -> tuple[dict, str]:
+    """The JSON-able key and its 16-hex-digit hash (stable: sorted keys, floats rounded)."""
+    norm = {k: (round(v, 9) if isinstance(v, float) else v) for k, v in fields.items()}
+    norm["cache_version"] = CACHE_VERSION
+    digest = hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()[:16]
+    return norm, digest
+
+
+class CacheDamaged(Exception):
+    """Cached predictions of ``tiles`` failed to decode; they are marked not done and must be recomputed."""
+
+    def __init__(self, root: Path, tiles: list[int]):
+        super().__init__(f"tile cache {root}: damaged predictions of tiles {tiles}")
+        self.root = root
+        self.tiles = tiles
+
+
+_GROUP_CHILDREN = {"zarr.json", "coords", "tiles", "tiles_done", "pred"}
+
+
+def is_nucseg_cache(root: Path) -> bool:
+    """Whether ``root`` is (recognisably) a cache this module made, so that replacing it destroys nothing else.
+
+    True for an empty folder, a zarr v3 group whose attrs carry a cache key, and a group killed while being
+    created (no key yet, nothing but the cache's own members); False for anything else, e.g. a user's
+    folder or file that happens to sit at the cache's path.
+    """
+    if root.is_symlink() or not root.is_dir():
+        return False
+    names = set(os.listdir(root))
+    if not names:
+        return True
+    try:
+        meta = json.loads((root / "zarr.json").read_text(encoding="utf-8"))
+        key = meta.get("attributes", {}).get("key")
+        if meta.get("zarr_format") == 3 and meta.get("node_type") == "group" and isinstance(key, dict) \
+                and "cache_version" in key:
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return names <= _GROUP_CHILDREN  # half-created or with damaged metadata: only our own members
+
+
+def _decode_failed(err: BaseException) -> bool:
+    """A chunk read that failed because the stored bytes are damaged (zarr/codec errors), not for lack of memory."""
+    return isinstance(err, Exception) and not isinstance(err, (MemoryError, OutputError))
+
+
+@contextlib.contextmanager
+def _disk_full_is_output_error(root: Path):
+    """ENOSPC/EDQUOT while writing the cache becomes the one-line DiskFullError (exit 6)."""
+    from ..io import disk_full_error, is_disk_full
+
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, root) from None
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive flock on ``path`` (created if missing) for the duration; a no-op where locks are unsupported."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: single-process use is still safe
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class TileCache:
+    """Tiles and per-tile predictions of one slide in a zarr v3 group (see module docstring for layout)."""
+
+    def __init__(self, root: Path, key: dict, coords: np.ndarray, tile_size: int, model: str, max_instances: int,
+                 create: bool = True):
+        """``create=False``: the cache and the model's prediction group must already exist and match (a
+        process filling one range of a shared cache must never rebuild it under the others)."""
+        self.root = Path(root)
+        self.tile_size = int(tile_size)
+        self.max_instances = int(max_instances)
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.n = len(coords)
+        self.coords = coords
+        self.damaged: set[str] = set()  # what was found damaged (chunk names), for the one warning
+        with _disk_full_is_output_error(self.root), _locked(self.root.with_name(self.root.name + ".lock")):
+            self.group = self._open_group(key, coords, create)
+            self.pred = self._open_pred(model, create)
+        # Array handles opened once (each group lookup reads metadata from disk); chunks are written without
+        # first comparing them with the fill value (a full pass over every tile).
+        fast = {"write_empty_chunks": True}
+        self.tiles = self.group["tiles"].with_config(fast)
+        self._flags = self.group["tiles_done"]
+        self._pred = {k: self.pred[k].with_config(fast) for k in ("labels", "scores", "n_inst", "done")}
+        tiles_bad: set[int] = set()
+        pred_bad: set[int] = set()
+        self._tiles_done = self._read_flags(self._flags, bool, False, tiles_bad)
+        n_inst = self._read_flags(self._pred["n_inst"], np.int32, -1, pred_bad)
+        self._pred_done = self._read_flags(self._pred["done"], bool, False, pred_bad) & (n_inst >= 0)
+        self._n_inst = np.maximum(n_inst, 0)
+        if create and (tiles_bad or pred_bad):
+            # Rewrite damaged flag chunks now (as "not done"), or a chunk whose tiles need no more work would
+            # stay damaged. Not in create=False mode: a range task must only write the chunks of its own range.
+            with _disk_full_is_output_error(self.root):
+                first = [c * FLAG_CHUNK for c in sorted(tiles_bad)]
+                _write_chunks(self._flags, self._tiles_done, np.asarray(first, np.int64))
+                first = np.asarray([c * FLAG_CHUNK for c in sorted(pred_bad)], np.int64)
+                _write_chunks(self._pred["n_inst"], self._n_inst, first)
+                _write_chunks(self._pred["done"], self._pred_done, first)
+        self._warn()
+
+    def _read_flags(self, array, dtype, bad, damaged_chunks: set[int]) -> np.ndarray:
+        """A flag array read whole, or chunk by chunk when that fails: a damaged chunk reads as ``bad`` and its
+        index is added to ``damaged_chunks``."""
+        try:
+            return np.asarray(array[:], dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+        out = np.full(self.n, bad, dtype=dtype)
+        for lo in range(0, self.n, FLAG_CHUNK):
+            hi = min(lo + FLAG_CHUNK, self.n)
+            try:
+                out[lo:hi] = array[lo:hi]
+            except Exception as err:  # noqa: BLE001
+                if not _decode_failed(err):
+                    raise
+                self.damaged.add(f"{array.path} chunk {lo // FLAG_CHUNK}")
+                damaged_chunks.add(lo // FLAG_CHUNK)
+        return out
+
+    def _warn(self) -> None:
+        if self.damaged and not getattr(self, "_warned", False):
+            self._warned = True
+            names = sorted(self.damaged)
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            warnings.warn(f"tile cache {self.root}: damaged {', '.join(names[:3])}{more} (a chunk that does not "
+                          "decode); its tiles are read and predicted again", UserWarning, stacklevel=3)
+
+    def _open_group(self, key: dict, coords: np.ndarray, create: bool):
+        import zarr
+
+        group = None
+        if self.root.exists() or self.root.is_symlink():
+            try:
+                group = zarr.open_group(str(self.root), mode="r+", zarr_format=3)
+                same = group.attrs.get("key") == key
+                if same:
+                    try:
+                        same = np.array_equal(group["coords"][:], coords)
+                    except Exception as err:  # noqa: BLE001 - our cache with a damaged coords chunk: rewrite it
+                        if not _decode_failed(err):
+                            raise
+                        self.damaged.add("coords")
+                        group["coords"][:] = coords
+                if not same:
+                    group = None
+            except Exception as err:  # noqa: BLE001 - unreadable or foreign store: rebuild if it is ours
+                if not _decode_failed(err):
+                    raise
+                group = None
+            if group is None and create:
+                if not is_nucseg_cache(self.root):
+                    raise OutputError(f"{self.root} is in the way of the tile cache and is not one (nucseg never "
+                                      "replaces what it did not make): move it away or use another --work-dir")
+                try:
+                    shutil.rmtree(self.root)
+                except OSError as err:
+                    raise OutputError(f"cannot replace the stale tile cache {self.root}: {err.strerror or err}") from None
+        if group is None and not create:
+            raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
+        if group is None:
+            n, T = self.n, self.tile_size
+            group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
+            group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
+            if n:
+                group["coords"][:] = coords
+            group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255,
+                               compressors=_fast_lz4())
+            group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
+            group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
+        return group
+
+    def _open_pred(self, model: str, create: bool):
+        # Segmenters without a fingerprint get a fresh "volatile" group each run: never reused, never piling up.
+        name = "volatile" if model.startswith("volatile:") else hashlib.sha256(model.encode()).hexdigest()[:16]
+        path = f"pred/{name}"
+        T, n, K = self.tile_size, self.n, self.max_instances
+        try:
+            pred = self.group[path]
+            if pred.attrs.get("model") != model or pred["scores"].shape != (n, K):
+                raise KeyError(path)
+        except Exception as err:  # noqa: BLE001 - missing, another model's, or damaged metadata: (re)create
+            if not (isinstance(err, KeyError) or _decode_failed(err)):
+                raise
+            if not isinstance(err, KeyError):
+                self.damaged.add(f"{path} metadata")
+            if not create:
+                raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
+            pred = self.group.create_group(path, overwrite=True)
+            pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0,
+                              compressors=_fast_zstd())
+            pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan,
+                              compressors=_fast_zstd())
+            pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0)
+            pred.create_array("done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
+            pred.attrs["model"] = model  # last, as the group's key: a half-created group is recreated
+        return pred
+
+    # ---- tiles -------------------------------------------------------------------------------------------
+    @property
+    def tiles_done(self) -> np.ndarray:
+        return self._tiles_done.copy()
+
+    def get_tile(self, i: int) -> np.ndarray | None:
+        """Cached tile i, or None (and tile i marked not read, with the one warning) if its chunk is damaged."""
+        try:
+            return np.asarray(self.tiles[int(i)])
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+        self._tiles_done[int(i)] = False
+        self.damaged.add(f"tiles chunk {int(i)}")
+        self._warn()
+        return None
+
+    def put_tiles(self, indices: np.ndarray, tiles: np.ndarray) -> None:
+        """Write tiles, then mark them done (flag after data: a crash leaves them merely un-flagged)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return
+        with _disk_full_is_output_error(self.root):
+            for a, b in _runs(indices):  # one zarr write per run of consecutive tiles (chunks encoded concurrently)
+                self.tiles[int(indices[a]) : int(indices[b - 1]) + 1] = tiles[a:b]
+            self._tiles_done[indices] = True
+            _write_chunks(self._flags, self._tiles_done, indices)
+
+    # ---- predictions -------------------------------------------------------------------------------------
+    @property
+    def pred_done(self) -> np.ndarray:
+        return self._pred_done.copy()
+
+    def put_predictions(self, indices: np.ndarray, labels: np.ndarray, scores: list[np.ndarray]) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return
+        K = self.max_instances
+        n_inst = np.zeros(len(indices), np.int32)
+        rows = np.full((len(indices), K), np.nan, dtype=np.float32)
+        for j, i in enumerate(indices):
+            sc = np.asarray(scores[j], dtype=np.float32).ravel()
+            n_inst[j] = int(labels[j].max()) if labels[j].size else 0
+            if n_inst[j] > K:
+                raise ValueError(f"tile {int(i)} has {n_inst[j]} instances, more than the cache holds ({K})")
+            if len(sc) < n_inst[j]:
+                raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst[j]} instances in a tile")
+            rows[j, : n_inst[j]] = sc[: n_inst[j]]
+        labels = np.asarray(labels).astype(np.int32, copy=False)
+        with _disk_full_is_output_error(self.root):
+            for a, b in _runs(indices):
+                lo, hi = int(indices[a]), int(indices[b - 1]) + 1
+                self._pred["labels"][lo:hi] = labels[a:b]
+                self._pred["scores"][lo:hi] = rows[a:b]
+        self._n_inst[indices] = n_inst
+        self._pred_done[indices] = True
+        with _disk_full_is_output_error(self.root):
+            _write_chunks(self._pred["n_inst"], self._n_inst, indices)
+            _write_chunks(self._pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
+
+    @property
+    def prediction_arrays(self) -> tuple:
+        """(labels, scores) zarr arrays, for readers of many tiles at once (which must turn a chunk that fails to
+        decode into :meth:`discard`, as :meth:`get_labels` does)."""
+        return self._pred["labels"], self._pred["scores"]
+
+    def get_labels(self, i: int) -> np.ndarray:
+        """Labels (T, T) int32 of cache tile i; a damaged chunk raises CacheDamaged (see discard)."""
+        try:
+            return np.asarray(self._pred["labels"][int(i)])
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+        raise self.discard([int(i)], "labels")
+
+    def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i; damaged chunks raise CacheDamaged."""
+        n_inst = int(self._n_inst[i])
+        labels = self.get_labels(i)
+        try:
+            scores = np.asarray(self._pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+            raise self.discard([int(i)], "scores") from None
+        return labels, scores
+
+    def discard(self, indices: list[int], what: str = "predictions") -> CacheDamaged:
+        """Mark the predictions of ``indices`` not done (here and in the flag chunks on disk, so a rerun redoes
+        them too), warn once, and return the CacheDamaged to raise."""
+        idx = np.asarray(indices, dtype=np.int64)
+        self._pred_done[idx] = False
+        with _disk_full_is_output_error(self.root):
+            _write_chunks(self._pred["done"], self._pred_done, idx)
+        self.damaged.update(f"{what} chunk {i}" for i in indices)
+        self._warn()
+        return CacheDamaged(self.root, [int(i) for i in indices])
+
+
+def _fast_zstd():
+    """zstd level 1 for label maps: faster than zarr's default (level 3), same size (they compress ~80x)."""
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=1)
+
+
+def _fast_lz4():
+    """Blosc lz4 for RGB tiles: ~4x less CPU per tile than zarr's default zstd (level 3), ~7 % larger."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) position ranges of ``indices`` (ascending) that hold consecutive values."""
+    cut = np.flatnonzero(np.diff(indices) != 1) + 1
+    edges = np.r_[0, cut, len(indices)]
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _write_chunks(array, values: np.ndarray, indices: np.ndarray) -> None:
+    """Write the flag chunks holding ``indices`` (only those) from this process's copy ``values``."""
+    for c in np.unique(indices // FLAG_CHUNK):
+        lo, hi = int(c) * FLAG_CHUNK, min((int(c) + 1) * FLAG_CHUNK, len(values))
+        array[lo:hi] = values[lo:hi]
+
+
+def cache_dir_name(slide_path: Path, digest: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_path.stem)[:60] or "slide"
+    return f"{stem}-{digest}.zarr"
