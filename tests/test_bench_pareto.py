@@ -151,3 +151,21 @@ def test_bootstrap_at_a_fixed_score_and_over_groups_of_tiles():
     assert 0.05 < part["defined"] < 0.95
     with pytest.raises(ValueError):
         bootstrap_ratio(t, s, t, s, groups=groups[:5])
+
+
+def test_amg_at_1024_vs_native_512_runs_on_a_real_tile(shared_data: Path, tmp_path):
+    out = tmp_path / "a1024.json"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_amg_1024.py"), "--model", "vit_tiny", "--grids", "2",
+           "--out", str(out)]
+    env = {**os.environ, "NUCSEG_SHARED_DATA": str(shared_data)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["machine"]["torch_threads"] == 1 and "timing only" in rep["model"] and len(rep["tiles"]) == 1
+    rows = {row["method"]: row for row in rep["results"]}
+    assert set(rows) == {"nucseg-512-grid", "amg-1024-stock", "amg-1024-single-mask"}
+    assert rows["nucseg-512-grid"]["vs_nucseg_wall"] == 1.0
+    for row in rows.values():
+        assert row["points_per_side"] == 2 and row["s_per_tile"] > 0 and row["cpu_s_per_tile"] > 0
+        assert row["vs_nucseg_cpu"] == pytest.approx(row["cpu_s_per_tile"] / rows["nucseg-512-grid"]["cpu_s_per_tile"],
+                                                     rel=0.05, abs=0.02)
