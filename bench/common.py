@@ -30,8 +30,9 @@ BASE_ORGAN = "human glioblastoma"  # the tiny base is trained on the other organ
 class Recipe:
     """A pinned training recipe of a benchmark model: `make bench BENCH_ARGS=--train` builds exactly this.
 
-    One torch thread: training is then bitwise reproducible on a CPU (two threads already differ by ~1e-6 after
-    a few steps, CPU reduction order) and costs the same on a shared machine. No calibration hold-back: the
+    One torch thread: the training loop is then deterministic on a given CPU type and torch build (two threads
+    already differ by ~1e-6 after a few steps, CPU reduction order; other CPUs may pick other kernels), and it
+    costs the same on a shared machine. No calibration hold-back: the
     benchmarks pass their mask filters explicitly, so every training image is used.
     """
 

@@ -7,13 +7,14 @@ bench/results/*.json); this only runs them in turn and prints the headline figur
   densities, on all held-out real tiles; Pareto fronts and the speed ratio at equal PQ with a bootstrap
   interval (the headline of docs/PERFORMANCE.md). Weights: the bench adapter (bench/make_bench_adapter.py) on
   the tiny base (bench/pretrain_tiny.py), both from pinned recipes (bench/common.py). ``--train`` builds
-  whichever is missing first (about 15 minutes on one core) and refuses weights in runs/ that a different
-  recipe built; without them the sweep runs on a seeded random vit_tiny (timings only) and goes to
-  amg_pareto_untrained.json, never over the recorded result;
+  whichever is missing first (20 min on the shared 2-core machine, one torch thread) and refuses weights in
+  runs/ that a different recipe built; without them the sweep runs on a seeded random vit_tiny (timings only)
+  and goes to amg_pareto_untrained.json, never over the recorded result;
 * bench_amg.py: the single-point comparison at AMG's default 32 x 32 grid (same weights, 8 tiles), likewise
   amg_cpu_untrained.json without trained weights;
 * bench_decoder.py: mask decoder cost per prompt, segment-anything's vs nucseg's fast path;
 * bench_native_vs_1024.py: encoder at 512 px vs 1024 px, vit_tiny and vit_b (one tile each);
+  (bench_amg_1024.py, vit_b end to end, AMG at 1024 px vs nucseg at 512 px, ~10 min: not run here);
 * bench_slide_scaling.py: slides of area A and 4A, wall time and peak RSS;
 * bench_host.py: the whole-slide host path (read, cache, stitch, polygons, write) with an instant segmenter
   on the real .svs, the legacy code (from git) vs today's, 1 and 2 export processes;
