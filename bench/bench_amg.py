@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance, write_report  # noqa: E402
+from common import BENCH_ORGAN, REPO, SAMPLE, bench_weights, load_model, load_tiles, provenance, write_report  # noqa: E402
 
 from nucseg.learn.evaluate import evaluate_arrays  # noqa: E402
 from nucseg.model.infer import InferConfig, SamTileSegmenter, segment_tiles  # noqa: E402
@@ -200,6 +200,7 @@ def main() -> int:
         **provenance(),
         "device": str(device),
         "model": mut.name,
+        "weights": bench_weights(args.adapter, args.checkpoint),
         "tiles": {"data": str(args.data.relative_to(REPO.parent) if args.data.is_relative_to(REPO.parent) else args.data),
                   "n": len(tiles), "size": size, "names": [t.name for t in tiles],
                   "gt_nuclei_per_tile": round(float(np.mean([len(np.unique(t.labels)) - 1 for t in tiles])), 1)},

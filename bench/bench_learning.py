@@ -29,7 +29,7 @@ from nucseg.learn.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, SAMPLE, TINY_BASE, cpu_name  # noqa: E402
+from common import REPO, SAMPLE, TINY_BASE, bench_weights, cpu_name  # noqa: E402
 
 
 def main() -> int:
@@ -69,6 +69,7 @@ def main() -> int:
         "tiles": len(tiles),
         "tile_size": args.tile_size,
         "base": args.base.name,
+        "weights": bench_weights(None, args.base),
         "seconds": round(time.time() - t0, 1),
         "fine_tuned": summary["fine_tuned"],
         "zero_shot": summary["zero_shot"],

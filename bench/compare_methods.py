@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, SAMPLE, TINY_BASE, provenance, write_report  # noqa: E402
+from common import REPO, SAMPLE, TINY_BASE, bench_weights, provenance, write_report  # noqa: E402
 
 from nucseg.model.lora import MethodConfig  # noqa: E402
 
@@ -222,7 +222,7 @@ def main() -> int:
     title = (f"{args.model} on {args.data.name}: {args.folds} folds by image, {args.epochs} epochs, "
              f"{args.tile_size} px tiles ({device})")
     report = {**started, "finished": provenance()["date"], "jobs": args.jobs, "threads": args.threads, "title": title, "data": str(args.data),
-              "model": args.model, "base": args.base.name, "tile_size": args.tile_size, "folds": args.folds,
+              "model": args.model, "base": args.base.name, "weights": bench_weights(None, args.base), "tile_size": args.tile_size, "folds": args.folds,
               "training": _configs(args)[0].to_dict(), "inference": _configs(args)[1].to_dict(), "methods": rows}
     write_report(prefix.with_suffix(".json"), report)
     md = f"# {title}\n\n{table(rows)}\n\nMean ± std over folds of the per-fold mean over validation tiles.\n"

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_ORGAN, REPO, SAMPLE, load_model, load_tiles, provenance, write_report  # noqa: E402
+from common import BENCH_ORGAN, REPO, SAMPLE, bench_weights, load_model, load_tiles, provenance, write_report  # noqa: E402
 
 from nucseg.learn.cv import score  # noqa: E402
 from nucseg.model.infer import InferConfig, SamTileSegmenter  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> int:
                    **{k: round(float(mean[k]), 4) for k in ("pq", "aji", "dice", "f1")}}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    report = {"benchmark": "prompt pruning sweep (validation tiles)", **provenance(), "model": mut.name,
+    report = {"benchmark": "prompt pruning sweep (validation tiles)", **provenance(), "model": mut.name, "weights": bench_weights(args.adapter, args.checkpoint),
               "tiles": {"n": len(tiles), "size": size, "images": sorted({t.stem for t in tiles})},
               "settings": base, "results": rows}
     write_report(args.out, report)
