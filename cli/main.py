@@ -348,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, help="adapter folder (omit for the base model, zero-shot)")
     p.add_argument("--segmenter", default="sam", choices=SEGMENTER_KINDS,
                    help="threshold: classical haematoxylin baseline, no model (for checks and comparisons)")
-    p.add_argument("--mpp", type=MPP, help="target µm/px (default: the adapter's training µm/px, else the slide's)")
+    p.add_argument("--mpp", type=MPP, help="target µm/px (default: the adapter's training µm/px, else the slide's; "
+                   "--segmenter threshold: the slide's)")
     p.add_argument("--slide-mpp", type=MPP, help="µm/px of slides whose metadata lacks it (or is wrong)")
     p.add_argument("--tile-size", type=count(*TILE_SIZE_RANGE), default=None,
-                   help="tile side in px at the target µm/px (default: the model's input size)")
+                   help="tile side in px at the target µm/px (default: the model's input size; 512 for "
+                   "--segmenter threshold)")
     p.add_argument("--overlap", type=count(0, 4096), default=64,
                    help="tile overlap in px; must exceed the largest nucleus")
     p.add_argument("--batch-size", type=count(1, 4096), default=8, help="tiles per model call")
