@@ -11,11 +11,12 @@
   an estimate of the digital boundary, so a digital disk scores within a few percent of 1, possibly slightly
   above). Solidity, max and min diameter are QuPath's definitions on the nucleus's outline (the
   marching-squares contour at level 0.5 that the polygons are made from): outline area over its convex
-  hull's area, and the largest and smallest caliper widths of that hull. They agree with scikit-image's
-  ``solidity`` (pixel counts) and ``feret_diameter_max`` within a few percent and half a pixel.
+  hull's area, and the largest and smallest caliper widths of that hull. On compact shapes they agree with
+  scikit-image's ``solidity`` (pixel counts) within about 0.01 and its ``feret_diameter_max`` within a pixel;
+  thin, branched regions differ more (their outline area is well below their pixel count).
 * ``full`` adds :data:`STAIN`: optical densities from ``skimage.color.rgb2hed`` (Ruifrok & Johnston colour
   deconvolution) of the tile's RGB pixels; per-nucleus mean, standard deviation (population, ddof=0) and
-  maximum over the nucleus's pixels by ``np.bincount`` / ``scipy.ndimage.maximum``. These are scikit-image's
+  maximum over the nucleus's pixels by ``np.bincount`` / ``np.maximum.at``. These are scikit-image's
   stain vectors, not QuPath's per-image estimated ones, so values are comparable between nucseg runs, not
   numerically equal to QuPath's own.
 
