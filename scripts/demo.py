@@ -1,4 +1,4 @@
-"""`make demo`: the main job end to end on data the project makes itself, in about 3 minutes on 2 CPU cores.
+"""`make demo`: the main job end to end on data the project makes itself, in about 2 minutes on 2 CPU cores.
 
 1. a small synthetic NuInsSeg-layout dataset (two "organs") and a synthetic pyramidal slide;
 2. cross-validation: each fold fine-tunes the small pre-trained vit_tiny base of adapters/demo-base (SAM's
@@ -9,7 +9,8 @@
 3. whole-slide prediction with fold 1's adapter and its calibrated thresholds — GeoJSON, CSV and a preview;
 4. REPORT.md tying it together. The last line printed is the report's path.
 
-The recipe is nucseg.learn.demo.QUICK; ``--full`` runs nucseg.learn.demo.FULL (more tiles, 5 folds, longer training).
+The recipe is nucseg.learn.demo.QUICK; ``--full`` runs nucseg.learn.demo.FULL (more tiles, 5 folds, longer
+training).
 The numbers are those of a tiny model on synthetic tiles: they show the pipeline working, not SAM's accuracy
 on real tissue (docs/BENCHMARKS.md).
 """
@@ -61,6 +62,7 @@ def main() -> int:
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    base = recipe.checkpoint()  # checked (SHA-256) before any work
     folds = recipe.folds
     eta = Eta(recipe.steps() + folds * (CALIBRATE_UNITS + SCORE_UNITS + ZERO_SHOT_UNITS) + SLIDE_UNITS, say)
     say(f"1/4 generating demo data ({threads.threads} threads: {threads.source})")
@@ -72,7 +74,6 @@ def main() -> int:
         write_json(truth, {"nuclei": int(labels.max())})
     true_nuclei = json.loads(truth.read_text())["nuclei"]
 
-    base = recipe.checkpoint()
     say(f"2/4 cross-validation: {'LoRA on the pre-trained vit_tiny demo base' if base else 'vit_tiny from scratch'}, "
         f"{folds} folds x {recipe.epochs} epochs, {recipe.size} px tiles")
     tiles = load_dataset(data, tile_size=recipe.size)
