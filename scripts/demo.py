@@ -173,4 +173,10 @@ per nucleus; `demo_slide.preview.png` shows the outlines.
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nucseg.errors import NucsegError
+
+    try:
+        sys.exit(main())
+    except NucsegError as err:  # a missing or altered demo base, a full disk...: one line, its exit code
+        print(f"demo: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
