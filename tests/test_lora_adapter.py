@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from nucseg.io import sha256_file
 from nucseg.model.adapter import export_merged, load_adapter, read_adapter, save_adapter
 from nucseg.errors import CheckpointError, InputError
 from nucseg.model.lora import MethodConfig, QKVLoRA, apply_method, count_parameters, merge
@@ -121,3 +122,6 @@ def test_merge_export_equals_adapted_model_and_uses_official_keys(tmp_path, tiny
         torch.testing.assert_close(encode(merged, x), want, atol=1e-4, rtol=1e-4)
     assert count_parameters(merge(merged))[1] == count_parameters(fresh)[1]
     assert json.loads(json.dumps(MethodConfig().to_dict()))["targets"] == ["q", "v"]
+    # the same tensors give the same file (a benchmark records its weights by SHA-256), whatever the file name
+    again = export_merged(merged, tmp_path / "again.pth")
+    assert sha256_file(again) == sha256_file(out)

@@ -271,6 +271,7 @@ def export_merged(model: Sam, out: str | Path) -> Path:
     with atomic_path(out, owned=is_merged_checkpoint) as tmp:
         if str(out).endswith(".safetensors"):
             save_file(state, str(tmp), metadata={"format": MERGED_FORMAT})
-        else:
-            torch.save(state, tmp)
+        else:  # through a handle: torch names the zip's records after a path (here a random temporary one),
+            with open(tmp, "wb") as fh:  # so the same tensors would give a different file every time
+                torch.save(state, fh)
     return Path(out)
