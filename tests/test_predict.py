@@ -246,3 +246,28 @@ def test_slide_outputs_name_every_output_in_one_place(tmp_path):
         assert output_base(tmp_path / name) == str(tmp_path / "x")
     assert SlideOutputs(csv=True, tissue_preview=True).extras(output_base("r/x.geojson")) == {
         "csv": Path("r/x.csv"), "tissue_preview": Path("r/x.tissue.png")}
+
+
+def test_no_tile_cache_writes_the_same_nuclei_and_still_resumes(small_slide, tmp_path):
+    """`predict --no-tile-cache`: no RGB tile is kept in the work dir, the output is byte-identical to a run
+    that keeps them (full measurements re-read the pixels), and a rerun resumes from the cached predictions."""
+    from nucseg_cli.main import main
+
+    slide, _ = small_slide
+    args = ["-q", "predict", str(slide), "--segmenter", "threshold", "--mpp", "0.5"]
+    assert main([*args, "-o", str(tmp_path / "kept.geojson"), "--work-dir", str(tmp_path / "w1")]) == 0
+    assert main([*args, "-o", str(tmp_path / "lean.geojson"), "--work-dir", str(tmp_path / "w2"),
+                 "--no-tile-cache"]) == 0
+    assert (tmp_path / "lean.geojson").read_bytes() == (tmp_path / "kept.geojson").read_bytes()
+
+    def tile_chunks(work: Path) -> int:
+        return sum(1 for p in work.rglob("*") if p.is_file() and "/tiles/c/" in p.as_posix())
+
+    assert tile_chunks(tmp_path / "w1") > 0 and tile_chunks(tmp_path / "w2") == 0
+    out = tmp_path / "lean.geojson"
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "w2").rglob("*")
+             if p.is_file() and "/labels/c/" in p.as_posix()}
+    assert stamp
+    assert main([*args, "-o", str(out), "--work-dir", str(tmp_path / "w2"), "--no-tile-cache"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # nothing predicted again
+    assert out.read_bytes() == (tmp_path / "kept.geojson").read_bytes()
