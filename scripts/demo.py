@@ -1,6 +1,7 @@
 """`make demo`: the main job end to end on data the project makes itself, in about 2 minutes on 2 CPU cores.
 
 1. a small synthetic NuInsSeg-layout dataset (two "organs") and a synthetic pyramidal slide;
+0. on the first run only, the demo base is built (scripts/make_demo_base.py; weights are never committed);
 2. cross-validation: each fold fine-tunes the small pre-trained vit_tiny base of adapters/demo-base (SAM's
    architecture; no official weights are needed on a fresh machine) with LoRA, as a user fine-tunes vit_b,
    calibrates its inference thresholds on tiles held back from its training set, and is scored on its
@@ -24,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -47,7 +49,8 @@ def main() -> int:
     from nucseg.learn.cv import run_cv
     from nucseg.learn.cv import CVConfig
     from nucseg.learn.data import load_dataset
-    from nucseg.learn.demo import FULL, QUICK, Eta, make_demo_dataset
+    from nucseg.errors import CheckpointError
+    from nucseg.learn.demo import BASE_DIR, BASE_FILE, FULL, QUICK, Eta, make_demo_dataset
     from nucseg.segmenter import SegmenterSpec
     from nucseg.io import write_json
     from nucseg.wsi.predict import PredictConfig, predict_slide
@@ -62,7 +65,14 @@ def main() -> int:
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    base = recipe.checkpoint()  # checked (SHA-256) before any work
+    if recipe.pretrained and not (BASE_DIR / BASE_FILE).is_file():
+        say("0/4 building the demo base once (weights are not kept in the repository): vit_tiny from scratch on "
+            "synthetic tiles, about 10 min on 2 idle CPU cores; later runs reuse it")
+        cmd = [sys.executable, str(Path(__file__).with_name("make_demo_base.py")), "--install",
+               "--out", str(out / "demo-base-build"), "--threads", str(threads.threads)]
+        if subprocess.run(cmd).returncode:
+            raise CheckpointError("building the demo base failed (see above); rerun make demo to resume it")
+    base = recipe.checkpoint()  # checked (SHA-256 of the build's record) before any work
     folds = recipe.folds
     eta = Eta(recipe.steps() + folds * (CALIBRATE_UNITS + SCORE_UNITS + ZERO_SHOT_UNITS) + SLIDE_UNITS, say)
     say(f"1/4 generating demo data ({threads.threads} threads: {threads.source})")

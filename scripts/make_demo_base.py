@@ -7,9 +7,12 @@ renderer with other seeds and a third, intermediate organ style, never on the de
 
     .venv/bin/python scripts/make_demo_base.py --install     # writes runs/demo-base/ and adapters/demo-base/
 
+``make demo`` runs this once, when adapters/demo-base/ holds no base yet: weights are never committed to
+the repository. The record of the reference build (curve, time, machine) is bench/results/demo_base_build.json.
+
 The recipe is pinned (seeds, data, epochs, one torch thread by default); ``adapters/demo-base/base.json``
 records it with the checkpoint's SHA-256, the training curve, time, machine and date. The rebuilt weights
-match the shipped ones in quality, not necessarily bit for bit (other CPUs, other BLAS kernels).
+match the reference build in quality, not necessarily bit for bit (other CPUs, thread counts, BLAS kernels).
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ def main() -> None:
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         if step == steps - 1:
-            print(f"epoch {epoch + 1}/{a.epochs} loss {loss:.3f} [{time.time() - t0:.0f} s]", flush=True)
+            spent = time.time() - t0
+            left = spent / (epoch + 1) * (a.epochs - epoch - 1)
+            print(f"   demo base: epoch {epoch + 1}/{a.epochs}, loss {loss:.3f} [{spent:.0f} s, ETA "
+                  f"{left / 60:.0f} min]", file=sys.stderr, flush=True)
 
     res = finetune(tiles, a.out / "train", "vit_tiny", None, MethodConfig(method="full"), cfg, mpp=r.mpp,
                    on_step=on_step)

@@ -92,29 +92,25 @@ def real_tiles(he_sample):
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """The `make demo` recipe (nucseg.learn.demo.QUICK) at reduced size: one fold on fewer tiles, LoRA on the shipped
-    demo base (adapters/demo-base) as `make demo` does.
+    """The demo's training path at reduced size, from scratch (the demo base is built on a user's first `make
+    demo`, ~25 min, and never committed, so CI has none): one fold of vit_tiny, method `full`, Macenko-stained
+    demo tiles, 150 epochs of 2 steps, thresholds calibrated on held-back tiles.
 
     Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the
-    validation metrics with them (what `make demo` reports), the zero-shot base's metrics with thresholds
-    calibrated on the same held-back tiles, and the training seconds.
+    validation metrics with them, those with every mask kept, and the training seconds.
     """
     import time
     from dataclasses import replace
 
-    import torch
-
     from nucseg.model.adapter import load_adapter
-    from nucseg.learn.calibrate import resolve_infer, split_for_calibration
+    from nucseg.learn.calibrate import resolve_infer
     from nucseg.learn.cv import score
     from nucseg.learn.data import load_dataset
     from nucseg.learn.demo import QUICK, make_demo_dataset
     from nucseg.model.infer import InferConfig, SamTileSegmenter
-    from nucseg.model.sam import load_sam
-    from nucseg.learn.train import calibrate_model, finetune
+    from nucseg.learn.train import finetune
 
-    recipe = replace(QUICK, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS)
-    base = recipe.checkpoint()
+    recipe = replace(QUICK, pretrained=False, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS, lr=2e-3, stain="macenko")
     root = tmp_path_factory.mktemp("demo_quality")
     data = make_demo_dataset(root / "data", tiles_per_organ=recipe.tiles_per_organ, size=recipe.size,
                              seed=recipe.seed, zoom=recipe.zoom, stain=recipe.stain)
@@ -122,25 +118,21 @@ def demo_model(tmp_path_factory):
     val_stems = {t.stem for t in tiles if t.stem.endswith(("_01", "_02", "_03"))}  # three images per organ
     val = [t for t in tiles if t.stem in val_stems]
     train = [t for t in tiles if t.stem not in val_stems]
-    cfg = recipe.train_config()
     t0 = time.perf_counter()
-    res = finetune(train, root / "run", "vit_tiny", base, recipe.method(), cfg, mpp=recipe.mpp,
-                   infer=InferConfig(**recipe.infer()))
+    res = finetune(train, root / "run", "vit_tiny", recipe.checkpoint(), recipe.method(), recipe.train_config(),
+                   mpp=recipe.mpp, infer=InferConfig(**recipe.infer()))
     seconds = time.perf_counter() - t0
-    model, info = load_adapter(res.adapter, base)
-    used_cfg, used = resolve_infer(recipe.infer(), info.thresholds)
-    metrics, _ = score(SamTileSegmenter(model, used_cfg, device="cpu"), val, recipe.batch_size)
-    # the base before fine-tuning, its thresholds calibrated on the same held-back tiles (what cv --zero-shot does)
-    base_model, _ = load_sam("vit_tiny", base, img_size=recipe.size)
-    zero_infer = InferConfig(**recipe.infer(), multimask=False)
-    held = split_for_calibration(train, cfg.calibration_fraction, cfg.seed)[1]
-    zt = calibrate_model(base_model, held, cfg, zero_infer, torch.device("cpu"))
-    zcfg, _ = resolve_infer({**recipe.infer(), "multimask": False}, zt)
-    zero, _ = score(SamTileSegmenter(base_model, zcfg, device="cpu"), val, recipe.batch_size)
+    model, info = load_adapter(res.adapter)
+    cfg, used = resolve_infer(recipe.infer(), info.thresholds)
+    metrics, _ = score(SamTileSegmenter(model, cfg, device="cpu"), val, recipe.batch_size)
+    # every mask the model proposes (thresholds at their loosest): does it mark the nuclei at all?
+    loose = InferConfig(**{**recipe.infer(), "pred_iou_thresh": 0.0, "stability_thresh": 0.1, "fg_threshold": 0.05})
+    marked, _ = score(SamTileSegmenter(model, loose, device="cpu"), val, recipe.batch_size)
     return model, val, {"thresholds": info.thresholds, "used": used, "metrics": metrics["mean"],
-                        "zero_shot": zero["mean"], "train_iou": res.history[-1].train_iou,
+                        "loose_metrics": marked["mean"],
+                        "train_iou": res.history[-1].train_iou,
                         "train_seconds": seconds,
                         "steps": len(res.history) * -(-info.meta["data"]["tiles"] // recipe.batch_size)}
 
 
-DEMO_GUARD_EPOCHS = 20  # the reduced demo recipe of the first-run quality guard (tests/test_demo_quality.py)
+DEMO_GUARD_EPOCHS = 150  # the reduced from-scratch recipe of the training guard (tests/test_demo_quality.py)

@@ -1,50 +1,60 @@
-"""First-run quality guard: one fold of the `make demo` recipe (nucseg.learn.demo.QUICK: LoRA on the shipped demo
-base, 20 epochs) on fewer tiles must still find the nuclei of validation tiles it never saw, with calibrated
-thresholds, and must not fall far below the base it started from. A change that makes the demo useless
-again (a damaged base, a broken loss or LoRA, a threshold default, the renderer) fails here, not in front of
-a new user.
+"""First-run guards.
 
-The floors are well below what this reduced recipe measured on 2026-12-01 (see the printed line; the full
-demo: fine-tuned PQ 0.68, F1 0.85, zero-shot base PQ 0.70 on 48 validation tiles per fold).
+The demo's training path from scratch, at reduced size (the `demo_model` fixture: 300 steps of vit_tiny,
+method `full`): it must leave the empty-mask collapse and mark the nuclei, with calibrated thresholds at least
+as good as the global defaults. A broken loss, init or threshold default fails here, not in front of a new
+user. The floors are those of the recipe before the demo base existed (measured 2026-12-01: train IoU
+0.31-0.32; validation Dice 0.63 with every mask kept). Dice is floored with every proposed mask kept, because
+the calibrated thresholds, chosen on 4 held-back tiles, change with the thread count's numerics; PQ is not
+floored: at 300 steps from scratch it ranges from 0 to ~0.2 between folds (docs/BENCHMARKS.md, "Demo recipe").
+
+The demo base itself (built on a user's first `make demo`, ~25 min, never committed) cannot be built in CI;
+its integrity check is tested here on a base exported the same way, and its quality was measured once
+(bench/results/demo_base_build.json, README "Demo").
 """
 
 from __future__ import annotations
 
-PQ_FLOOR = 0.5
-F1_FLOOR = 0.7
-BASE_PQ_FLOOR = 0.5
-WORSE_THAN_BASE = 0.1  # fine-tuning may cost at most this much PQ against the calibrated base
+import json
+import shutil
+
+import pytest
+
+TRAIN_IOU_FLOOR = 0.12
+DICE_FLOOR = 0.25
 
 
 def test_reduced_demo_recipe_finds_nuclei(demo_model):
     _, val, res = demo_model
-    m, z, t = res["metrics"], res["zero_shot"], res["thresholds"]
+    m, t = res["metrics"], res["thresholds"]
     print(f"reduced demo recipe: {res['steps']} steps in {res['train_seconds']:.0f} s; train IoU "
-          f"{res['train_iou']:.3f}; fine-tuned PQ {m['pq']:.3f} F1 {m['f1']:.3f}; base PQ {z['pq']:.3f} "
-          f"F1 {z['f1']:.3f}; thresholds {t}")
-    assert m["pq"] >= PQ_FLOOR and m["f1"] >= F1_FLOOR, m
-    assert z["pq"] >= BASE_PQ_FLOOR, z  # the shipped base itself still segments the demo tiles
-    assert m["pq"] >= z["pq"] - WORSE_THAN_BASE, (m, z)
+          f"{res['train_iou']:.3f}; validation {m}; every mask kept: {res['loose_metrics']}; thresholds {t}")
+    assert res["train_iou"] >= TRAIN_IOU_FLOOR, res["train_iou"]  # 0.00-0.03 when the masks collapse
+    assert res["loose_metrics"]["dice"] >= DICE_FLOOR, res["loose_metrics"]
     # calibration on the held-back tiles beat (or matched) SAM's global defaults there, and the run used them
     assert t["score"] >= t["default_score"] and t["tiles"] >= 1
     assert all(u["source"] == "adapter" for u in res["used"].values())
 
 
-def test_the_shipped_base_is_checked_before_use(tmp_path):
-    """The base's SHA-256 is checked against its record: an altered file is refused before any work."""
-    import shutil
-
-    import pytest
-
-    from nucseg.learn.demo import BASE_DIR, BASE_FILE, BASE_INFO, demo_base
+def test_the_demo_base_is_checked_before_use(tmp_path):
+    """A base exported as scripts/make_demo_base.py exports it, with its record: accepted and loadable with
+    official SAM keys; a changed byte or a missing file is refused before any work."""
     from nucseg.errors import CheckpointError
+    from nucseg.io import sha256_file
+    from nucseg.learn.demo import BASE_FILE, BASE_INFO, KIND, demo_base
+    from nucseg.model.adapter import export_merged
     from nucseg.model.sam import load_sam
 
-    path = demo_base()
-    model, fingerprint = load_sam("vit_tiny", path, img_size=128)  # official SAM keys, loads as a checkpoint
-    assert fingerprint == __import__("json").loads((BASE_DIR / BASE_INFO).read_text())["sha256"]
-    copy = tmp_path / "base"
-    shutil.copytree(BASE_DIR, copy)
+    folder = tmp_path / "demo-base"
+    folder.mkdir()
+    model, _ = load_sam("vit_tiny", None, img_size=128)
+    export_merged(model, folder / BASE_FILE)
+    (folder / BASE_INFO).write_text(json.dumps({"kind": KIND, "sha256": sha256_file(folder / BASE_FILE)}))
+    path = demo_base(folder)
+    _, fingerprint = load_sam("vit_tiny", path, img_size=128)
+    assert fingerprint == json.loads((folder / BASE_INFO).read_text())["sha256"]
+    copy = tmp_path / "altered"
+    shutil.copytree(folder, copy)
     with open(copy / BASE_FILE, "r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\0\0\0\1")

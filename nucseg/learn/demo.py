@@ -241,8 +241,9 @@ KIND = "nucseg-demo-base"  # base.json's "kind"
 def demo_base(folder: str | os.PathLike | None = None) -> Path:
     """The demo's pre-trained base checkpoint, checked against the SHA-256 recorded when it was built.
 
-    It ships in the repository (``adapters/demo-base/``, 3 MB); ``scripts/make_demo_base.py --install``
-    rebuilds it. A missing or altered file is an error here, before any work.
+    ``scripts/make_demo_base.py --install`` builds it into ``adapters/demo-base/`` (3 MB, git-ignored: weights
+    are never committed; ``make demo`` builds it on its first run) with a record of its SHA-256. A missing or
+    altered file is an error here, before any work.
     """
     import json
 
@@ -252,8 +253,8 @@ def demo_base(folder: str | os.PathLike | None = None) -> Path:
     folder = Path(folder) if folder is not None else BASE_DIR
     path, info = folder / BASE_FILE, folder / BASE_INFO
     if not path.is_file() or not info.is_file():
-        raise CheckpointError(f"the demo base is missing ({path}); run a git checkout of the repository, or rebuild "
-                              "it with: python scripts/make_demo_base.py --install")
+        raise CheckpointError(f"the demo base is missing ({path}); build it with: python scripts/make_demo_base.py "
+                              "--install (make demo does this on its first run)")
     try:
         want = json.loads(info.read_text(encoding="utf-8"))["sha256"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
