@@ -73,16 +73,16 @@ def _pred(cache: Path) -> Path:
 
 CASES = [
     # (id, chunk file under the cache, damage, tiles predicted again, other model fingerprint)
-    ("labels-truncated", lambda c: _pred(c) / "labels/c/7/0/0", _truncate, 1, None),
-    ("labels-garbage", lambda c: _pred(c) / "labels/c/12/0/0", _garbage, 1, None),
-    ("scores-truncated", lambda c: _pred(c) / "scores/c/3/0", _truncate, 1, None),
-    ("done-flags-truncated", lambda c: _pred(c) / "done/c/0", _truncate, 30, None),
-    ("n_inst-garbage", lambda c: _pred(c) / "n_inst/c/0", _garbage, 30, None),
-    ("tiles_done-garbage", lambda c: c / "tiles_done/c/0", _garbage, 0, None),
-    ("coords-garbage", lambda c: c / "coords/c/0/0", _garbage, 0, None),
+    ("labels-truncated", lambda c: _pred(c) / "labels/c.7.0.0", _truncate, 1, None),
+    ("labels-garbage", lambda c: _pred(c) / "labels/c.12.0.0", _garbage, 1, None),
+    ("scores-truncated", lambda c: _pred(c) / "scores/c.3.0", _truncate, 1, None),
+    ("done-flags-truncated", lambda c: _pred(c) / "done/c.0", _truncate, 30, None),
+    ("n_inst-garbage", lambda c: _pred(c) / "n_inst/c.0", _garbage, 30, None),
+    ("tiles_done-garbage", lambda c: c / "tiles_done/c.0", _garbage, 0, None),
+    ("coords-garbage", lambda c: c / "coords/c.0.0", _garbage, 0, None),
     ("pred-metadata-garbage", lambda c: _pred(c) / "zarr.json", _garbage, 30, None),
     # tiles are only read back when a prediction is missing: predict with another model fingerprint
-    ("tile-truncated", lambda c: c / "tiles/c/4/0/0/0", _truncate, 30, "another-model"),
+    ("tile-truncated", lambda c: c / "tiles/c.4.0.0.0", _truncate, 30, "another-model"),
 ]
 
 

@@ -236,7 +236,7 @@ def test_a_damaged_tile_chunk_is_read_from_the_slide_again(small_slide, tmp_path
 
     slide, _ = small_slide
     _run(slide, tmp_path / "a.geojson", work_dir=tmp_path / "w", export_workers=2, export_chunk=3)
-    [chunk] = (tmp_path / "w").glob("*/tiles/c/4/0/0/0")
+    [chunk] = (tmp_path / "w").glob("*/tiles/c.4.0.0.0")
     with open(chunk, "r+b") as fh:
         fh.truncate(os.path.getsize(chunk) // 2)
     with warnings.catch_warnings(record=True) as caught:

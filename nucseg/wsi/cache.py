@@ -4,7 +4,7 @@ Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings,
 
     <stem>-<key16>.zarr/            attrs: key (the JSON the name hashes), slide path
       coords       (n, 2) int64     tile origins (x, y) in target pixels, in processing order
-      tiles        (n, T, T, 3) u8  RGB tiles, chunk = one tile
+      tiles        (n, T, T, 3) u8  RGB tiles, chunk = one tile (file ``tiles/c.<i>.0.0.0``: flat chunk keys)
       tiles_done   (n,) bool        tile i was read and written completely, chunk = FLAG_CHUNK tiles
       pred/<model16>/               attrs: model (the fingerprint string)
         labels     (n, T, T) int32  raw per-tile instance labels, chunk = one tile
@@ -47,8 +47,12 @@ import numpy as np
 
 from ..errors import DataError, OutputError
 
-CACHE_VERSION = 2  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges)
+CACHE_VERSION = 3  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges); 3: flat chunk keys
 FLAG_CHUNK = 64
+# Chunk files named ``c.<i>.0.0.0`` in the array's own folder, not zarr's default nested ``c/<i>/0/0/0``: the
+# local store creates a chunk's parent folders on every write, and three new folders per tile and array cost
+# more CPU than compressing the tile (measured: 4.8 -> 3.0 ms of CPU per tile for tiles + labels).
+_KEYS = {"name": "default", "separator": "."}
 
 
 def cache_key(**fields) -> tuple[dict, str]:
@@ -230,12 +234,14 @@ class TileCache:
         if group is None:
             n, T = self.n, self.tile_size
             group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
-            group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64")
+            group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64",
+                               chunk_key_encoding=_KEYS)
             if n:
                 group["coords"][:] = coords
             group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255,
-                               compressors=_fast_lz4())
-            group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
+                               compressors=_fast_lz4(), chunk_key_encoding=_KEYS)
+            group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False,
+                               chunk_key_encoding=_KEYS)
             group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
         return group
 
@@ -257,11 +263,13 @@ class TileCache:
                 raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
             pred.create_array("labels", shape=(n, T, T), chunks=(1, T, T), dtype="int32", fill_value=0,
-                              compressors=_fast_zstd())
+                              compressors=_fast_zstd(), chunk_key_encoding=_KEYS)
             pred.create_array("scores", shape=(n, K), chunks=(1, K), dtype="float32", fill_value=np.nan,
-                              compressors=_fast_zstd())
-            pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0)
-            pred.create_array("done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False)
+                              compressors=_fast_zstd(), chunk_key_encoding=_KEYS)
+            pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0,
+                              chunk_key_encoding=_KEYS)
+            pred.create_array("done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False,
+                              chunk_key_encoding=_KEYS)
             pred.attrs["model"] = model  # last, as the group's key: a half-created group is recreated
         return pred
 
