@@ -67,7 +67,7 @@ def main() -> int:
 
     if recipe.pretrained and not (BASE_DIR / BASE_FILE).is_file():
         say("0/4 building the demo base once (weights are not kept in the repository): vit_tiny from scratch on "
-            "synthetic tiles, about 10 min on 2 idle CPU cores; later runs reuse it")
+            "synthetic tiles, about 5 min on one CPU core; later runs reuse it")
         cmd = [sys.executable, str(Path(__file__).with_name("make_demo_base.py")), "--install",
                "--out", str(out / "demo-base-build"), "--threads", str(threads.threads)]
         if subprocess.run(cmd).returncode:

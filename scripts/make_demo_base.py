@@ -10,7 +10,8 @@ renderer with other seeds and a third, intermediate organ style, never on the de
 ``make demo`` runs this once, when adapters/demo-base/ holds no base yet: weights are never committed to
 the repository. The record of the reference build (curve, time, machine) is bench/results/demo_base_build.json.
 
-The recipe is pinned (seeds, data, epochs, one torch thread by default); ``adapters/demo-base/base.json``
+The recipe is pinned (nucseg.learn.demo.BASE: seeds, data, 50 epochs, lr 4e-3, the prompt encoder's Fourier
+scale 0.5 that ends the "every nucleus" plateau early; one torch thread by default); ``adapters/demo-base/base.json``
 records it with the checkpoint's SHA-256, the training curve, time, machine and date. The rebuilt weights
 match the reference build in quality, not necessarily bit for bit (other CPUs, thread counts, BLAS kernels).
 """
@@ -22,6 +23,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -36,9 +38,10 @@ from nucseg.threads import configure_threads  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo-base"))
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--tiles-per-organ", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the pinned recipe's (BaseRecipe)")
+    ap.add_argument("--tiles-per-organ", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--pe-scale", type=float, default=None, help="prompt encoder Fourier scale at init")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible numerics)")
     ap.add_argument("--install", action="store_true", help="also write the base into adapters/demo-base/")
     a = ap.parse_args()
@@ -49,30 +52,32 @@ def main() -> None:
     from nucseg import __version__
     from nucseg.model.adapter import export_merged, is_merged_checkpoint, load_adapter
     from nucseg.learn.data import load_dataset
-    from nucseg.learn.demo import (BASE_DIR, BASE_FILE, BASE_INFO, BASE_ORGANS, BASE_SEED, BASE_STAIN, KIND, QUICK,
-                             make_demo_dataset)
+    from nucseg.learn.demo import (BASE, BASE_DIR, BASE_FILE, BASE_INFO, BASE_ORGANS, BASE_SEED, BASE_STAIN, KIND,
+                                   QUICK, make_demo_dataset)
     from nucseg.io import atomic_path, sha256_file, write_json
     from nucseg.model.lora import MethodConfig
-    from nucseg.learn.train import TrainConfig, finetune
+    from nucseg.learn.train import finetune
 
     r = QUICK
-    data = make_demo_dataset(a.out / "data", organs=BASE_ORGANS, tiles_per_organ=a.tiles_per_organ, size=r.size,
+    base = dataclasses.replace(BASE, **{k: v for k, v in (("epochs", a.epochs), ("tiles_per_organ", a.tiles_per_organ),
+                                                          ("lr", a.lr), ("pe_scale", a.pe_scale)) if v is not None})
+    t0, c0 = time.time(), time.process_time()
+    data = make_demo_dataset(a.out / "data", organs=BASE_ORGANS, tiles_per_organ=base.tiles_per_organ, size=r.size,
                              seed=BASE_SEED, zoom=r.zoom, stain=BASE_STAIN)
     tiles = load_dataset(data, tile_size=r.size)
-    cfg = TrainConfig(epochs=a.epochs, batch_size=8, lr=a.lr, box_fraction=0.5, balance_ce=True,
-                      positive_prompts=16, calibration_fraction=0.1, seed=0, device="cpu", foreground_head=False)
-    t0 = time.time()
+    cfg = base.train_config()
+    init = base.init_checkpoint(a.out / "init.safetensors", r.size)
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         if step == steps - 1:
             spent = time.time() - t0
-            left = spent / (epoch + 1) * (a.epochs - epoch - 1)
-            print(f"   demo base: epoch {epoch + 1}/{a.epochs}, loss {loss:.3f} [{spent:.0f} s, ETA "
-                  f"{left / 60:.0f} min]", file=sys.stderr, flush=True)
+            left = spent / (epoch + 1) * (base.epochs - epoch - 1)
+            print(f"   demo base: epoch {epoch + 1}/{base.epochs}, loss {loss:.3f} [{spent:.0f} s, ETA "
+                  f"{left:.0f} s]", file=sys.stderr, flush=True)
 
-    res = finetune(tiles, a.out / "train", "vit_tiny", None, MethodConfig(method="full"), cfg, mpp=r.mpp,
+    res = finetune(tiles, a.out / "train", "vit_tiny", init, MethodConfig(method="full"), cfg, mpp=r.mpp,
                    on_step=on_step)
-    model, _ = load_adapter(res.adapter)
+    model, adapter_info = load_adapter(res.adapter, init)
     ckpt = export_merged(model, a.out / BASE_FILE)
     info = {
         "kind": KIND,
@@ -81,14 +86,20 @@ def main() -> None:
         "model": "vit_tiny",
         "input_size": r.size,
         "mpp": r.mpp,
-        "recipe": {"organs": list(BASE_ORGANS), "seed": BASE_SEED, "stain": BASE_STAIN, "tiles_per_organ": a.tiles_per_organ,
-                   "size": r.size, "zoom": r.zoom, "method": "full", "training": cfg.to_dict()},
+        "recipe": {"organs": list(BASE_ORGANS), "seed": BASE_SEED, "stain": BASE_STAIN,
+                   "tiles_per_organ": base.tiles_per_organ, "size": r.size, "zoom": r.zoom, "method": "full",
+                   "init": {"seed": base.seed, "pe_scale": base.pe_scale}, "training": cfg.to_dict()},
         "command": "python scripts/make_demo_base.py " + " ".join(sys.argv[1:]),
         "training_images": len(tiles),
         "seconds": round(sum(h.seconds for h in res.history), 1),  # a resumed run counts every epoch once
+        # the whole build in this process (data, init, training, calibration, export): wall and CPU seconds
+        "build_wall_seconds": round(time.time() - t0, 1),
+        "build_cpu_seconds": round(time.process_time() - c0, 1),
+        "threads": a.threads,
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min, at the end of the build
         "train_iou": [round(h.train_iou, 4) for h in res.history],
         "loss": [round(h.loss, 4) for h in res.history],
-        "thresholds": load_adapter(res.adapter)[1].thresholds,
+        "thresholds": adapter_info.thresholds,
         "nucseg_version": __version__,
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",

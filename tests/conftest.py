@@ -93,7 +93,7 @@ def real_tiles(he_sample):
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The demo's training path at reduced size, from scratch (the demo base is built on a user's first `make
-    demo`, ~25 min, and never committed, so CI has none): one fold of vit_tiny, method `full`, Macenko-stained
+    demo`, ~5 min, and never committed, so CI has none): one fold of vit_tiny, method `full`, Macenko-stained
     demo tiles, 150 epochs of 2 steps, thresholds calibrated on held-back tiles.
 
     Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the

@@ -238,6 +238,57 @@ BASE_INFO = "base.json"
 KIND = "nucseg-demo-base"  # base.json's "kind"
 
 
+@dataclass(frozen=True)
+class BaseRecipe:
+    """The demo base's pinned build (``scripts/make_demo_base.py``): vit_tiny from random init, method ``full``.
+
+    From a plain random init the model first answers every prompt with a mask of every nucleus in the tile
+    (train IoU ~0.2) and learns to pick out the prompted one only after ~200-260 steps (docs/BENCHMARKS.md,
+    "Demo recipe"). ``pe_scale`` shrinks the prompt encoder's random Fourier frequencies (SAM: a Gaussian
+    matrix of scale 1, a buffer saved with the weights): at 0.5 the positional kernel is wide enough on the
+    8 x 8 token grid of a 128 px tile that a point's token and the image tokens around it are similar from the
+    first step, and the plateau ends after ~100 steps instead. With twice the first recipe's learning rate,
+    50 epochs (half its steps, ~5 min on one core) give a base within the folds' spread of its 100 epochs'
+    in the demo; what comes after the plateau does not shorten further (docs/BENCHMARKS.md, "Demo recipe").
+    """
+
+    tiles_per_organ: int = 64
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 4e-3
+    warmup_fraction: float = 0.05
+    pe_scale: float = 0.5  # multiplies SAM's prompt-encoder Fourier matrix at init (1.0 = SAM's own)
+    box_fraction: float = 0.5
+    positive_prompts: int = 16
+    calibration_fraction: float = 0.1
+    seed: int = 0
+
+    def train_config(self, device: str = "cpu"):
+        from .train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           warmup_fraction=self.warmup_fraction, box_fraction=self.box_fraction, balance_ce=True,
+                           positive_prompts=self.positive_prompts, calibration_fraction=self.calibration_fraction,
+                           seed=self.seed, device=device, foreground_head=False)
+
+    def init_checkpoint(self, path: str | os.PathLike, size: int) -> Path:
+        """Write the build's starting point: the seeded random init of vit_tiny at ``size`` px with the prompt
+        encoder's Fourier matrix scaled by ``pe_scale`` (official keys, safetensors; deterministic, so a resumed
+        build finds the same fingerprint)."""
+        import torch
+
+        from ..model.adapter import export_merged
+        from ..model.sam import load_sam
+
+        model, _ = load_sam("vit_tiny", None, img_size=size, seed=self.seed)
+        with torch.no_grad():
+            model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(self.pe_scale)
+        return export_merged(model, Path(path))
+
+
+BASE = BaseRecipe()
+
+
 def demo_base(folder: str | os.PathLike | None = None) -> Path:
     """The demo's pre-trained base checkpoint, checked against the SHA-256 recorded when it was built.
 
