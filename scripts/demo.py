@@ -68,8 +68,11 @@ def main() -> int:
     if recipe.pretrained and not (BASE_DIR / BASE_FILE).is_file():
         say("0/4 building the demo base once (weights are not kept in the repository): vit_tiny from scratch on "
             "synthetic tiles, about 5 min on one CPU core; later runs reuse it")
+        # One thread whatever the CPUs: the pinned recipe's numerics (those of the reference build), and on this
+        # small model a second thread only adds overhead (6.7 s per epoch with 2 threads on 2 idle cores against
+        # 5.8 s with 1, 2026-12-01; docs/BENCHMARKS.md "Demo recipe").
         cmd = [sys.executable, str(Path(__file__).with_name("make_demo_base.py")), "--install",
-               "--out", str(out / "demo-base-build"), "--threads", str(threads.threads)]
+               "--out", str(out / "demo-base-build"), "--threads", "1"]
         if subprocess.run(cmd).returncode:
             raise CheckpointError("building the demo base failed (see above); rerun make demo to resume it")
     base = recipe.checkpoint()  # checked (SHA-256 of the build's record) before any work
