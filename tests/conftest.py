@@ -92,9 +92,10 @@ def real_tiles(he_sample):
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """The demo's training path at reduced size, from scratch (the demo base is built on a user's first `make
-    demo`, ~5 min, and never committed, so CI has none): one fold of vit_tiny, method `full`, Macenko-stained
-    demo tiles, 150 epochs of 2 steps, thresholds calibrated on held-back tiles.
+    """The demo base's recipe at reduced size (the base is built on a user's first `make demo`, ~5 min, and never
+    committed, so CI has none): vit_tiny from the base's own starting point (``BASE.init_checkpoint``: seeded
+    random init, prompt-encoder Fourier scale 0.5) at the base's learning rate, method `full`, one fold of
+    Macenko-stained demo tiles, 150 epochs of 2 steps, thresholds calibrated on held-back tiles.
 
     Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the
     validation metrics with them, those with every mask kept, and the training seconds.
@@ -106,12 +107,13 @@ def demo_model(tmp_path_factory):
     from nucseg.learn.calibrate import resolve_infer
     from nucseg.learn.cv import score
     from nucseg.learn.data import load_dataset
-    from nucseg.learn.demo import QUICK, make_demo_dataset
+    from nucseg.learn.demo import BASE, QUICK, make_demo_dataset
     from nucseg.model.infer import InferConfig, SamTileSegmenter
     from nucseg.learn.train import finetune
 
-    recipe = replace(QUICK, pretrained=False, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS, lr=2e-3, stain="macenko")
+    recipe = replace(QUICK, pretrained=False, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS, lr=BASE.lr, stain="macenko")
     root = tmp_path_factory.mktemp("demo_quality")
+    init = BASE.init_checkpoint(root / "init.safetensors", recipe.size)  # the demo base's own starting point
     data = make_demo_dataset(root / "data", tiles_per_organ=recipe.tiles_per_organ, size=recipe.size,
                              seed=recipe.seed, zoom=recipe.zoom, stain=recipe.stain)
     tiles = load_dataset(data, tile_size=recipe.size)
@@ -119,10 +121,10 @@ def demo_model(tmp_path_factory):
     val = [t for t in tiles if t.stem in val_stems]
     train = [t for t in tiles if t.stem not in val_stems]
     t0 = time.perf_counter()
-    res = finetune(train, root / "run", "vit_tiny", recipe.checkpoint(), recipe.method(), recipe.train_config(),
+    res = finetune(train, root / "run", "vit_tiny", init, recipe.method(), recipe.train_config(),
                    mpp=recipe.mpp, infer=InferConfig(**recipe.infer()))
     seconds = time.perf_counter() - t0
-    model, info = load_adapter(res.adapter)
+    model, info = load_adapter(res.adapter, init)
     cfg, used = resolve_infer(recipe.infer(), info.thresholds)
     metrics, _ = score(SamTileSegmenter(model, cfg, device="cpu"), val, recipe.batch_size)
     # every mask the model proposes (thresholds at their loosest): does it mark the nuclei at all?
