@@ -69,8 +69,8 @@ def main() -> int:
         say("0/4 building the demo base once (weights are not kept in the repository): vit_tiny from scratch on "
             "synthetic tiles, about 5 min on one CPU core; later runs reuse it")
         # One thread whatever the CPUs: the pinned recipe's numerics (those of the reference build), and on this
-        # small model a second thread only adds overhead (6.7 s per epoch with 2 threads on 2 idle cores against
-        # 5.8 s with 1, 2026-12-01; docs/BENCHMARKS.md "Demo recipe").
+        # small model a second thread does not help (fresh clones on the idle 2-core VM, 2026-12-01: 6.7 s per
+        # epoch with 2 threads, 6.3 s with 1; README "The demo").
         cmd = [sys.executable, str(Path(__file__).with_name("make_demo_base.py")), "--install",
                "--out", str(out / "demo-base-build"), "--threads", "1"]
         if subprocess.run(cmd).returncode:
