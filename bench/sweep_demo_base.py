@@ -42,8 +42,7 @@ from nucseg.threads import configure_threads
 configure_threads(a.threads)
 import torch
 from nucseg.learn.data import load_dataset
-from nucseg.learn.demo import make_demo_dataset, BASE_ORGANS, BASE_SEED, BASE_STAIN, QUICK
-from nucseg.model.sam import load_sam
+from nucseg.learn.demo import make_demo_dataset, BASE, BASE_ORGANS, BASE_SEED, BASE_STAIN, QUICK
 from nucseg.model.lora import MethodConfig, apply_method
 from nucseg.model.adapter import export_merged
 from nucseg.learn.train import Trainer, TrainConfig
@@ -58,8 +57,7 @@ cfg = TrainConfig(epochs=a.epochs, batch_size=a.bs, lr=a.lr, box_fraction=a.box,
 train, held = split_for_calibration(tiles, 0.1, 0)
 c0, w0 = time.process_time(), time.time()
 if a.ckpt: a.epochs = 0
-model, _ = load_sam("vit_tiny", None, img_size=a.size, seed=a.seed)
-model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(a.pe)
+model = dataclasses.replace(BASE, seed=a.seed, pe_scale=a.pe).init_model(a.size)  # the recipe's own init
 if a.qk:
     t = model.mask_decoder.transformer
     mods = [m for l in t.layers for m in (l.cross_attn_token_to_image, l.cross_attn_image_to_token)] + [t.final_attn_token_to_image]

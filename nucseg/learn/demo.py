@@ -271,19 +271,24 @@ class BaseRecipe:
                            positive_prompts=self.positive_prompts, calibration_fraction=self.calibration_fraction,
                            seed=self.seed, device=device, foreground_head=False)
 
-    def init_checkpoint(self, path: str | os.PathLike, size: int) -> Path:
-        """Write the build's starting point: the seeded random init of vit_tiny at ``size`` px with the prompt
-        encoder's Fourier matrix scaled by ``pe_scale`` (official keys, safetensors; deterministic, so a resumed
-        build finds the same fingerprint)."""
+    def init_model(self, size: int):
+        """The build's starting point: the seeded random init of vit_tiny at ``size`` px with the prompt encoder's
+        Fourier matrix scaled by ``pe_scale`` (deterministic)."""
         import torch
 
-        from ..model.adapter import export_merged
         from ..model.sam import load_sam
 
         model, _ = load_sam("vit_tiny", None, img_size=size, seed=self.seed)
         with torch.no_grad():
             model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(self.pe_scale)
-        return export_merged(model, Path(path))
+        return model
+
+    def init_checkpoint(self, path: str | os.PathLike, size: int) -> Path:
+        """:meth:`init_model` written as a checkpoint (official keys, safetensors; the same bytes every time, so a
+        resumed build finds the same fingerprint)."""
+        from ..model.adapter import export_merged
+
+        return export_merged(self.init_model(size), Path(path))
 
 
 BASE = BaseRecipe()
