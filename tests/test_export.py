@@ -17,7 +17,7 @@ from skimage.io import imread
 
 from nucseg.wsi import measure
 from nucseg.model.classical import ThresholdSegmenter
-from nucseg.wsi.export import GeoJSONWriter, NucleusRecord, instance_polygons
+from nucseg.wsi.export import GeoJSONWriter, NucleusRecord, feature_id, feature_ids, instance_polygons
 from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg.wsi.synthslide import make_synthetic_slide
 
@@ -57,6 +57,18 @@ def test_geojson_is_valid_qupath_detections_on_the_slide(cmu_run):
         assert props["metadata"] == {"nucleusId": str(props["nucleusId"])}  # where QuPath keeps the id
         assert meas["Area µm^2"] > 0 and meas["Perimeter µm"] > 0 and 0 <= meas["Score"] <= 1
     assert len({f["id"] for f in feats}) == len(feats)
+
+
+def test_feature_ids_are_the_uuid5_of_each_nucleus():
+    """The batched ids are exactly uuid5(namespace, "<slide key>:<id>"), as the per-nucleus form (and files
+    written before the batched form) have them: a rerun or another output of the same slide keeps its ids."""
+    ids = [0, 1, 9, 10, 99, 12345, 2**31, 2**53]
+    for key in ("", "CMU-1-Small-Region.svs:1a2b", "slide é/ü:", "x" * 300):
+        got = feature_ids(key, ids)
+        assert got == [feature_id(key, i) for i in ids]
+        assert all(uuid.UUID(g).version == 5 and uuid.UUID(g).variant == uuid.RFC_4122 for g in got)
+    assert feature_ids("k", np.array([3, 4])) == [feature_id("k", 3), feature_id("k", 4)]
+    assert feature_ids("k", []) == []
 
 
 def _raster_iou(ring: np.ndarray, labels: np.ndarray, gid: int, scale: float = 1.0) -> float:

@@ -11,7 +11,7 @@ import openslide
 import pytest
 
 from nucseg.errors import InputError, SlideError
-from nucseg.wsi.slide import TargetView, _mpp_from_tiff_tags, best_level, detect_tissue, open_slide, slide_mpp
+from nucseg.wsi.slide import TargetView, _block_mean, _mpp_from_tiff_tags, best_level, detect_tissue, open_slide, slide_mpp
 from nucseg.wsi.synthslide import make_synthetic_slide
 
 
@@ -91,6 +91,27 @@ def test_tissue_detection_matches_truth(tmp_path):
     inter, union = (truth & tissue.mask).sum(), (truth | tissue.mask).sum()
     assert inter / union > 0.9
     assert tissue.area_mm2 == pytest.approx(1600 * 1200 * 0.4 * 0.25e-6, rel=0.15)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 6, 16, 48])
+@pytest.mark.parametrize("opaque", [True, False])
+def test_overview_block_mean_is_the_exact_rounded_mean(block, opaque):
+    """The overview's fast path (OpenCV's area resize) equals the integer block sum's mean rounded half to
+    even, ties included (every 2x2 block below is a tie candidate), and transparency composites over white."""
+    rng = np.random.default_rng(block)
+    h, w = 40 * block, 30 * block
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    if not opaque:
+        rgba[: h // 3, :, 3] = 0  # outside the scanned area
+        rgba[h // 3 : h // 2, :, 3] = 128
+    rgb = rgba[..., :3].astype(np.float64)
+    a = rgba[..., 3:].astype(np.float64) / 255.0
+    over = np.clip(np.rint(rgb * a + 255.0 * (1.0 - a)), 0, 255)  # over white, as composite_white rounds it
+    expect = np.rint(over.reshape(40, block, 30, block, 3).sum(axis=(1, 3)) / block**2)
+    got = _block_mean(rgba, block)
+    assert got.dtype == np.uint8 and got.shape == (40, 30, 3)
+    np.testing.assert_array_equal(got, expect.astype(np.uint8))
 
 
 def test_full_tissue_and_empty_slide(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -402,6 +403,31 @@ def feature_id(slide_key: str, nucleus_id: int) -> str:
     return str(uuid.uuid5(_UUID_NS, f"{slide_key}:{int(nucleus_id)}"))
 
 
+_HEX = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), np.uint8).reshape(256, 2)
+_UUID_HEX_COLS = np.r_[0:8, 9:13, 14:18, 19:23, 24:36]  # where the 32 hex digits go in the 36-char form
+
+
+def feature_ids(slide_key: str, nucleus_ids: Sequence[int]) -> list[str]:
+    """:func:`feature_id` of many nuclei, equal to it id for id (tested) and 4x faster: the SHA-1 of the
+    shared prefix is computed once, and the version/variant bits and the hex text are set in numpy rather
+    than through a ``uuid.UUID`` per nucleus."""
+    if not len(nucleus_ids):
+        return []
+    base = hashlib.sha1(_UUID_NS.bytes + f"{slide_key}:".encode())
+
+    def digest(i: int) -> bytes:
+        h = base.copy()
+        h.update(b"%d" % i)
+        return h.digest()[:16]
+
+    raw = np.frombuffer(b"".join([digest(int(i)) for i in nucleus_ids]), np.uint8).reshape(-1, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5 (RFC 4122 section 4.3)
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # variant RFC 4122
+    text = np.full((len(raw), 36), ord("-"), np.uint8)
+    text[:, _UUID_HEX_COLS] = _HEX[raw].reshape(len(raw), 32)
+    return text.view("S36").ravel().astype("U36").tolist()
+
+
 def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
     """The QuPath detection Features of a batch as plain dicts (coordinates stay numpy rows for orjson)."""
     # Python's round (exact decimal rounding), as the GeoJSON always had: np.round can differ on near-ties
@@ -409,13 +435,15 @@ def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
     perim = [round(v, 4) for v in batch.perimeter_um.tolist()]
     score = [round(v, 5) for v in batch.score.tolist()]
     extra = [(name, [_json_number(v) for v in values.tolist()]) for name, values in batch.measurements.items()]
-    for i, (gid, ring) in enumerate(zip(batch.ids.tolist(), batch.rings())):
+    gids = batch.ids.tolist()
+    uuids = feature_ids(slide_key, gids)
+    for i, (gid, ring) in enumerate(zip(gids, batch.rings())):
         measurements = {"Area µm^2": area[i], "Perimeter µm": perim[i], "Score": score[i]}
         for name, values in extra:
             measurements[name] = values[i]
         yield {
             "type": "Feature",
-            "id": feature_id(slide_key, gid),
+            "id": uuids[i],
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {
                 "objectType": "detection",
@@ -565,7 +593,7 @@ class GeoParquetWriter(_BatchWriter):
         wkb = np.concatenate([shapely.to_wkb(b.polygons()) for b in self._pending])
         n = len(ids)
         table = pa.Table.from_arrays([
-            pa.array([feature_id(self.slide_key, i) for i in ids.tolist()], pa.string()), pa.array(ids),
+            pa.array(feature_ids(self.slide_key, ids.tolist()), pa.string()), pa.array(ids),
             pa.array(["detection"] * n, pa.string()), pa.array(["Nucleus"] * n, pa.string()),
             pa.array(cat("area_um2")), pa.array(cat("perimeter_um")), pa.array(cat("score")),
             pa.array(cat("centroid_x")), pa.array(cat("centroid_y")),

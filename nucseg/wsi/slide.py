@@ -294,6 +294,26 @@ def composite_white(rgba: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * a + WHITE * (1.0 - a)), 0, 255).astype(np.uint8)
 
 
+def _block_mean(rgba: np.ndarray, block: int) -> np.ndarray:
+    """RGB over white of an RGBA region, averaged over ``block`` x ``block`` pixel blocks (rounded half to even).
+
+    An opaque region (every read inside the scanned area) is averaged with its alpha channel by OpenCV's area
+    resize, about 20x faster than numpy's strided block sum and bit-identical to it for integer factors >= 3
+    (ties included: tests/test_wsi.py checks it); a factor of 2 rounds ties up in OpenCV, so numpy does it.
+    """
+    import cv2
+
+    h, w = rgba.shape[0] // block, rgba.shape[1] // block
+    if block >= 3 and rgba[..., 3].min() == 255:
+        return cv2.resize(rgba, (w, h), interpolation=cv2.INTER_AREA)[..., :3]
+    rgb = composite_white(rgba)
+    if block == 1:  # the level itself: nothing to average
+        return rgb
+    # exact integer block sums (no float copy of the block), then the rounded mean
+    total = rgb.reshape(h, block, w, block, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return np.clip(np.rint(total / (block * block)), 0, 255).astype(np.uint8)
+
+
 def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float, block_px: int = 4096) -> tuple[np.ndarray, float]:
     """The whole slide at about ``target_mpp`` (coarse), read block by block so memory stays small.
 
@@ -314,14 +334,8 @@ def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float
             for ox in range(0, out_w, step):
                 bh, bw = min(step, out_h - oy), min(step, out_w - ox)
                 loc = (int(round(ox * block * ds)), int(round(oy * block * ds)))
-                region = slide.read_region(loc, level, (bw * block, bh * block))
-                rgb = composite_white(np.asarray(region))
-                if block == 1:  # the level itself: nothing to average
-                    out[oy : oy + bh, ox : ox + bw] = rgb
-                    continue
-                # exact integer block sums (no float copy of the block), then the rounded mean
-                total = rgb.reshape(bh, block, bw, block, 3).sum(axis=(1, 3), dtype=np.uint32)
-                out[oy : oy + bh, ox : ox + bw] = np.clip(np.rint(total / (block * block)), 0, 255).astype(np.uint8)
+                region = np.asarray(slide.read_region(loc, level, (bw * block, bh * block)))
+                out[oy : oy + bh, ox : ox + bw] = _block_mean(region, block)
     except openslide.OpenSlideError as err:
         raise SlideError(f"cannot read slide {path}: {_one_line(err)} (truncated or corrupt?)") from None
     return out, level_mpp * block
