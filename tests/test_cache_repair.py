@@ -22,7 +22,7 @@ from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import OutputError
 from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg.wsi.synthslide import make_synthetic_slide
-from nucseg.wsi.cache import TileCache, is_nucseg_cache
+from nucseg.wsi.cache import PRED_CHUNK, TileCache, is_nucseg_cache
 from nucseg_cli.main import main
 
 T, OVERLAP = 128, 24
@@ -72,10 +72,11 @@ def _pred(cache: Path) -> Path:
 
 
 CASES = [
-    # (id, chunk file under the cache, damage, tiles predicted again, other model fingerprint)
-    ("labels-truncated", lambda c: _pred(c) / "labels/c.7.0.0", _truncate, 1, None),
-    ("labels-garbage", lambda c: _pred(c) / "labels/c.12.0.0", _garbage, 1, None),
-    ("scores-truncated", lambda c: _pred(c) / "scores/c.3.0", _truncate, 1, None),
+    # (id, chunk file under the cache, damage, tiles predicted again, other model fingerprint); predictions are
+    # chunked by PRED_CHUNK = 8 tiles, so a damaged one costs its 8 tiles (the last chunk of 30 holds 6)
+    ("labels-truncated", lambda c: _pred(c) / "labels/c.1.0.0", _truncate, PRED_CHUNK, None),
+    ("labels-garbage", lambda c: _pred(c) / "labels/c.3.0.0", _garbage, 30 - 3 * PRED_CHUNK, None),
+    ("scores-truncated", lambda c: _pred(c) / "scores/c.0.0", _truncate, PRED_CHUNK, None),
     ("done-flags-truncated", lambda c: _pred(c) / "done/c.0", _truncate, 30, None),
     ("n_inst-garbage", lambda c: _pred(c) / "n_inst/c.0", _garbage, 30, None),
     ("tiles_done-garbage", lambda c: c / "tiles_done/c.0", _garbage, 0, None),
@@ -107,6 +108,48 @@ def test_damaged_chunks_are_recomputed_and_outputs_identical(case, clean, tmp_pa
     again, notes = _run(clean["slide"], tmp_path / "again", work, model_fingerprint=model)
     assert notes == [] and again.predicted_tiles == 0 and again.read_tiles == 0  # the cache is whole again
     assert _files(tmp_path / "again") == clean["out"]
+
+
+def _set_done(cache: Path, tiles: slice, value: bool) -> None:
+    """Mark predictions done / not done on disk, as a run killed before (or after) writing them leaves them."""
+    import zarr
+
+    done = zarr.open_array(str(_pred(cache) / "done"), mode="r+")
+    flags = done[:]
+    flags[tiles] = value
+    done[:] = flags
+
+
+def test_batches_that_split_prediction_chunks_merge_them(clean, tmp_path):
+    """Batches not aligned to the prediction chunks (another batch size, or a resumed run whose missing tiles
+    start mid-chunk) merge each chunk's done tiles with the new ones: same outputs, and a rerun redoes nothing."""
+    summary, notes = _run(clean["slide"], tmp_path / "out", tmp_path / "work", batch_size=3)
+    assert notes == [] and summary.predicted_tiles == 30
+    assert _files(tmp_path / "out") == clean["out"]
+    work = tmp_path / "resumed"
+    shutil.copytree(clean["work"], work)
+    _set_done(work / clean["cache"], slice(5, 19), False)  # killed after tile 4: chunks 0 and 2 are split
+    summary, notes = _run(clean["slide"], tmp_path / "out2", work, batch_size=5)
+    assert notes == [] and summary.predicted_tiles == 14
+    assert _files(tmp_path / "out2") == clean["out"]
+    again, _ = _run(clean["slide"], tmp_path / "out3", work)
+    assert again.predicted_tiles == 0 and _files(tmp_path / "out3") == clean["out"]
+
+
+def test_a_split_chunk_found_damaged_when_merging_is_predicted_again(clean, tmp_path):
+    """A batch that covers part of a damaged chunk cannot keep the chunk's other tiles: they are marked not done,
+    the batch is written (the chunk decodes again) and a repair pass predicts them; outputs unchanged."""
+    work = tmp_path / "work"
+    shutil.copytree(clean["work"], work)
+    cache = work / clean["cache"]
+    _set_done(cache, slice(PRED_CHUNK, PRED_CHUNK + 3), False)  # 3 tiles of chunk 1 to predict; 5 kept
+    _truncate(_pred(cache) / "labels/c.1.0.0")
+    summary, notes = _run(clean["slide"], tmp_path / "out", work)
+    assert len(notes) == 1 and "its tiles are read and predicted again" in notes[0]
+    assert summary.predicted_tiles == PRED_CHUNK  # the 3, then the 5 the damage took
+    assert _files(tmp_path / "out") == clean["out"]
+    again, notes = _run(clean["slide"], tmp_path / "again", work)
+    assert notes == [] and again.predicted_tiles == 0 and _files(tmp_path / "again") == clean["out"]
 
 
 def test_damage_that_survives_repair_is_one_error(clean, tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def test_export_runs_while_inference_is_still_going(slide, tmp_path, monkeypatch
 
     seg = WaitsForExport()
     out = tmp_path / "a.geojson"
-    summary = predict_slide(slide, out, seg, PredictConfig(batch_size=2))
+    summary = predict_slide(slide, out, seg, PredictConfig(batch_size=2, export_chunk=2))  # export by 2 tiles
     assert seg.calls == 5 and summary.predicted_tiles == 9
     ref = tmp_path / "ref.geojson"
     predict_slide(slide, ref, ThresholdSegmenter(), PredictConfig(batch_size=9))

@@ -52,7 +52,7 @@ import shapely
 from ..errors import InputError, OutputError
 from ..io import check_output, is_nucseg_png
 from ..segmenter import TileSegmenter
-from .cache import FLAG_CHUNK, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
+from .cache import FLAG_CHUNK, PRED_CHUNK, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
                      instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, outline_rings,
                      write_ome_zarr_labels)
@@ -109,7 +109,8 @@ class PredictConfig:
     (QuPath's ``Nucleus:`` shape features) or "full" (shape plus hematoxylin / eosin optical densities).
     roi / roi_class: segment only inside these regions (QuPath GeoJSON annotations, of that class if given, or a
     mask image; nucseg.wsi.roi).
-    export_chunk: consecutive tiles per export-worker job.
+    export_chunk: consecutive tiles per export job (a worker process's unit of work, and how far the export lags
+    the inference); best a multiple of the cache's prediction chunk (``PRED_CHUNK``), which a job reads whole.
     Which extra outputs a batch writes, and their names: :class:`SlideOutputs`.
     """
 
@@ -133,7 +134,7 @@ class PredictConfig:
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
     export_workers: int | None = None
-    export_chunk: int = 4
+    export_chunk: int = PRED_CHUNK  # a job reads whole prediction chunks
     command: str | None = None
     measurements: str = "full"
 
@@ -323,6 +324,7 @@ def predict_slide(
                 except CacheDamaged as err:
                     # The damaged tiles are marked not done; the outputs of this pass were discarded (atomic),
                     # so another pass predicts only those tiles and writes the outputs whole.
+                    read_n, pred_n = read_n + err.work[0], pred_n + err.work[1]
                     if attempt == MAX_CACHE_REPAIRS:
                         raise OutputError(f"tile cache {err.root} still returns damaged predictions (tiles "
                                           f"{err.tiles[:5]}) after {attempt} repairs; its storage may be failing: "
@@ -350,12 +352,15 @@ def _infer_and_export(cache: TileCache, plan: "_Plan", segmenter: TileSegmenter,
     ready = _Ready(cache.pred_done, keep=handoff)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
         export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov, ready.take)
+        counts = [0, 0]  # tiles read, predicted (kept when the pass ends in CacheDamaged)
         try:
-            read_n, pred_n = _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done,
-                                            times=times)
-            return export.result(), read_n, pred_n
-        except BaseException:
+            _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done, times=times,
+                           counts=counts)
+            return export.result(), counts[0], counts[1]
+        except BaseException as err:
             ready.abort()  # the export thread stops waiting and discards its partial outputs
+            if isinstance(err, CacheDamaged):
+                err.work = (counts[0], counts[1])
             raise
 
 
@@ -576,7 +581,19 @@ def predict_tile_range(
             raise InputError(f"tile range [{start}, {stop}) must be aligned to {FLAG_CHUNK} tiles")
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work, create=create)
-            _, predicted = _run_segmenter(cache, plan.view, segmenter, cfg, progress, tiles=(start, stop))
+            predicted = 0
+            for attempt in range(MAX_CACHE_REPAIRS + 1):
+                counts = [0, 0]
+                try:  # a damaged chunk met while merging a batch: its tiles are marked not done, predict them
+                    _run_segmenter(cache, plan.view, segmenter, cfg, progress, tiles=(start, stop), counts=counts)
+                    predicted += counts[1]
+                    break
+                except CacheDamaged as err:
+                    predicted += counts[1]
+                    if attempt == MAX_CACHE_REPAIRS:
+                        raise OutputError(f"tile cache {err.root} still returns damaged predictions (tiles "
+                                          f"{err.tiles[:5]}) after {attempt} repairs; its storage may be failing: "
+                                          "delete it (it is only a cache) or use another --work-dir") from None
     finally:
         slide.close()
     return n, predicted
@@ -646,12 +663,16 @@ def _host_buffer(shape: tuple[int, ...], segmenter: TileSegmenter) -> np.ndarray
 def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter, cfg: PredictConfig,
                    progress: Progress | None, ready: _Ready | None = None,
                    stopped: Callable[[], bool] = lambda: False,
-                   tiles: tuple[int, int] | None = None, times: StageTimes | None = None) -> tuple[int, int]:
+                   tiles: tuple[int, int] | None = None, times: StageTimes | None = None,
+                   counts: list[int] | None = None) -> tuple[int, int]:
     """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading (and
     caching) the next batch while the model runs, and writing predictions to the cache in a third thread.
 
     ``ready`` is told about every finished batch; ``stopped()`` true (the export thread failed) ends early.
+    Returns (tiles read from the slide, tiles predicted); ``counts`` holds the same as they grow, for a caller
+    whose pass ends in an exception (CacheDamaged).
     """
+    counts = counts if counts is not None else [0, 0]
     T = cache.tile_size
     todo = np.flatnonzero(~cache.pred_done)
     if tiles is not None:
@@ -661,7 +682,6 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
     if progress is not None:
         progress(done, total)
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    read_n = 0
     times = times or StageTimes()
     timed_view = _TimedView(view, times)
 
@@ -687,8 +707,11 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
     def store(idx: np.ndarray, labels: np.ndarray, scores: list, tiles: np.ndarray | None) -> None:
         """Write a batch's predictions (cache-writer thread), then tell the export pass and the progress bar."""
         nonlocal done
-        with times("cache"):
-            cache.put_predictions(idx, labels, scores)
+        try:
+            with times("cache"):
+                cache.put_predictions(idx, labels, scores)
+        finally:  # also when it raises CacheDamaged: the batch was written, other tiles of a chunk were damaged
+            counts[1] += len(idx)
         if ready is not None:
             ready.mark(idx, labels, scores, tiles)
         done += len(idx)
@@ -704,7 +727,7 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
                 break
             tiles, fresh = future.result()
             future = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-            read_n += len(fresh)
+            counts[0] += len(fresh)
             with times("infer"):
                 result = segmenter(tiles)
                 labels = np.asarray(result.labels)
@@ -717,7 +740,7 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
                 writes.popleft().result()
         while writes:
             writes.popleft().result()
-    return read_n, len(todo)
+    return counts[0], counts[1]
 
 
 class _TimedView:
