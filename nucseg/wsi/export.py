@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,8 @@ class NucleusRecord:
 # label among its corners, the segments of that label's indicator, joining the mid-points of the cell's edges
 # (T, R, B, L). Saddles connect the label's diagonal corners (8-connected objects, skimage's
 # ``fully_connected="high"``). Segments are oriented with the label on one fixed side, so every edge mid-point
-# of a label's outline starts exactly one of its segments and ends exactly one: linking is a sort, rings are
-# the cycles of the successor permutation (pointer doubling), all in numpy.
+# of a label's outline starts exactly one of its segments and ends exactly one: linking is a lookup, rings are
+# the cycles of the successor permutation, walked in C by one depth-first traversal (scipy.sparse.csgraph).
 _EDGE2 = np.array([(0, 1), (1, 2), (2, 1), (1, 0)], dtype=np.int64)  # edge mid-points, doubled (row, col)
 _EDGE_CORNERS = ((0, 1), (1, 2), (2, 3), (3, 0))
 _CORNER_RC = np.array([(0, 0), (0, 1), (1, 1), (1, 0)], dtype=np.float64)
@@ -93,27 +94,43 @@ def _segment_table() -> np.ndarray:
 _SEGMENTS = _segment_table()
 
 
-def _cycle_roots(nxt: np.ndarray) -> np.ndarray:
-    """For a permutation made of cycles, the smallest index of each element's cycle (pointer doubling)."""
-    root, jump = np.arange(len(nxt), dtype=nxt.dtype), nxt
-    while True:
-        new = np.minimum(root, root[jump])
-        if np.array_equal(new, root):
-            return root
-        root, jump = new, jump[jump]
+_SCRATCH = threading.local()
+_SCRATCH_MAX = 2050 * 2050
 
 
-def _cycle_positions(nxt: np.ndarray, root: np.ndarray) -> np.ndarray:
-    """Position of each element along its cycle, starting at the cycle's root (list ranking by doubling)."""
-    idx = np.arange(len(nxt), dtype=nxt.dtype)
-    is_root = root == idx
-    jump = np.where(is_root | (nxt == root), root, nxt)
-    dist = (~is_root).astype(nxt.dtype)  # steps to the root, forward
-    while not np.array_equal(jump, root):
-        dist = dist + dist[jump]
-        jump = jump[jump]
-    n = np.bincount(root, minlength=len(nxt))[root].astype(nxt.dtype)
-    return (n - dist) % n
+def _scratch(name: str, shape: tuple[int, ...], dtype, zero: bool = False) -> np.ndarray:
+    """A work array of this thread, reused from tile to tile: a fresh megabyte array costs its page faults
+    (about 0.5 ms per 512 px tile and array). One per name; another shape or dtype replaces it. Arrays larger
+    than a 2048 px tile's are not kept (a whole image outlined once must not pin its memory)."""
+    if int(np.prod(shape)) > _SCRATCH_MAX:
+        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    key = (shape, np.dtype(dtype).str)
+    have = bufs.get(name)
+    if have is None or have[0] != key:
+        have = bufs[name] = (key, np.zeros(shape, dtype) if zero else np.empty(shape, dtype))
+    return have[1]
+
+
+def _ring_order(nxt: np.ndarray) -> np.ndarray:
+    """The elements of a permutation made of cycles, each cycle a contiguous run in successor order starting at
+    its smallest element, cycles in ascending order of that element.
+
+    A depth-first traversal from an extra node linked to every element in ascending order: the first element of
+    a cycle it meets is the cycle's smallest, and it follows the cycle to its end before the next one.
+    """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import depth_first_order
+
+    S = len(nxt)
+    indptr = np.empty(S + 2, np.int32)
+    indptr[: S + 1] = np.arange(S + 1, dtype=np.int32)
+    indptr[S + 1] = 2 * S
+    indices = np.concatenate([nxt, np.arange(S, dtype=np.int32)])
+    graph = csr_array((np.ones(2 * S, np.int8), indices, indptr), shape=(S + 1, S + 1))
+    return depth_first_order(graph, S, directed=True, return_predecessors=False)[1:].astype(np.int32)
 
 
 _SEG32 = _SEGMENTS.astype(np.int32)
@@ -134,7 +151,7 @@ def outline_rings(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.
     if (H + 2) * (W + 2) >= 2**31:
         raise ValueError(f"tile of {H} x {W} px is too large to outline")
     keep = np.asarray(keep, dtype=bool)
-    pad = np.zeros((H + 2, W + 2), dtype=labels.dtype)
+    pad = _scratch("pad", (H + 2, W + 2), labels.dtype, zero=True)  # its border stays 0: only the inside is written
     pad[1:-1, 1:-1] = labels
     across_cols = pad[:, 1:] != pad[:, :-1]  # a cell is mixed if a row pair or its left column pair differs
     mixed = across_cols[:-1] | across_cols[1:]
@@ -171,40 +188,37 @@ def outline_rings(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.
     slot = np.full(len(cell) * 4, -1, dtype=np.int32)
     slot[compact * 4 + e_from] = np.arange(S, dtype=np.int32)
     step = np.array([-(W + 1), 1, W + 1, -1], dtype=np.int32)[e_to]
-    where = np.empty((H + 1) * (W + 1), dtype=np.int32)  # flat cell -> its index in ``cell`` (mixed cells only)
+    # flat cell -> its index in ``cell``; only mixed cells are written and read (a segment always leaves into a
+    # mixed cell), so the scratch array's other entries never matter
+    where = _scratch("where", ((H + 1) * (W + 1),), np.int32)
     where[cell] = np.arange(len(cell), dtype=np.int32)
     nxt = slot[where[cells + step] * 4 + ((e_to + 2) & 3)]
     ci, cj = np.divmod(cells, np.int32(W + 1))
     rows2 = 2 * ci + _EDGE_ROW2[e_from]  # doubled padded coordinates of each segment's start; its end is the
     cols2 = 2 * cj + _EDGE_COL2[e_from]  # start of its successor
-    root = _cycle_roots(nxt)
-    # twice the (4x, doubled grid) signed area of each ring, from its segments in any order (shoelace)
-    area = np.bincount(root, weights=(cols2 * rows2[nxt] - cols2[nxt] * rows2).astype(np.float64), minlength=S)
-    roots = np.flatnonzero(root == np.arange(S, dtype=np.int32))
-    rl = lab[roots]
-    by = np.lexsort((-np.abs(area[roots]), rl))
-    best = roots[by[np.r_[True, rl[by][1:] != rl[by][:-1]]]]
-    chosen = np.zeros(S, dtype=bool)
-    chosen[best] = True
-    sel = np.flatnonzero(chosen[root]).astype(np.int32)
-    compact = np.full(S, -1, dtype=np.int32)
-    compact[sel] = np.arange(len(sel), dtype=np.int32)
-    c_root = compact[root[sel]]
-    pos = _cycle_positions(compact[nxt[sel]], c_root)
-    # rings in label order, each vertex scattered to (ring start + its position along the ring): no sort
-    rings = np.flatnonzero(c_root == np.arange(len(sel), dtype=np.int32))
-    ring_lab = lab[sel][rings]
-    order = np.argsort(ring_lab)
-    length = np.bincount(c_root, minlength=len(sel))[rings[order]]
-    starts = np.zeros(len(sel), dtype=np.int64)
-    starts[rings[order]] = np.cumsum(length) - length
-    dest = starts[c_root] + pos
-    xy = np.empty((len(sel), 2), dtype=np.float64)
-    xy[dest, 0] = cols2[sel]
-    xy[dest, 1] = rows2[sel]
+    # every ring as a contiguous run of `order`, in chain order from its smallest segment index, rings by that index
+    order = _ring_order(nxt)
+    on = nxt[order]
+    is_start = np.empty(S, dtype=bool)
+    is_start[0] = True
+    is_start[1:] = on[:-1] != order[1:]
+    k_start = np.flatnonzero(is_start)
+    ring_of = np.cumsum(is_start) - 1
+    # twice the (4x, doubled grid) signed area of each ring (shoelace)
+    term = (cols2[order] * rows2[on] - cols2[on] * rows2[order]).astype(np.float64)
+    area = np.bincount(ring_of, weights=term, minlength=len(k_start))
+    rl = lab[order[k_start]]
+    by = np.lexsort((-np.abs(area), rl))
+    best = by[np.r_[True, rl[by][1:] != rl[by][:-1]]]  # the largest ring of each label, in label order
+    length = np.diff(np.r_[k_start, S])[best]
+    ends = np.cumsum(length)
+    pick = order[np.repeat(k_start[best] - (ends - length), length) + np.arange(int(ends[-1]))]
+    xy = np.empty((len(pick), 2), dtype=np.float64)
+    xy[:, 0] = cols2[pick]
+    xy[:, 1] = rows2[pick]
     xy *= 0.5  # undo doubling and padding
     xy -= 1.0
-    return ring_lab[order].astype(np.int64), xy, np.r_[0, np.cumsum(length)].astype(np.int64)
+    return rl[best].astype(np.int64), xy, np.r_[0, ends].astype(np.int64)
 
 
 def tile_polygons(labels: np.ndarray, keep: np.ndarray, tolerance: float = 0.25,
