@@ -22,7 +22,7 @@ from nucseg.model.classical import ThresholdSegmenter
 from nucseg.errors import OutputError
 from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg.wsi.synthslide import make_synthetic_slide
-from nucseg.wsi.cache import PRED_CHUNK, TileCache, is_nucseg_cache
+from nucseg.wsi.cache import CHUNK_TILES, TileCache, is_nucseg_cache
 from nucseg_cli.main import main
 
 T, OVERLAP = 128, 24
@@ -73,17 +73,17 @@ def _pred(cache: Path) -> Path:
 
 CASES = [
     # (id, chunk file under the cache, damage, tiles predicted again, other model fingerprint); predictions are
-    # chunked by PRED_CHUNK = 8 tiles, so a damaged one costs its 8 tiles (the last chunk of 30 holds 6)
-    ("labels-truncated", lambda c: _pred(c) / "labels/c.1.0.0", _truncate, PRED_CHUNK, None),
-    ("labels-garbage", lambda c: _pred(c) / "labels/c.3.0.0", _garbage, 30 - 3 * PRED_CHUNK, None),
-    ("scores-truncated", lambda c: _pred(c) / "scores/c.0.0", _truncate, PRED_CHUNK, None),
+    # chunked by CHUNK_TILES = 8 tiles, so a damaged one costs its 8 tiles (the last chunk of 30 holds 6)
+    ("labels-truncated", lambda c: _pred(c) / "labels/c.1.0.0", _truncate, CHUNK_TILES, None),
+    ("labels-garbage", lambda c: _pred(c) / "labels/c.3.0.0", _garbage, 30 - 3 * CHUNK_TILES, None),
+    ("scores-truncated", lambda c: _pred(c) / "scores/c.0.0", _truncate, CHUNK_TILES, None),
     ("done-flags-truncated", lambda c: _pred(c) / "done/c.0", _truncate, 30, None),
     ("n_inst-garbage", lambda c: _pred(c) / "n_inst/c.0", _garbage, 30, None),
     ("tiles_done-garbage", lambda c: c / "tiles_done/c.0", _garbage, 0, None),
     ("coords-garbage", lambda c: c / "coords/c.0.0", _garbage, 0, None),
     ("pred-metadata-garbage", lambda c: _pred(c) / "zarr.json", _garbage, 30, None),
     # tiles are only read back when a prediction is missing: predict with another model fingerprint
-    ("tile-truncated", lambda c: c / "tiles/c.4.0.0.0", _truncate, 30, "another-model"),
+    ("tile-truncated", lambda c: c / "tiles/c.1.0.0.0", _truncate, 30, "another-model"),
 ]
 
 
@@ -102,7 +102,7 @@ def test_damaged_chunks_are_recomputed_and_outputs_identical(case, clean, tmp_pa
         assert len(notes) == 1  # flags of tiles whose predictions are all there: the tiles are merely re-read
         assert summary.read_tiles == 0
     if model is not None:
-        assert summary.read_tiles == 1  # only the damaged tile came from the slide again
+        assert summary.read_tiles == CHUNK_TILES  # only the damaged chunk's tiles came from the slide again
     assert len(notes) == 1 and "its tiles are read and predicted again" in notes[0]
     assert _files(out) == clean["out"]  # byte-identical to the clean run
     again, notes = _run(clean["slide"], tmp_path / "again", work, model_fingerprint=model)
@@ -136,17 +136,48 @@ def test_batches_that_split_prediction_chunks_merge_them(clean, tmp_path):
     assert again.predicted_tiles == 0 and _files(tmp_path / "out3") == clean["out"]
 
 
+def test_tile_chunks_split_by_batches_keep_their_cached_tiles(clean, tmp_path):
+    """Tiles cached by batches of 3 (chunks written in parts, merged), then another model reads every tile back
+    from the cache, none from the slide; outputs as the clean run's."""
+    work = tmp_path / "work"
+    s1, _ = _run(clean["slide"], tmp_path / "out1", work, batch_size=3)
+    assert s1.read_tiles == 30 and _files(tmp_path / "out1") == clean["out"]
+    s2, notes = _run(clean["slide"], tmp_path / "out2", work, batch_size=5, model_fingerprint="another-model")
+    assert notes == [] and s2.predicted_tiles == 30 and s2.read_tiles == 0
+    assert _files(tmp_path / "out2") == clean["out"]
+
+
+def test_a_damaged_tile_chunk_found_while_merging_is_read_from_the_slide(clean, tmp_path):
+    """Tiles 8-10 to read (batches of 3), 11-15 cached in the same chunk, which is damaged: the merge keeps what
+    it can, marks 11-15 not read, and they come from the slide; one warning, outputs as the clean run's."""
+    import zarr
+
+    work = tmp_path / "work"
+    shutil.copytree(clean["work"], work)
+    cache = work / clean["cache"]
+    flags = zarr.open_array(str(cache / "tiles_done"), mode="r+")
+    done = flags[:]
+    done[CHUNK_TILES : CHUNK_TILES + 3] = False
+    flags[:] = done
+    _truncate(cache / "tiles/c.1.0.0.0")
+    summary, notes = _run(clean["slide"], tmp_path / "out", work, batch_size=3, model_fingerprint="another-model")
+    assert len(notes) == 1 and summary.read_tiles == CHUNK_TILES and summary.predicted_tiles == 30
+    assert _files(tmp_path / "out") == clean["out"]
+    again, notes = _run(clean["slide"], tmp_path / "again", work, model_fingerprint="a-third-model")
+    assert notes == [] and again.read_tiles == 0  # the chunk was written whole again
+
+
 def test_a_split_chunk_found_damaged_when_merging_is_predicted_again(clean, tmp_path):
     """A batch that covers part of a damaged chunk cannot keep the chunk's other tiles: they are marked not done,
     the batch is written (the chunk decodes again) and a repair pass predicts them; outputs unchanged."""
     work = tmp_path / "work"
     shutil.copytree(clean["work"], work)
     cache = work / clean["cache"]
-    _set_done(cache, slice(PRED_CHUNK, PRED_CHUNK + 3), False)  # 3 tiles of chunk 1 to predict; 5 kept
+    _set_done(cache, slice(CHUNK_TILES, CHUNK_TILES + 3), False)  # 3 tiles of chunk 1 to predict; 5 kept
     _truncate(_pred(cache) / "labels/c.1.0.0")
     summary, notes = _run(clean["slide"], tmp_path / "out", work)
     assert len(notes) == 1 and "its tiles are read and predicted again" in notes[0]
-    assert summary.predicted_tiles == PRED_CHUNK  # the 3, then the 5 the damage took
+    assert summary.predicted_tiles == CHUNK_TILES  # the 3, then the 5 the damage took
     assert _files(tmp_path / "out") == clean["out"]
     again, notes = _run(clean["slide"], tmp_path / "again", work)
     assert notes == [] and again.predicted_tiles == 0 and _files(tmp_path / "again") == clean["out"]

@@ -229,19 +229,19 @@ def test_outputs_do_not_depend_on_workers_or_where_the_pixels_come_from(small_sl
 
 
 def test_a_damaged_tile_chunk_is_read_from_the_slide_again(small_slide, tmp_path):
-    """Predictions whole, one cached tile chunk damaged: the stain pass reads that tile from the slide (one
-    warning) instead of failing, and the outputs are the clean run's bytes."""
+    """Predictions whole, one cached tile chunk (8 tiles) damaged: the stain pass reads those tiles from the
+    slide (one warning) instead of failing, and the outputs are the clean run's bytes."""
     import os
     import warnings
 
     slide, _ = small_slide
     _run(slide, tmp_path / "a.geojson", work_dir=tmp_path / "w", export_workers=2, export_chunk=3)
-    [chunk] = (tmp_path / "w").glob("*/tiles/c.4.0.0.0")
+    [chunk] = (tmp_path / "w").glob("*/tiles/c.0.0.0.0")
     with open(chunk, "r+b") as fh:
         fh.truncate(os.path.getsize(chunk) // 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s = _run(slide, tmp_path / "b.geojson", work_dir=tmp_path / "w", export_workers=2, export_chunk=3)
     assert s.predicted_tiles == 0
-    assert any("tiles chunk 4" in str(w.message) for w in caught)
+    assert any("tiles chunk 0" in str(w.message) for w in caught)
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()

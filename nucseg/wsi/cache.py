@@ -4,11 +4,11 @@ Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings,
 
     <stem>-<key16>.zarr/            attrs: key (the JSON the name hashes), slide path
       coords       (n, 2) int64     tile origins (x, y) in target pixels, in processing order
-      tiles        (n, T, T, 3) u8  RGB tiles, chunk = one tile (file ``tiles/c.<i>.0.0.0``: flat chunk keys)
+      tiles        (n, T, T, 3) u8  RGB tiles, chunk = CHUNK_TILES tiles (file ``tiles/c.<i>.0.0.0``: flat keys)
       tiles_done   (n,) bool        tile i was read and written completely, chunk = FLAG_CHUNK tiles
       pred/<model16>/               attrs: model (the fingerprint string)
-        labels     (n, T, T) int32  raw per-tile instance labels, chunk = PRED_CHUNK tiles
-        scores     (n, K) float32   scores[i, k-1] = score of label k (NaN past n_inst[i]), chunk = PRED_CHUNK tiles
+        labels     (n, T, T) int32  raw per-tile instance labels, chunk = CHUNK_TILES tiles
+        scores     (n, K) float32   scores[i, k-1] = score of label k (NaN past n_inst[i]), chunk = CHUNK_TILES
         n_inst     (n,) int32       chunk = FLAG_CHUNK tiles
         done       (n,) bool        prediction i was written completely, chunk = FLAG_CHUNK tiles
 
@@ -23,8 +23,8 @@ says so once per cache. The cache only ever deletes a store it recognises as its
 cache key, or one it left half-created); anything else at its path is an OutputError.
 
 Several processes may fill one cache at once if each owns whole flag chunks (tile ranges aligned to
-``FLAG_CHUNK``): tiles have one chunk per tile, predictions one per ``PRED_CHUNK`` tiles (which divides
-``FLAG_CHUNK``), and a process only ever writes the flag chunks of the tiles it fills, from its own copy. ``nucseg.wsi.distributed`` spreads the tiles of a large slide over
+``FLAG_CHUNK``): tiles and predictions are chunked by ``CHUNK_TILES`` tiles (which divides ``FLAG_CHUNK``), and
+a process only ever writes the flag chunks of the tiles it fills, from its own copy. ``nucseg.wsi.distributed`` spreads the tiles of a large slide over
 workers that way. Flags are chunked by ``FLAG_CHUNK`` rather than per tile because zarr reads ~0.2 ms per
 chunk: per-tile flags would cost seconds to open a 20,000-tile slide. Creating the group and a model's
 prediction group happens under an exclusive ``flock`` on ``<cache>.lock`` beside it, so two processes
@@ -49,14 +49,15 @@ import numpy as np
 from ..errors import DataError, OutputError
 
 CACHE_VERSION = 4  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges); 3: flat chunk keys;
-# 4: predictions chunked by PRED_CHUNK tiles
+# 4: tiles and predictions chunked by CHUNK_TILES tiles
 FLAG_CHUNK = 64
-# Predictions (labels, scores) are chunked by a batch of tiles, not one tile: zarr's cost per chunk written (its
-# event loop, thread hops, files) is paid by the GIL the export thread needs, and with one chunk per tile and
-# array it was the largest cost of the host path (bench_host: 0.5 s of CPU of 2.6 on the bench slide). A write
-# that covers part of a chunk merges with the chunk's done tiles (read from disk) and fills the others.
-PRED_CHUNK = 8
-assert FLAG_CHUNK % PRED_CHUNK == 0  # a FLAG_CHUNK-aligned tile range owns whole prediction chunks
+# Tiles and predictions (labels, scores) are chunked by a batch of tiles, not one tile: zarr's cost per chunk
+# written (its event loop, thread hops, a file) is paid in the GIL the export thread needs, and with one chunk
+# per tile and array it was the largest cost of the host path (bench_host: 0.5 s of CPU of 2.6 on the bench
+# slide), and 8x the files on a cluster file system. A write that covers part of a chunk merges it with the
+# chunk's done tiles (read back from disk) and fills the others.
+CHUNK_TILES = 8
+assert FLAG_CHUNK % CHUNK_TILES == 0  # a FLAG_CHUNK-aligned tile range owns whole tile and prediction chunks
 # Chunk files named ``c.<i>.0.0.0`` in the array's own folder, not zarr's default nested ``c/<i>/0/0/0``: the
 # local store creates a chunk's parent folders on every write, and three new folders per tile and array cost
 # more CPU than compressing the tile (measured: 4.8 -> 3.0 ms of CPU per tile for tiles + labels).
@@ -154,10 +155,10 @@ class TileCache:
         self.n = len(coords)
         self.coords = coords
         self.damaged: set[str] = set()  # what was found damaged (chunk names), for the one warning
-        # the last prediction chunk get_labels decoded, for readers going tile by tile (the labels output);
-        # every write or discard bumps the generation, so a chunk read before it is never kept
-        self._memo: tuple[int, int, np.ndarray] | None = None  # (generation, chunk, labels of its tiles)
-        self._generation = 0
+        # the last chunk of tiles / labels decoded, for readers going tile by tile (cached tiles of a batch, the
+        # labels output); every write or discard bumps the generation, so a chunk read before it is never kept
+        self._memo: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (generation, chunk, its tiles' rows)
+        self._generation = {"tiles": 0, "labels": 0}
         self._memo_lock = threading.Lock()
         with _disk_full_is_output_error(self.root), _locked(self.root.with_name(self.root.name + ".lock")):
             self.group = self._open_group(key, coords, create)
@@ -252,7 +253,7 @@ class TileCache:
                                chunk_key_encoding=_KEYS)
             if n:
                 group["coords"][:] = coords
-            group.create_array("tiles", shape=(n, T, T, 3), chunks=(1, T, T, 3), dtype="uint8", fill_value=255,
+            group.create_array("tiles", shape=(n, T, T, 3), chunks=(CHUNK_TILES, T, T, 3), dtype="uint8", fill_value=255,
                                compressors=_fast_lz4(), chunk_key_encoding=_KEYS)
             group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False,
                                chunk_key_encoding=_KEYS)
@@ -276,9 +277,9 @@ class TileCache:
             if not create:
                 raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
-            pred.create_array("labels", shape=(n, T, T), chunks=(PRED_CHUNK, T, T), dtype="int32", fill_value=0,
+            pred.create_array("labels", shape=(n, T, T), chunks=(CHUNK_TILES, T, T), dtype="int32", fill_value=0,
                               compressors=_fast_zstd(), chunk_key_encoding=_KEYS)
-            pred.create_array("scores", shape=(n, K), chunks=(PRED_CHUNK, K), dtype="float32", fill_value=np.nan,
+            pred.create_array("scores", shape=(n, K), chunks=(CHUNK_TILES, K), dtype="float32", fill_value=np.nan,
                               compressors=_fast_zstd(), chunk_key_encoding=_KEYS)
             pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0,
                               chunk_key_encoding=_KEYS)
@@ -293,27 +294,76 @@ class TileCache:
         return self._tiles_done.copy()
 
     def get_tile(self, i: int) -> np.ndarray | None:
-        """Cached tile i, or None (and tile i marked not read, with the one warning) if its chunk is damaged."""
+        """Cached tile i, or None if its chunk is damaged (the chunk's tiles marked not read, with the one
+        warning: they are read from the slide again)."""
+        i = int(i)
         try:
-            return np.asarray(self.tiles[int(i)])
+            return self._row("tiles", self.tiles, i)
         except Exception as err:  # noqa: BLE001 - see _decode_failed
             if not _decode_failed(err):
                 raise
-        self._tiles_done[int(i)] = False
-        self.damaged.add(f"tiles chunk {int(i)}")
+        lo = i - i % CHUNK_TILES
+        self._tiles_done[lo : lo + CHUNK_TILES] = False
+        self.damaged.add(f"tiles chunk {i // CHUNK_TILES}")
         self._warn()
         return None
 
     def put_tiles(self, indices: np.ndarray, tiles: np.ndarray) -> None:
-        """Write tiles, then mark them done (flag after data: a crash leaves them merely un-flagged)."""
+        """Write tiles whole chunk by whole chunk (merged with the chunk's other cached tiles, see
+        :func:`_chunk_rows`), then mark them done (flag after data: a crash leaves them merely un-flagged). A chunk
+        found damaged while merging loses its other tiles: marked not read, they are read from the slide again."""
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
+        lost: list[int] = []
+        self._forget("tiles")
         with _disk_full_is_output_error(self.root):
-            for a, b in _runs(indices):  # one zarr write per run of consecutive tiles (chunks encoded concurrently)
-                self.tiles[int(indices[a]) : int(indices[b - 1]) + 1] = tiles[a:b]
+            for lo, hi, mine, keep in self._chunks(indices, self._tiles_done):
+                if keep is None:
+                    self.tiles[lo:hi] = tiles[mine]
+                    continue
+                rows, ok = _chunk_rows(self.tiles, lo, hi, keep, indices[mine] - lo, tiles[mine], 255)
+                self.tiles[lo:hi] = rows
+                if not ok:
+                    lost += (lo + keep).tolist()
+                    self.damaged.add(f"tiles chunk {lo // CHUNK_TILES}")
+            self._forget("tiles")
             self._tiles_done[indices] = True
-            _write_chunks(self._flags, self._tiles_done, indices)
+            self._tiles_done[lost] = False
+            _write_chunks(self._flags, self._tiles_done, np.concatenate([indices, np.asarray(lost, np.int64)]))
+        if lost:
+            self._warn()
+
+    def _chunks(self, indices: np.ndarray, done: np.ndarray):
+        """(lo, hi, positions of ``indices`` in [lo, hi), done rows to keep or None) per chunk ``indices`` touch;
+        None: the indices cover the whole chunk (written as is, nothing read back)."""
+        chunk_of = indices // CHUNK_TILES
+        for c in np.unique(chunk_of).tolist():
+            lo, hi = c * CHUNK_TILES, min((c + 1) * CHUNK_TILES, self.n)
+            mine = np.flatnonzero(chunk_of == c)
+            if len(mine) == hi - lo:
+                yield lo, hi, mine, None
+            else:
+                yield lo, hi, mine, np.setdiff1d(np.flatnonzero(done[lo:hi]), indices[mine] - lo)
+
+    def _row(self, name: str, array, i: int) -> np.ndarray:
+        """Row i of a chunked array, decoding its chunk once for consecutive readers (see ``_memo``)."""
+        c = i // CHUNK_TILES
+        with self._memo_lock:
+            memo, gen = self._memo.get(name), self._generation[name]
+        if memo is None or memo[0] != gen or memo[1] != c:
+            chunk = np.asarray(array[c * CHUNK_TILES : min((c + 1) * CHUNK_TILES, self.n)])
+            with self._memo_lock:
+                if self._generation[name] == gen:
+                    self._memo[name] = memo = (gen, c, chunk)
+                else:
+                    memo = (gen, c, chunk)
+        return memo[2][i - c * CHUNK_TILES].copy()
+
+    def _forget(self, name: str) -> None:
+        with self._memo_lock:
+            self._generation[name] += 1
+            self._memo.pop(name, None)
 
     # ---- predictions -------------------------------------------------------------------------------------
     @property
@@ -345,33 +395,23 @@ class TileCache:
         labels = np.asarray(labels).astype(np.int32, copy=False)
         lab_arr, sc_arr = self._pred["labels"], self._pred["scores"]
         damaged: list[int] = []
-        self._forget()
-        chunk_of = indices // PRED_CHUNK
+        self._forget("labels")
         with _disk_full_is_output_error(self.root):
-            for c in np.unique(chunk_of).tolist():
-                lo, hi = c * PRED_CHUNK, min((c + 1) * PRED_CHUNK, self.n)
-                mine = np.flatnonzero(chunk_of == c)
-                if len(mine) == hi - lo:  # the whole chunk: no merge (the common case, batches are aligned)
+            for lo, hi, mine, keep in self._chunks(indices, self._pred_done):
+                if keep is None:  # the whole chunk (the common case: batches are aligned to chunks)
                     lab_arr[lo:hi] = labels[mine]
                     sc_arr[lo:hi] = rows[mine]
                     continue
-                keep = np.setdiff1d(np.flatnonzero(self._pred_done[lo:hi]), indices[mine] - lo)
-                lab = np.zeros((hi - lo, T, T), np.int32)
-                sc = np.full((hi - lo, K), np.nan, np.float32)
-                if len(keep):
-                    try:
-                        lab[keep], sc[keep] = np.asarray(lab_arr[lo:hi])[keep], np.asarray(sc_arr[lo:hi])[keep]
-                    except Exception as err:  # noqa: BLE001 - see _decode_failed
-                        if not _decode_failed(err):
-                            raise
-                        damaged += (lo + keep).tolist()  # written back as fill below, so the chunk decodes again
-                lab[indices[mine] - lo] = labels[mine]
-                sc[indices[mine] - lo] = rows[mine]
+                at = indices[mine] - lo
+                lab, ok_lab = _chunk_rows(lab_arr, lo, hi, keep, at, labels[mine], 0)
+                sc, ok_sc = _chunk_rows(sc_arr, lo, hi, keep, at, rows[mine], np.nan)
                 lab_arr[lo:hi] = lab
                 sc_arr[lo:hi] = sc
+                if not (ok_lab and ok_sc):  # the kept tiles lost their labels or scores: predicted again
+                    damaged += (lo + keep).tolist()
         self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
-        self._forget()
+        self._forget("labels")
         with _disk_full_is_output_error(self.root):
             _write_chunks(self._pred["n_inst"], self._n_inst, indices)
             _write_chunks(self._pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
@@ -388,31 +428,17 @@ class TileCache:
         """Labels (T, T) int32 of cache tile i; a damaged chunk raises CacheDamaged (see discard) for its done
         tiles, all of which it lost."""
         i = int(i)
-        c = i // PRED_CHUNK
-        with self._memo_lock:
-            memo, gen = self._memo, self._generation
-        if memo is not None and memo[0] == gen and memo[1] == c:
-            return memo[2][i - c * PRED_CHUNK].copy()
         try:
-            chunk = np.asarray(self._pred["labels"][c * PRED_CHUNK : min((c + 1) * PRED_CHUNK, self.n)])
+            return self._row("labels", self._pred["labels"], i)
         except Exception as err:  # noqa: BLE001 - see _decode_failed
             if not _decode_failed(err):
                 raise
-            raise self.discard(self._chunk_done(i), "labels") from None
-        with self._memo_lock:
-            if self._generation == gen:
-                self._memo = (gen, c, chunk)
-        return chunk[i - c * PRED_CHUNK].copy()
-
-    def _forget(self) -> None:
-        with self._memo_lock:
-            self._generation += 1
-            self._memo = None
+        raise self.discard(self._chunk_done(i), "labels")
 
     def _chunk_done(self, i: int) -> list[int]:
         """Tile i and the other done tiles of its prediction chunk (what a damaged chunk takes with it)."""
-        lo = i - i % PRED_CHUNK
-        hi = min(lo + PRED_CHUNK, self.n)
+        lo = i - i % CHUNK_TILES
+        hi = min(lo + CHUNK_TILES, self.n)
         return sorted({i, *(lo + np.flatnonzero(self._pred_done[lo:hi])).tolist()})
 
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,10 +458,10 @@ class TileCache:
         them too), warn once, and return the CacheDamaged to raise."""
         idx = np.asarray(indices, dtype=np.int64)
         self._pred_done[idx] = False
-        self._forget()
+        self._forget("labels")
         with _disk_full_is_output_error(self.root):
             _write_chunks(self._pred["done"], self._pred_done, idx)
-        self.damaged.update(f"{what} chunk {i // PRED_CHUNK}" for i in indices)
+        self.damaged.update(f"{what} chunk {i // CHUNK_TILES}" for i in indices)
         self._warn()
         return CacheDamaged(self.root, [int(i) for i in indices])
 
@@ -454,11 +480,22 @@ def _fast_lz4():
     return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
 
 
-def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
-    """[a, b) position ranges of ``indices`` (ascending) that hold consecutive values."""
-    cut = np.flatnonzero(np.diff(indices) != 1) + 1
-    edges = np.r_[0, cut, len(indices)]
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+def _chunk_rows(array, lo: int, hi: int, keep: np.ndarray, at: np.ndarray, values: np.ndarray,
+                fill) -> tuple[np.ndarray, bool]:
+    """Rows [lo, hi) of one chunk of ``array``, to be written whole: ``values`` at positions ``at``, the stored
+    rows at positions ``keep`` (read back), ``fill`` elsewhere. ok is False when the stored chunk did not
+    decode: the ``keep`` rows are then fill as well, and the caller must treat them as lost."""
+    out = np.full((hi - lo, *array.shape[1:]), fill, dtype=array.dtype)
+    ok = True
+    if len(keep):
+        try:
+            out[keep] = np.asarray(array[lo:hi])[keep]
+        except Exception as err:  # noqa: BLE001 - see _decode_failed
+            if not _decode_failed(err):
+                raise
+            ok = False
+    out[at] = values
+    return out, ok
 
 
 def _write_chunks(array, values: np.ndarray, indices: np.ndarray) -> None:

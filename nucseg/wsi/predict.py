@@ -52,7 +52,7 @@ import shapely
 from ..errors import InputError, OutputError
 from ..io import check_output, is_nucseg_png
 from ..segmenter import TileSegmenter
-from .cache import FLAG_CHUNK, PRED_CHUNK, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
+from .cache import FLAG_CHUNK, CHUNK_TILES, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
                      instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, outline_rings,
                      write_ome_zarr_labels)
@@ -110,7 +110,7 @@ class PredictConfig:
     roi / roi_class: segment only inside these regions (QuPath GeoJSON annotations, of that class if given, or a
     mask image; nucseg.wsi.roi).
     export_chunk: consecutive tiles per export job (a worker process's unit of work, and how far the export lags
-    the inference); best a multiple of the cache's prediction chunk (``PRED_CHUNK``), which a job reads whole.
+    the inference); best a multiple of the cache's prediction chunk (``CHUNK_TILES``), which a job reads whole.
     Which extra outputs a batch writes, and their names: :class:`SlideOutputs`.
     """
 
@@ -134,7 +134,7 @@ class PredictConfig:
     simplify_tolerance: float = 0.25
     label_chunk: int = 1024
     export_workers: int | None = None
-    export_chunk: int = PRED_CHUNK  # a job reads whole prediction chunks
+    export_chunk: int = CHUNK_TILES  # a job reads whole prediction chunks
     command: str | None = None
     measurements: str = "full"
 
