@@ -13,8 +13,12 @@ Two implementations, each in its own fresh process, alternating, in the same run
 * ``new``: this checkout, with 1 export process (the export thread does everything) and 2 worker processes;
   its stages come from ``SlideSummary.stages``.
 
-Each configuration runs ``--repeat`` times (fresh work dir each time, so every tile is read, cached and
-stitched); the fastest run is reported, all runs are kept. CPU is the process's CPU time plus the export
+The configurations are interleaved: in each of ``--repeat`` rounds every configuration runs once (legacy in the
+first ``--legacy-repeat`` rounds only), each in a fresh process that first makes one untimed warm-up run (imports,
+caches), then the timed run, each with a fresh work dir (every tile is read, cached and stitched). So a slow
+spell of a shared or throttled machine falls on all configurations alike, rather than on whichever ran then
+(the blocks-in-sequence version of this script gave 7.6x and 9.3x for the same code an hour apart). The
+fastest and the median run are reported, all runs are kept. CPU is the process's CPU time plus the export
 worker processes'. The outputs are compared: same nuclei (ids, areas), polygons overlapping (IoU), and the
 new outputs with 1 and 2 workers byte-identical.
 
@@ -160,7 +164,7 @@ def child(args: argparse.Namespace) -> int:
 
         seg = Timed()
     runs = []
-    for r in range(args.repeat):
+    for r in range(args.warmup + args.repeat):
         with tempfile.TemporaryDirectory(prefix="nucseg-host-", dir=args.tmp) as d:
             times.d.clear()
             # like with like: the legacy code wrote only area, perimeter and score (issue 11's measurements are
@@ -174,15 +178,18 @@ def child(args: argparse.Namespace) -> int:
             stages = dict(times.d) if args.impl == "legacy" else dict(summary.stages)
             worker = stages.pop("worker_cpu", {"cpu": 0.0})["cpu"]
             plan_wall = stages.get("plan", {}).get("wall", 0.0)
+            if r < args.warmup:
+                continue
             runs.append({
                 "wall_s": round(wall, 3), "cpu_s": round(cpu + worker, 3), "worker_cpu_s": round(worker, 3),
                 "plan_wall_s": round(plan_wall, 3), "tiles": summary.tissue_tiles, "nuclei": summary.nuclei,
                 "target_mpp": summary.target_mpp, "output_bytes": out.stat().st_size,
                 "stages": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in stages.items()},
             })
-            if r == args.repeat - 1 and args.keep:
+            last = r == args.warmup + args.repeat - 1
+            if last and args.keep:
                 shutil.copyfile(out, args.keep)
-            if r == args.repeat - 1 and args.impl == "new":  # GeoParquet from the same cache (export only)
+            if last and args.impl == "new":  # GeoParquet from the same cache (export only)
                 pq = Path(d) / "out.parquet"
                 P.predict_slide(SLIDE, pq, seg, cfg)
                 runs[-1]["parquet_bytes"] = pq.stat().st_size
@@ -207,9 +214,9 @@ def legacy_package(dest: Path) -> Path:
 
 
 def run_child(impl: str, mpp: float | None, workers: int, repeat: int, tmp: Path, legacy_root: Path,
-              keep: Path | None) -> dict:
+              keep: Path | None, warmup: int = 1) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--workers", str(workers),
-           "--repeat", str(repeat), "--tmp", str(tmp), "--legacy-root", str(legacy_root)]
+           "--repeat", str(repeat), "--warmup", str(warmup), "--tmp", str(tmp), "--legacy-root", str(legacy_root)]
     if mpp is not None:
         cmd += ["--mpp", str(mpp)]
     if keep is not None:
@@ -283,8 +290,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mpps", default="0.25,native", help="target µm/px values ('native': the slide's own)")
     ap.add_argument("--repeat", type=int, default=5,
-                    help="runs per configuration (the fastest is reported, with the median)")
-    ap.add_argument("--legacy-repeat", type=int, default=2)
+                    help="rounds: timed runs per configuration (the fastest is reported, with the median)")
+    ap.add_argument("--legacy-repeat", type=int, default=5, help="rounds that also run the legacy code")
+    ap.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)  # untimed runs in a child
     ap.add_argument("--workers", default="1,2", help="export processes of the new code to compare")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "host_cpu.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -309,11 +317,21 @@ def main() -> int:
         for m in args.mpps.split(","):
             mpp = None if m == "native" else float(m)
             keep = {"legacy": tmp / f"legacy-{m}.geojson", **{w: tmp / f"new-{m}-{w}.geojson" for w in workers}}
-            rows = [summarise(run_child("legacy", mpp, 1, args.legacy_repeat, tmp, root, keep["legacy"]))]
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            for w in workers:
-                rows.append(summarise(run_child("new", mpp, w, args.repeat, tmp, root, keep[w])))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            configs = [("legacy", 1), *(("new", w) for w in workers)]
+            got: dict = {}
+            for r in range(args.repeat):  # rounds: every configuration once per round, in fresh processes
+                for impl, w in configs:
+                    if impl == "legacy" and r >= args.legacy_repeat:
+                        continue
+                    res = run_child(impl, mpp, w, 1, tmp, root, keep["legacy" if impl == "legacy" else w])
+                    print(f"round {r + 1}: {impl} {w}: {res['runs'][0]['wall_s']} s", file=sys.stderr, flush=True)
+                    if (impl, w) in got:
+                        got[(impl, w)]["runs"] += res["runs"]
+                        got[(impl, w)]["peak_rss_mib_main_process"] = max(
+                            got[(impl, w)]["peak_rss_mib_main_process"], res["peak_rss_mib_main_process"])
+                    else:
+                        got[(impl, w)] = res
+            rows = [summarise(got[c]) for c in configs]
             legacy = rows[0]
             for row in rows[1:]:
                 row["speedup_vs_legacy"] = round(legacy["wall_s"] / row["wall_s"], 2)
@@ -326,8 +344,10 @@ def main() -> int:
               "slide": str(SLIDE.name), "legacy_commit": LEGACY_COMMIT,
               "settings": {"tile_size": 512, "overlap": 64, "batch_size": 8, "repeat": args.repeat,
                            "legacy_repeat": args.legacy_repeat,
-                           "timing": "fastest of the runs; each run in a fresh work dir (every tile read, cached, "
-                                     "stitched); CPU = process + export worker processes"},
+                           "timing": "interleaved rounds, every configuration once per round in a fresh process "
+                                     "after one untimed warm-up run; fastest and median of the runs; each run in a "
+                                     "fresh work dir (every tile read, cached, stitched); CPU = process + export "
+                                     "worker processes"},
               "results": results}
     write_report(args.out, report)
     print(table(report))
