@@ -167,6 +167,50 @@ def test_a_damaged_tile_chunk_found_while_merging_is_read_from_the_slide(clean, 
     assert notes == [] and again.read_tiles == 0  # the chunk was written whole again
 
 
+def test_tiles_lost_to_a_damaged_chunk_are_unflagged_before_it_is_rewritten(tmp_path):
+    """Merging into a damaged chunk rewrites it with fill for the tiles it lost; those must be marked not done on
+    disk first, or a kill between the two writes would leave fill values flagged as predictions / tiles."""
+    T, K = 16, 8
+    coords = np.zeros((16, 2), np.int64)
+    coords[:, 0] = np.arange(16) * T
+    root = tmp_path / "c.zarr"
+    cache = TileCache(root, {"k": 1}, coords, T, "model", K)
+    labels = np.ones((CHUNK_TILES, T, T), np.int32)
+    cache.put_predictions(np.arange(CHUNK_TILES), labels, [np.ones(1, np.float32)] * CHUNK_TILES)
+    cache.put_tiles(np.arange(CHUNK_TILES), np.zeros((CHUNK_TILES, T, T, 3), np.uint8))
+    _truncate(_pred(root) / "labels/c.0.0.0")
+    _truncate(root / "tiles/c.0.0.0.0")
+
+    class Killed(Exception):
+        pass
+
+    class KilledOnWrite:  # the process dies as it writes the merged chunk
+        def __init__(self, array):
+            self.array, self.shape, self.dtype = array, array.shape, array.dtype
+
+        def __getitem__(self, key):
+            return self.array[key]
+
+        def __setitem__(self, key, value):
+            raise Killed
+
+    fresh = TileCache(root, {"k": 1}, coords, T, "model", K)
+    fresh._pred_done[:3] = False  # tiles 0-2 to predict again, 3-7 kept from the damaged chunk
+    fresh._pred["labels"] = KilledOnWrite(fresh._pred["labels"])
+    with pytest.raises(Killed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.put_predictions(np.arange(3), labels[:3], [np.ones(1, np.float32)] * 3)
+    fresh._tiles_done[:3] = False
+    fresh.tiles = KilledOnWrite(fresh.tiles)
+    with pytest.raises(Killed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.put_tiles(np.arange(3), np.zeros((3, T, T, 3), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        after = TileCache(root, {"k": 1}, coords, T, "model", K)  # what a rerun finds on disk
+    assert not after.pred_done[3:CHUNK_TILES].any() and not after.tiles_done[3:CHUNK_TILES].any()
+
+
 def test_a_split_chunk_found_damaged_when_merging_is_predicted_again(clean, tmp_path):
     """A batch that covers part of a damaged chunk cannot keep the chunk's other tiles: they are marked not done,
     the batch is written (the chunk decodes again) and a repair pass predicts them; outputs unchanged."""

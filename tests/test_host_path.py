@@ -19,7 +19,7 @@ from skimage.draw import polygon as draw_polygon
 from skimage.measure import find_contours
 
 from nucseg.model.classical import ThresholdSegmenter
-from nucseg.wsi.export import outline_rings, tile_polygons
+from nucseg.wsi.export import _ring_order, outline_rings, tile_polygons
 from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg.wsi.slide import TargetView
 from nucseg.wsi.synthslide import make_synthetic_slide
@@ -28,6 +28,31 @@ from nucseg.wsi.synthslide import make_synthetic_slide
 def _random_labels(rng, shape, n, smooth: bool) -> np.ndarray:
     lab = rng.integers(0, n + 1, shape).astype(np.int32)
     return ndi.median_filter(lab, 3) if smooth else lab
+
+
+@pytest.mark.parametrize("n, longest", [(1, 2), (2, 3), (50, 5), (3000, 100), (20000, 6)])
+def test_ring_order_starts_each_cycle_at_its_smallest_element(n, longest):
+    """outline_rings' vertex order (hence the simplified polygons and the output bytes) rests on this order of
+    scipy's depth-first traversal, which scipy does not promise: every cycle a contiguous run in successor
+    order from its smallest element, cycles ascending. Many short cycles too (a quadratic walk would show)."""
+    rng = np.random.default_rng(n)
+    perm, nxt, i = rng.permutation(n), np.empty(n, np.int32), 0
+    while i < n:
+        k = min(int(rng.integers(1, longest)), n - i)
+        nxt[perm[i : i + k]] = np.roll(perm[i : i + k], -1)
+        i += k
+    order = _ring_order(nxt)
+    assert sorted(order.tolist()) == list(range(n))
+    starts, k = [], 0
+    while k < n:
+        first, j = int(order[k]), k + 1
+        while j < n and order[j] == nxt[order[j - 1]]:
+            j += 1
+        assert nxt[order[j - 1]] == first  # the run closes its cycle
+        assert first == order[k:j].min()
+        starts.append(first)
+        k = j
+    assert starts == sorted(starts)
 
 
 @pytest.mark.parametrize("seed", range(6))

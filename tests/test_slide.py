@@ -93,13 +93,13 @@ def test_tissue_detection_matches_truth(tmp_path):
     assert tissue.area_mm2 == pytest.approx(1600 * 1200 * 0.4 * 0.25e-6, rel=0.15)
 
 
-@pytest.mark.parametrize("block", [1, 2, 3, 4, 6, 16, 48])
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 6, 16, 22, 31, 48, 63, 64])
 @pytest.mark.parametrize("opaque", [True, False])
 def test_overview_block_mean_is_the_exact_rounded_mean(block, opaque):
     """The overview's fast path (OpenCV's area resize) equals the integer block sum's mean rounded half to
     even, ties included (every 2x2 block below is a tie candidate), and transparency composites over white."""
     rng = np.random.default_rng(block)
-    h, w = 40 * block, 30 * block
+    h, w = 40 * block, 30 * block  # 1,200 blocks, ~1,200 / (2 * block^2) of them exact ties for even blocks
     rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
     rgba[..., 3] = 255
     if not opaque:

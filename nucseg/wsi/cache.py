@@ -157,7 +157,7 @@ class TileCache:
         self.damaged: set[str] = set()  # what was found damaged (chunk names), for the one warning
         # the last chunk of tiles / labels decoded, for readers going tile by tile (cached tiles of a batch, the
         # labels output); every write or discard bumps the generation, so a chunk read before it is never kept
-        self._memo: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (generation, chunk, its tiles' rows)
+        self._memos = threading.local()  # per thread (reader, export): .memo = {name: (generation, chunk, rows)}
         self._generation = {"tiles": 0, "labels": 0}
         self._memo_lock = threading.Lock()
         with _disk_full_is_output_error(self.root), _locked(self.root.with_name(self.root.name + ".lock")):
@@ -316,27 +316,33 @@ class TileCache:
         if not len(indices):
             return
         lost: list[int] = []
+        writes = []
+        for lo, hi, mine, keep in self._chunks(indices, self._tiles_done):
+            if keep is None:
+                writes.append((lo, hi, tiles[mine]))
+                continue
+            rows, ok = _chunk_rows(self.tiles, lo, hi, keep, indices[mine] - lo, tiles[mine], 255)
+            writes.append((lo, hi, rows))
+            if not ok:
+                lost += (lo + keep).tolist()
+                self.damaged.add(f"tiles chunk {lo // CHUNK_TILES}")
         self._forget("tiles")
         with _disk_full_is_output_error(self.root):
-            for lo, hi, mine, keep in self._chunks(indices, self._tiles_done):
-                if keep is None:
-                    self.tiles[lo:hi] = tiles[mine]
-                    continue
-                rows, ok = _chunk_rows(self.tiles, lo, hi, keep, indices[mine] - lo, tiles[mine], 255)
+            if lost:  # un-flagged on disk before their chunk is rewritten with fill: a kill never leaves them "done"
+                self._tiles_done[lost] = False
+                _write_chunks(self._flags, self._tiles_done, np.asarray(lost, np.int64))
+            for lo, hi, rows in writes:
                 self.tiles[lo:hi] = rows
-                if not ok:
-                    lost += (lo + keep).tolist()
-                    self.damaged.add(f"tiles chunk {lo // CHUNK_TILES}")
             self._forget("tiles")
             self._tiles_done[indices] = True
-            self._tiles_done[lost] = False
-            _write_chunks(self._flags, self._tiles_done, np.concatenate([indices, np.asarray(lost, np.int64)]))
+            _write_chunks(self._flags, self._tiles_done, indices)
         if lost:
             self._warn()
 
     def _chunks(self, indices: np.ndarray, done: np.ndarray):
         """(lo, hi, positions of ``indices`` in [lo, hi), done rows to keep or None) per chunk ``indices`` touch;
         None: the indices cover the whole chunk (written as is, nothing read back)."""
+        assert np.all(np.diff(indices) > 0), "tile indices must be ascending and unique"
         chunk_of = indices // CHUNK_TILES
         for c in np.unique(chunk_of).tolist():
             lo, hi = c * CHUNK_TILES, min((c + 1) * CHUNK_TILES, self.n)
@@ -347,23 +353,24 @@ class TileCache:
                 yield lo, hi, mine, np.setdiff1d(np.flatnonzero(done[lo:hi]), indices[mine] - lo)
 
     def _row(self, name: str, array, i: int) -> np.ndarray:
-        """Row i of a chunked array, decoding its chunk once for consecutive readers (see ``_memo``)."""
+        """Row i of a chunked array, decoding its chunk once for consecutive readers in a thread (see ``_memos``)."""
         c = i // CHUNK_TILES
+        memos = getattr(self._memos, "memo", None)
+        if memos is None:
+            memos = self._memos.memo = {}
         with self._memo_lock:
-            memo, gen = self._memo.get(name), self._generation[name]
+            gen = self._generation[name]
+        memo = memos.get(name)
         if memo is None or memo[0] != gen or memo[1] != c:
-            chunk = np.asarray(array[c * CHUNK_TILES : min((c + 1) * CHUNK_TILES, self.n)])
-            with self._memo_lock:
+            memo = (gen, c, np.asarray(array[c * CHUNK_TILES : min((c + 1) * CHUNK_TILES, self.n)]))
+            with self._memo_lock:  # kept only if no write or discard happened while it was read
                 if self._generation[name] == gen:
-                    self._memo[name] = memo = (gen, c, chunk)
-                else:
-                    memo = (gen, c, chunk)
+                    memos[name] = memo
         return memo[2][i - c * CHUNK_TILES].copy()
 
     def _forget(self, name: str) -> None:
-        with self._memo_lock:
+        with self._memo_lock:  # every thread's memo of ``name`` is stale from now on
             self._generation[name] += 1
-            self._memo.pop(name, None)
 
     # ---- predictions -------------------------------------------------------------------------------------
     @property
@@ -395,28 +402,33 @@ class TileCache:
         labels = np.asarray(labels).astype(np.int32, copy=False)
         lab_arr, sc_arr = self._pred["labels"], self._pred["scores"]
         damaged: list[int] = []
+        writes = []
+        for lo, hi, mine, keep in self._chunks(indices, self._pred_done):
+            if keep is None:  # the whole chunk (the common case: batches are aligned to chunks)
+                writes.append((lo, hi, labels[mine], rows[mine]))
+                continue
+            at = indices[mine] - lo
+            lab, ok_lab = _chunk_rows(lab_arr, lo, hi, keep, at, labels[mine], 0)
+            sc, ok_sc = _chunk_rows(sc_arr, lo, hi, keep, at, rows[mine], np.nan)
+            writes.append((lo, hi, lab, sc))
+            if not (ok_lab and ok_sc):  # the kept tiles lost their labels or scores: predicted again
+                damaged += (lo + keep).tolist()
+        # marked not done on disk before their chunk is rewritten with fill, so a kill in between never leaves
+        # fill values flagged as predictions
+        lost = self.discard(damaged, "labels") if damaged else None
         self._forget("labels")
         with _disk_full_is_output_error(self.root):
-            for lo, hi, mine, keep in self._chunks(indices, self._pred_done):
-                if keep is None:  # the whole chunk (the common case: batches are aligned to chunks)
-                    lab_arr[lo:hi] = labels[mine]
-                    sc_arr[lo:hi] = rows[mine]
-                    continue
-                at = indices[mine] - lo
-                lab, ok_lab = _chunk_rows(lab_arr, lo, hi, keep, at, labels[mine], 0)
-                sc, ok_sc = _chunk_rows(sc_arr, lo, hi, keep, at, rows[mine], np.nan)
+            for lo, hi, lab, sc in writes:
                 lab_arr[lo:hi] = lab
                 sc_arr[lo:hi] = sc
-                if not (ok_lab and ok_sc):  # the kept tiles lost their labels or scores: predicted again
-                    damaged += (lo + keep).tolist()
         self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
         self._forget("labels")
         with _disk_full_is_output_error(self.root):
             _write_chunks(self._pred["n_inst"], self._n_inst, indices)
             _write_chunks(self._pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
-        if damaged:
-            raise self.discard(damaged, "labels")
+        if lost is not None:
+            raise lost
 
     @property
     def prediction_arrays(self) -> tuple:

@@ -118,19 +118,29 @@ def _ring_order(nxt: np.ndarray) -> np.ndarray:
     """The elements of a permutation made of cycles, each cycle a contiguous run in successor order starting at
     its smallest element, cycles in ascending order of that element.
 
-    A depth-first traversal from an extra node linked to every element in ascending order: the first element of
-    a cycle it meets is the cycle's smallest, and it follows the cycle to its end before the next one.
+    One depth-first traversal (scipy, in C) of the successor graph plus a "ladder" of extra nodes S+j -> (j,
+    S+j+1) started at S: the ladder offers the elements in ascending order, so the first element of a cycle the
+    traversal meets is the cycle's smallest, and it follows the cycle to its end before the ladder's next rung.
+    (A single extra node linked to every element would do the same, but scipy rescans that node's whole row
+    after each cycle: quadratic.) The ordering is what scipy's traversal does, not a documented promise, so
+    tests/test_host_path.py pins it.
     """
     from scipy.sparse import csr_array
     from scipy.sparse.csgraph import depth_first_order
 
     S = len(nxt)
-    indptr = np.empty(S + 2, np.int32)
-    indptr[: S + 1] = np.arange(S + 1, dtype=np.int32)
-    indptr[S + 1] = 2 * S
-    indices = np.concatenate([nxt, np.arange(S, dtype=np.int32)])
-    graph = csr_array((np.ones(2 * S, np.int8), indices, indptr), shape=(S + 1, S + 1))
-    return depth_first_order(graph, S, directed=True, return_predecessors=False)[1:].astype(np.int32)
+    idx = np.int64 if 3 * S >= 2**31 else np.int32
+    indptr = np.empty(2 * S + 1, idx)
+    indptr[: S + 1] = np.arange(S + 1, dtype=idx)  # element j: its successor
+    indptr[S + 1 :] = S + 2 * np.arange(1, S + 1, dtype=idx)  # rung S+j: element j, then rung S+j+1
+    indptr[-1] -= 1  # the last rung has no next rung
+    rungs = np.empty(2 * S - 1, idx)
+    rungs[0::2] = np.arange(S, dtype=idx)
+    rungs[1::2] = np.arange(S + 1, 2 * S, dtype=idx)
+    graph = csr_array((np.ones(3 * S - 1, np.int8), np.concatenate([nxt.astype(idx), rungs]), indptr),
+                      shape=(2 * S, 2 * S))
+    order = depth_first_order(graph, S, directed=True, return_predecessors=False)
+    return order[order < S].astype(np.int32)
 
 
 _SEG32 = _SEGMENTS.astype(np.int32)

@@ -298,13 +298,17 @@ def _block_mean(rgba: np.ndarray, block: int) -> np.ndarray:
     """RGB over white of an RGBA region, averaged over ``block`` x ``block`` pixel blocks (rounded half to even).
 
     An opaque region (every read inside the scanned area) is averaged with its alpha channel by OpenCV's area
-    resize, about 20x faster than numpy's strided block sum and bit-identical to it for integer factors >= 3
-    (ties included: tests/test_wsi.py checks it); a factor of 2 rounds ties up in OpenCV, so numpy does it.
+    resize, about 20x faster than numpy's strided block sum, where that is bit-identical to it
+    (tests/test_slide.py): factors that are powers of two from 4 (OpenCV's 1/area is exact in float32) and odd
+    factors up to 63 (an odd area has no exact ties, and float32 cannot move a mean across a rounding boundary).
+    OpenCV rounds ties up for a factor of 2, and misrounds some ties for even factors such as 22 (its float32
+    1/area): numpy does those.
     """
     import cv2
 
     h, w = rgba.shape[0] // block, rgba.shape[1] // block
-    if block >= 3 and rgba[..., 3].min() == 255:
+    exact = (block >= 4 and block & (block - 1) == 0) or (block % 2 == 1 and 3 <= block <= 63)
+    if exact and rgba[..., 3].min() == 255:
         return cv2.resize(rgba, (w, h), interpolation=cv2.INTER_AREA)[..., :3]
     rgb = composite_white(rgba)
     if block == 1:  # the level itself: nothing to average
