@@ -156,7 +156,7 @@ class TileCache:
         self.coords = coords
         self.damaged: set[str] = set()  # what was found damaged (chunk names), for the one warning
         # the last chunk of tiles / labels decoded, for readers going tile by tile (cached tiles of a batch, the
-        # labels output); every write or discard bumps the generation, so a chunk read before it is never kept
+        # labels output); every write bumps the generation once it is on disk, so a chunk read before is not kept
         self._memos = threading.local()  # per thread (reader, export): .memo = {name: (generation, chunk, rows)}
         self._generation = {"tiles": 0, "labels": 0}
         self._memo_lock = threading.Lock()
@@ -302,8 +302,8 @@ class TileCache:
         except Exception as err:  # noqa: BLE001 - see _decode_failed
             if not _decode_failed(err):
                 raise
-        lo = i - i % CHUNK_TILES
-        self._tiles_done[lo : lo + CHUNK_TILES] = False
+        lo, hi = self._span(i // CHUNK_TILES)
+        self._tiles_done[lo:hi] = False
         self.damaged.add(f"tiles chunk {i // CHUNK_TILES}")
         self._warn()
         return None
@@ -315,42 +315,51 @@ class TileCache:
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
-        lost: list[int] = []
-        writes = []
-        for lo, hi, mine, keep in self._chunks(indices, self._tiles_done):
-            if keep is None:
-                writes.append((lo, hi, tiles[mine]))
-                continue
-            rows, ok = _chunk_rows(self.tiles, lo, hi, keep, indices[mine] - lo, tiles[mine], 255)
-            writes.append((lo, hi, rows))
-            if not ok:
-                lost += (lo + keep).tolist()
-                self.damaged.add(f"tiles chunk {lo // CHUNK_TILES}")
-        self._forget("tiles")
+        writes, lost = self._merged_chunks(indices, self._tiles_done, [(self.tiles, tiles, 255)])
+        self.damaged.update(f"tiles chunk {i // CHUNK_TILES}" for i in lost)
         with _disk_full_is_output_error(self.root):
             if lost:  # un-flagged on disk before their chunk is rewritten with fill: a kill never leaves them "done"
                 self._tiles_done[lost] = False
                 _write_chunks(self._flags, self._tiles_done, np.asarray(lost, np.int64))
-            for lo, hi, rows in writes:
-                self.tiles[lo:hi] = rows
-            self._forget("tiles")
+            self._write_merged(writes, [self.tiles], "tiles")
             self._tiles_done[indices] = True
             _write_chunks(self._flags, self._tiles_done, indices)
         if lost:
             self._warn()
 
-    def _chunks(self, indices: np.ndarray, done: np.ndarray):
-        """(lo, hi, positions of ``indices`` in [lo, hi), done rows to keep or None) per chunk ``indices`` touch;
-        None: the indices cover the whole chunk (written as is, nothing read back)."""
+    def _span(self, c: int) -> tuple[int, int]:
+        """Tiles [lo, hi) of chunk c (the last chunk may be short)."""
+        return c * CHUNK_TILES, min((c + 1) * CHUNK_TILES, self.n)
+
+    def _merged_chunks(self, indices: np.ndarray, done: np.ndarray,
+                       columns: list[tuple]) -> tuple[list[tuple[int, int, list]], list[int]]:
+        """What writing ``indices`` means chunk by chunk: ``[(lo, hi, [rows per column])]`` to write whole, and
+        the done tiles that were lost. ``columns``: (array, values per index, fill) written together. A chunk the
+        indices cover whole is their values as is; one covered in part keeps its other done tiles (read back,
+        see :func:`_chunk_rows`) and fills the rest; if it does not decode, those done tiles are lost."""
         assert np.all(np.diff(indices) > 0), "tile indices must be ascending and unique"
         chunk_of = indices // CHUNK_TILES
+        writes, lost = [], []
         for c in np.unique(chunk_of).tolist():
-            lo, hi = c * CHUNK_TILES, min((c + 1) * CHUNK_TILES, self.n)
+            lo, hi = self._span(c)
             mine = np.flatnonzero(chunk_of == c)
-            if len(mine) == hi - lo:
-                yield lo, hi, mine, None
-            else:
-                yield lo, hi, mine, np.setdiff1d(np.flatnonzero(done[lo:hi]), indices[mine] - lo)
+            if len(mine) == hi - lo:  # the whole chunk (the common case: batches are aligned to chunks)
+                writes.append((lo, hi, [values[mine] for _, values, _ in columns]))
+                continue
+            keep = np.setdiff1d(np.flatnonzero(done[lo:hi]), indices[mine] - lo)
+            merged = [_chunk_rows(array, lo, hi, keep, indices[mine] - lo, values[mine], fill)
+                      for array, values, fill in columns]
+            writes.append((lo, hi, [rows for rows, _ in merged]))
+            if not all(ok for _, ok in merged):
+                lost += (lo + keep).tolist()
+        return writes, lost
+
+    def _write_merged(self, writes: list[tuple[int, int, list]], arrays: list, memo: str) -> None:
+        """Write :meth:`_merged_chunks`' chunks, then make every thread's memo ``memo`` of them stale."""
+        for lo, hi, rows in writes:
+            for array, r in zip(arrays, rows):
+                array[lo:hi] = r
+        self._forget(memo)
 
     def _row(self, name: str, array, i: int) -> np.ndarray:
         """Row i of a chunked array, decoding its chunk once for consecutive readers in a thread (see ``_memos``)."""
@@ -362,7 +371,8 @@ class TileCache:
             gen = self._generation[name]
         memo = memos.get(name)
         if memo is None or memo[0] != gen or memo[1] != c:
-            memo = (gen, c, np.asarray(array[c * CHUNK_TILES : min((c + 1) * CHUNK_TILES, self.n)]))
+            lo, hi = self._span(c)
+            memo = (gen, c, np.asarray(array[lo:hi]))
             with self._memo_lock:  # kept only if no write or discard happened while it was read
                 if self._generation[name] == gen:
                     memos[name] = memo
@@ -388,7 +398,7 @@ class TileCache:
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
-        K, T = self.max_instances, self.tile_size
+        K = self.max_instances
         n_inst = np.zeros(len(indices), np.int32)
         rows = np.full((len(indices), K), np.nan, dtype=np.float32)
         for j, i in enumerate(indices):
@@ -400,30 +410,16 @@ class TileCache:
                 raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst[j]} instances in a tile")
             rows[j, : n_inst[j]] = sc[: n_inst[j]]
         labels = np.asarray(labels).astype(np.int32, copy=False)
-        lab_arr, sc_arr = self._pred["labels"], self._pred["scores"]
-        damaged: list[int] = []
-        writes = []
-        for lo, hi, mine, keep in self._chunks(indices, self._pred_done):
-            if keep is None:  # the whole chunk (the common case: batches are aligned to chunks)
-                writes.append((lo, hi, labels[mine], rows[mine]))
-                continue
-            at = indices[mine] - lo
-            lab, ok_lab = _chunk_rows(lab_arr, lo, hi, keep, at, labels[mine], 0)
-            sc, ok_sc = _chunk_rows(sc_arr, lo, hi, keep, at, rows[mine], np.nan)
-            writes.append((lo, hi, lab, sc))
-            if not (ok_lab and ok_sc):  # the kept tiles lost their labels or scores: predicted again
-                damaged += (lo + keep).tolist()
-        # marked not done on disk before their chunk is rewritten with fill, so a kill in between never leaves
-        # fill values flagged as predictions
+        arrays = [self._pred["labels"], self._pred["scores"]]
+        writes, damaged = self._merged_chunks(indices, self._pred_done,
+                                              [(arrays[0], labels, 0), (arrays[1], rows, np.nan)])
+        # tiles whose labels or scores were lost are marked not done on disk before their chunk is rewritten with
+        # fill, so a kill in between never leaves fill values flagged as predictions
         lost = self.discard(damaged, "labels") if damaged else None
-        self._forget("labels")
         with _disk_full_is_output_error(self.root):
-            for lo, hi, lab, sc in writes:
-                lab_arr[lo:hi] = lab
-                sc_arr[lo:hi] = sc
+            self._write_merged(writes, arrays, "labels")
         self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
-        self._forget("labels")
         with _disk_full_is_output_error(self.root):
             _write_chunks(self._pred["n_inst"], self._n_inst, indices)
             _write_chunks(self._pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
@@ -449,8 +445,7 @@ class TileCache:
 
     def _chunk_done(self, i: int) -> list[int]:
         """Tile i and the other done tiles of its prediction chunk (what a damaged chunk takes with it)."""
-        lo = i - i % CHUNK_TILES
-        hi = min(lo + CHUNK_TILES, self.n)
+        lo, hi = self._span(i // CHUNK_TILES)
         return sorted({i, *(lo + np.flatnonzero(self._pred_done[lo:hi])).tolist()})
 
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -470,7 +465,6 @@ class TileCache:
         them too), warn once, and return the CacheDamaged to raise."""
         idx = np.asarray(indices, dtype=np.int64)
         self._pred_done[idx] = False
-        self._forget("labels")
         with _disk_full_is_output_error(self.root):
             _write_chunks(self._pred["done"], self._pred_done, idx)
         self.damaged.update(f"{what} chunk {i // CHUNK_TILES}" for i in indices)

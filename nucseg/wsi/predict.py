@@ -83,6 +83,13 @@ MAX_TARGET_PIXELS = 2e11
 MAX_CACHE_REPAIRS = 2
 
 
+def _repairs_failed(err: CacheDamaged, attempts: int) -> OutputError:
+    """The one-line error when a cache keeps returning damaged predictions after ``attempts`` repair passes."""
+    return OutputError(f"tile cache {err.root} still returns damaged predictions (tiles {err.tiles[:5]}) after "
+                       f"{attempts} repairs; its storage may be failing: delete it (it is only a cache) or use "
+                       "another --work-dir")
+
+
 @dataclass
 class PredictConfig:
     """Settings of one whole-slide run (the CLI maps its options onto these fields).
@@ -326,9 +333,7 @@ def predict_slide(
                     # so another pass predicts only those tiles and writes the outputs whole.
                     read_n, pred_n = read_n + err.work[0], pred_n + err.work[1]
                     if attempt == MAX_CACHE_REPAIRS:
-                        raise OutputError(f"tile cache {err.root} still returns damaged predictions (tiles "
-                                          f"{err.tiles[:5]}) after {attempt} repairs; its storage may be failing: "
-                                          "delete it (it is only a cache) or use another --work-dir") from None
+                        raise _repairs_failed(err, attempt) from None
         if cfg.tissue_preview and plan.tissue is not None:  # with the other outputs: a failed run leaves none
             boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
@@ -591,9 +596,7 @@ def predict_tile_range(
                 except CacheDamaged as err:
                     predicted += counts[1]
                     if attempt == MAX_CACHE_REPAIRS:
-                        raise OutputError(f"tile cache {err.root} still returns damaged predictions (tiles "
-                                          f"{err.tiles[:5]}) after {attempt} repairs; its storage may be failing: "
-                                          "delete it (it is only a cache) or use another --work-dir") from None
+                        raise _repairs_failed(err, attempt) from None
     finally:
         slide.close()
     return n, predicted
@@ -664,13 +667,13 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
                    progress: Progress | None, ready: _Ready | None = None,
                    stopped: Callable[[], bool] = lambda: False,
                    tiles: tuple[int, int] | None = None, times: StageTimes | None = None,
-                   counts: list[int] | None = None) -> tuple[int, int]:
+                   counts: list[int] | None = None) -> None:
     """Predict every tile not done yet (of cache range ``tiles`` if given), batch by batch, reading (and
     caching) the next batch while the model runs, and writing predictions to the cache in a third thread.
 
     ``ready`` is told about every finished batch; ``stopped()`` true (the export thread failed) ends early.
-    Returns (tiles read from the slide, tiles predicted); ``counts`` holds the same as they grow, for a caller
-    whose pass ends in an exception (CacheDamaged).
+    ``counts`` ([tiles read from the slide, tiles predicted]) grows as the pass goes, so a caller whose pass ends
+    in an exception (CacheDamaged) still knows the work done.
     """
     counts = counts if counts is not None else [0, 0]
     T = cache.tile_size
@@ -740,7 +743,6 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
                 writes.popleft().result()
         while writes:
             writes.popleft().result()
-    return counts[0], counts[1]
 
 
 class _TimedView:
