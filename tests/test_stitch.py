@@ -13,7 +13,7 @@ from skimage.segmentation import relabel_sequential
 
 from nucseg.model.classical import ThresholdSegmenter
 from nucseg.wsi.predict import PredictConfig, predict_slide
-from nucseg.wsi.stitch import StitchedLabels, Stitcher, keep_mask
+from nucseg.wsi.stitch import StitchedLabels, Stitcher, keep_mask, label_moments
 from nucseg.wsi.synthslide import make_synthetic_slide, match_instances, seam_positions
 from nucseg.wsi.tiling import make_grid
 
@@ -126,6 +126,23 @@ def test_fragment_touching_interior_side_is_rejected():
     keep, area, sx, _ = keep_mask(labels, 0, 0, grid, 0, 0)
     assert sx[1] / area[1] < grid.owned(0, 0)[1]  # owned by centroid ...
     assert not keep[1] and keep[2] and keep[3]  # ... yet rejected for touching
+
+
+@pytest.mark.parametrize("shape, n, seed", [((64, 64), 1, 0), ((37, 53), 5, 1), ((128, 96), 300, 2), ((1, 7), 3, 3),
+                                             ((9, 1), 3, 4), ((0, 5), 0, 5), ((8, 8), 0, 6)])
+def test_label_moments_equal_the_pixel_sums(shape, n, seed):
+    """The run-length sums equal the per-pixel ones exactly, including runs that reach a row's end and labels
+    that continue on the next row (a run never crosses rows), for noise and for blobs."""
+    rng = np.random.default_rng(seed)
+    for labels in (rng.integers(0, n + 1, shape), np.repeat(rng.integers(0, n + 1, (shape[0], 1)), shape[1], 1)):
+        labels = labels.astype(np.int32)
+        rr, cc = np.indices(shape)
+        top = int(labels.max()) if labels.size else 0
+        area, sx, sy = label_moments(labels, top)
+        ref = [np.bincount(labels.ravel(), weights=w.ravel(), minlength=top + 1) for w in (np.ones(shape), cc, rr)]
+        ref[0][0] = ref[1][0] = ref[2][0] = 0  # background is not summed
+        for got, want in zip((area, sx, sy), ref):
+            assert got.dtype == np.float64 and np.array_equal(got, want)
 
 
 # ------------------------------------------------------------------------------------------- whole pipeline

@@ -46,6 +46,32 @@ class KeptInstances:
         return len(self.local_ids)
 
 
+def label_moments(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel count, sum of column indices, sum of row indices) of every label 0..n, float64 (exact integers).
+
+    Summed over the runs of equal labels along each row rather than over pixels: a 512 px tile of ~200 nuclei
+    has ~10,000 runs against 262,144 pixels (0.4 ms instead of 3 ms). Label 0 (background) gets zeros.
+    """
+    H, W = labels.shape
+    if not labels.size:
+        return np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
+    flat = labels.ravel()
+    change = np.empty(flat.size, dtype=bool)  # a run starts where the label changes or a row starts
+    change[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=change[1:])
+    change[::W] = True
+    starts = np.flatnonzero(change)
+    length = np.diff(starts, append=flat.size)
+    lab = flat[starts]
+    fg = lab != 0
+    starts, length, lab = starts[fg], length[fg], lab[fg]
+    row, col = np.divmod(starts, W)
+    # the columns of a run c, ..., c + l - 1 sum to l (2c + l - 1) / 2 (an integer: one factor is even)
+    weights = (length, (length * (2 * col + length - 1)) // 2, row * length)
+    # float64 also when there are no runs (bincount then returns integers)
+    return tuple(np.bincount(lab, weights=w, minlength=n + 1).astype(np.float64, copy=False) for w in weights)
+
+
 def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy: int) -> tuple[np.ndarray, ...]:
     """Apply the ownership rule to one tile's labels (vectorised with bincount).
 
@@ -53,15 +79,11 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
     """
     T = labels.shape[0]
     n = int(labels.max()) if labels.size else 0
-    flat = labels.ravel()
-    # only the labelled pixels (a third of a dense tile): index 0 (background) keeps area 0, it is never kept
-    on = np.flatnonzero(flat)
-    lab = flat[on]
-    r, c = np.divmod(on, labels.shape[1])
-    area = np.bincount(lab, minlength=n + 1).astype(np.int64)
+    area, sx, sy = label_moments(labels, n)
     # Sums of integer coordinates are exact in float64 (far below 2**53); adding area * origin keeps it exact.
-    sx = np.bincount(lab, weights=c.astype(np.float64), minlength=n + 1) + area * float(x0)
-    sy = np.bincount(lab, weights=r.astype(np.float64), minlength=n + 1) + area * float(y0)
+    sx += area * float(x0)
+    sy += area * float(y0)
+    area = area.astype(np.int64)
     x_lo, x_hi, y_lo, y_hi = grid.owned(ix, iy)
     a = area.astype(np.float64)
     owned = (sx >= x_lo * a) & (sx < x_hi * a) & (sy >= y_lo * a) & (sy < y_hi * a)
