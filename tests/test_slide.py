@@ -11,7 +11,8 @@ import openslide
 import pytest
 
 from nucseg.errors import InputError, SlideError
-from nucseg.wsi.slide import TargetView, _block_mean, _mpp_from_tiff_tags, best_level, detect_tissue, open_slide, slide_mpp
+from nucseg.wsi.slide import (TargetView, _block_mean, _mpp_from_tiff_tags, best_level, detect_tissue, open_slide,
+                              read_overview, slide_mpp)
 from nucseg.wsi.synthslide import make_synthetic_slide
 
 
@@ -112,6 +113,22 @@ def test_overview_block_mean_is_the_exact_rounded_mean(block, opaque):
     got = _block_mean(rgba, block)
     assert got.dtype == np.uint8 and got.shape == (40, 30, 3)
     np.testing.assert_array_equal(got, expect.astype(np.uint8))
+
+
+@pytest.mark.parametrize("target, block_px", [(8.0, 4096), (8.0, 200), (2.0, 4096), (0.6, 512), (3.1, 300)])
+def test_overview_is_the_same_whatever_the_threads_and_blocks(cmu_svs, monkeypatch, target, block_px):
+    """Row strips read side by side (one per thread) and small read blocks give the overview read in one piece."""
+    import nucseg.threads
+
+    slide = openslide.OpenSlide(str(cmu_svs))
+    mpp0 = slide_mpp(slide, path=cmu_svs)
+    monkeypatch.setattr(nucseg.threads, "allowed_cpus", lambda: (1, "test"))
+    one, mpp_one = read_overview(slide, cmu_svs, mpp0, target, block_px=1 << 20)
+    for cpus in (2, 3, 4):
+        monkeypatch.setattr(nucseg.threads, "allowed_cpus", lambda: (cpus, "test"))
+        got, mpp = read_overview(slide, cmu_svs, mpp0, target, block_px=block_px)
+        assert mpp == mpp_one
+        np.testing.assert_array_equal(got, one)
 
 
 def test_full_tissue_and_empty_slide(tmp_path):

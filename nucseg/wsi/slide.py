@@ -321,9 +321,16 @@ def _block_mean(rgba: np.ndarray, block: int) -> np.ndarray:
 def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float, block_px: int = 4096) -> tuple[np.ndarray, float]:
     """The whole slide at about ``target_mpp`` (coarse), read block by block so memory stays small.
 
-    Returns (rgb, mpp) where mpp is the exact µm/px of the result (level µm/px x integer block factor).
+    Blocks are read by up to 4 threads (OpenSlide decodes outside the GIL), and the rows are split so that each
+    thread has one: a slide without a pyramid is averaged down from its full-resolution level, which is most of
+    the time before the first tile is read. Returns (rgb, mpp) where mpp is the exact µm/px of the result (level
+    µm/px x integer block factor).
     """
+    import concurrent.futures
+
     import openslide
+
+    from ..threads import allowed_cpus
 
     level = best_level(slide, mpp0, target_mpp)
     ds = float(slide.level_downsamples[level])
@@ -333,13 +340,24 @@ def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float
     out_w, out_h = max(1, lw // block), max(1, lh // block)
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
     step = max(1, block_px // block)  # output pixels per read block along each axis
+    workers = max(1, min(4, allowed_cpus()[0]))
+    step_y = max(1, min(step, -(-out_h // workers)))  # blocks are whole output pixels, so the means do not change
+
+    def read(oy: int, ox: int) -> None:
+        bh, bw = min(step_y, out_h - oy), min(step, out_w - ox)
+        loc = (int(round(ox * block * ds)), int(round(oy * block * ds)))
+        region = np.asarray(slide.read_region(loc, level, (bw * block, bh * block)))
+        out[oy : oy + bh, ox : ox + bw] = _block_mean(region, block)
+
+    boxes = [(oy, ox) for oy in range(0, out_h, step_y) for ox in range(0, out_w, step)]
     try:
-        for oy in range(0, out_h, step):
-            for ox in range(0, out_w, step):
-                bh, bw = min(step, out_h - oy), min(step, out_w - ox)
-                loc = (int(round(ox * block * ds)), int(round(oy * block * ds)))
-                region = np.asarray(slide.read_region(loc, level, (bw * block, bh * block)))
-                out[oy : oy + bh, ox : ox + bw] = _block_mean(region, block)
+        if workers == 1 or len(boxes) == 1:
+            for box in boxes:
+                read(*box)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nucseg-overview") as pool:
+                for f in [pool.submit(read, *box) for box in boxes]:
+                    f.result()
     except openslide.OpenSlideError as err:
         raise SlideError(f"cannot read slide {path}: {_one_line(err)} (truncated or corrupt?)") from None
     return out, level_mpp * block
