@@ -337,3 +337,53 @@ def test_a_bug_on_one_slide_is_counted_the_batch_goes_on_and_the_bug_is_raised(c
     assert summary["failed"] == 1 and summary["done"] == 1
     assert summary["failures"][0] == {"slide": str(buggy), "error": "internal error: ZeroDivisionError: a bug"}
     assert (out / "s.geojson").is_file()
+
+
+def test_deferred_flags_reach_the_disk_on_flush_or_after_the_interval(tmp_path, monkeypatch):
+    """A pass writes its done flags at most every FLAG_FLUSH_S seconds (and when it ends); the data always first.
+    Without ``defer`` (any other caller) they are written at once, as before."""
+    import nucseg.wsi.cache as cache_mod
+
+    n, t = 20, 16
+    coords = np.stack([np.arange(n) * t, np.zeros(n, np.int64)], 1)
+    root = tmp_path / "c.zarr"
+    on_disk = lambda: TileCache(root, {"k": 1}, coords, t, "m", 4)  # noqa: E731 - what a rerun would find
+    cache = on_disk()
+    labels = np.ones((CHUNK_TILES, t, t), np.int32)
+    monkeypatch.setattr(cache_mod, "FLAG_FLUSH_S", 3600.0)
+    cache.put_predictions(np.arange(CHUNK_TILES), labels, [np.ones(1, np.float32)] * CHUNK_TILES, defer=True)
+    cache.put_tiles(np.arange(CHUNK_TILES), np.zeros((CHUNK_TILES, t, t, 3), np.uint8), defer=True)
+    assert cache.pred_done[:CHUNK_TILES].all() and cache.tiles_done[:CHUNK_TILES].all()  # in memory at once
+    assert not on_disk().pred_done.any() and not on_disk().tiles_done.any()
+    cache.flush()
+    again = on_disk()
+    assert again.pred_done.tolist() == again.tiles_done.tolist() == [True] * CHUNK_TILES + [False] * (n - CHUNK_TILES)
+    np.testing.assert_array_equal(again.get_labels(3), labels[3])
+    monkeypatch.setattr(cache_mod, "FLAG_FLUSH_S", 0.0)  # the interval has passed: the next batch writes them
+    cache.put_predictions(np.arange(8, 16), labels, [np.ones(1, np.float32)] * CHUNK_TILES, defer=True)
+    assert on_disk().pred_done[:16].all()
+    cache.put_predictions(np.arange(16, 20), labels[:4], [np.ones(1, np.float32)] * 4)  # not deferred
+    assert on_disk().pred_done.all()
+
+
+def test_a_pass_that_fails_keeps_what_it_wrote(clean, tmp_path, monkeypatch):
+    """The flags a pass deferred are written when it fails too: a rerun predicts only the rest."""
+    import nucseg.wsi.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "FLAG_FLUSH_S", 3600.0)
+    calls = {"n": 0}
+
+    class FailsOnThirdBatch(ThresholdSegmenter):
+        def __call__(self, tiles):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("the model failed")
+            return super().__call__(tiles)
+
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError, match="the model failed"):
+        predict_slide(clean["slide"], tmp_path / "out" / "s.geojson", FailsOnThirdBatch(tile_size=T),
+                      _cfg(tmp_path / "out", work, batch_size=4))
+    summary, notes = _run(clean["slide"], tmp_path / "out", work, batch_size=4)
+    assert notes == [] and summary.predicted_tiles == 30 - 2 * 4  # the two batches before the failure were kept
+    assert _files(tmp_path / "out") == clean["out"]

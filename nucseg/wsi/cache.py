@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -51,6 +52,11 @@ from ..errors import DataError, OutputError
 CACHE_VERSION = 4  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges); 3: flat chunk keys;
 # 4: tiles and predictions chunked by CHUNK_TILES tiles
 FLAG_CHUNK = 64
+# A pass over the tiles (``defer=True``) writes its flag chunks at most every FLAG_FLUSH_S seconds and when it
+# ends, not after every batch: each zarr call costs ~10 ms of GIL-bound event-loop work in a busy process, and
+# the three flag writes per batch were half the calls of the host path. Flags still follow their data, so a
+# SIGKILL loses at most the last FLAG_FLUSH_S seconds of work (redone on the rerun), never correctness.
+FLAG_FLUSH_S = 1.0
 # Tiles and predictions (labels, scores) are chunked by a batch of tiles, not one tile: zarr's cost per chunk
 # written (its event loop, thread hops, a file) is paid in the GIL the export thread needs, and with one chunk
 # per tile and array it was the largest cost of the host path (bench_host: 0.5 s of CPU of 2.6 on the bench
@@ -160,6 +166,10 @@ class TileCache:
         self._memos = threading.local()  # per thread (reader, export): .memo = {name: (generation, chunk, rows)}
         self._generation = {"tiles": 0, "labels": 0}
         self._memo_lock = threading.Lock()
+        # flag chunks set in memory (their data on disk) but not yet written, per kind; see FLAG_FLUSH_S
+        self._unflushed: dict[str, set[int]] = {"tiles": set(), "pred": set()}
+        self._flushed_at = {"tiles": time.monotonic(), "pred": time.monotonic()}
+        self._flag_lock = threading.Lock()
         with _disk_full_is_output_error(self.root), _locked(self.root.with_name(self.root.name + ".lock")):
             self.group = self._open_group(key, coords, create)
             self.pred = self._open_pred(model, create)
@@ -308,22 +318,23 @@ class TileCache:
         self._warn()
         return None
 
-    def put_tiles(self, indices: np.ndarray, tiles: np.ndarray) -> None:
+    def put_tiles(self, indices: np.ndarray, tiles: np.ndarray, defer: bool = False) -> None:
         """Write tiles whole chunk by whole chunk (merged with the chunk's other cached tiles, see
         :func:`_chunk_rows`), then mark them done (flag after data: a crash leaves them merely un-flagged). A chunk
-        found damaged while merging loses its other tiles: marked not read, they are read from the slide again."""
+        found damaged while merging loses its other tiles: marked not read, they are read from the slide again.
+        ``defer``: the done flags may wait for :meth:`flush` (see FLAG_FLUSH_S)."""
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
         writes, lost = self._merged_chunks(indices, self._tiles_done, [(self.tiles, tiles, 255)])
         self.damaged.update(f"tiles chunk {i // CHUNK_TILES}" for i in lost)
+        if lost:  # un-flagged on disk before their chunk is rewritten with fill: a kill never leaves them "done"
+            self._tiles_done[lost] = False
+            self._flag("tiles", np.asarray(lost, np.int64), defer=False)
         with _disk_full_is_output_error(self.root):
-            if lost:  # un-flagged on disk before their chunk is rewritten with fill: a kill never leaves them "done"
-                self._tiles_done[lost] = False
-                _write_chunks(self._flags, self._tiles_done, np.asarray(lost, np.int64))
             self._write_merged(writes, [self.tiles], "tiles")
             self._tiles_done[indices] = True
-            _write_chunks(self._flags, self._tiles_done, indices)
+        self._flag("tiles", indices, defer)
         if lost:
             self._warn()
 
@@ -382,13 +393,44 @@ class TileCache:
         with self._memo_lock:  # every thread's memo of ``name`` is stale from now on
             self._generation[name] += 1
 
+    # ---- flags -------------------------------------------------------------------------------------------
+    def _flag(self, kind: str, indices: np.ndarray, defer: bool) -> None:
+        """Write the flag chunks of ``indices`` (set in memory after their data was written), or with ``defer``
+        only once FLAG_FLUSH_S has passed since the last write of this kind's flags."""
+        with self._flag_lock:
+            self._unflushed[kind].update((np.unique(indices // FLAG_CHUNK) * FLAG_CHUNK).tolist())
+            due = not defer or time.monotonic() - self._flushed_at[kind] >= FLAG_FLUSH_S
+        if due:
+            self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        with self._flag_lock:  # a chunk is written from the in-memory flags: always safe (they follow the data)
+            first = np.asarray(sorted(self._unflushed[kind]), np.int64)
+            self._unflushed[kind].clear()
+            self._flushed_at[kind] = time.monotonic()
+            if not len(first):
+                return
+            with _disk_full_is_output_error(self.root):
+                if kind == "tiles":
+                    _write_chunks(self._flags, self._tiles_done, first)
+                else:
+                    _write_chunks(self._pred["n_inst"], self._n_inst, first)
+                    _write_chunks(self._pred["done"], self._pred_done, first)  # last: the tiles' data is complete
+
+    def flush(self) -> None:
+        """Write every deferred flag: after it, the cache on disk says all that this process has written."""
+        self._flush("tiles")
+        self._flush("pred")
+
     # ---- predictions -------------------------------------------------------------------------------------
     @property
     def pred_done(self) -> np.ndarray:
         return self._pred_done.copy()
 
-    def put_predictions(self, indices: np.ndarray, labels: np.ndarray, scores: list[np.ndarray]) -> None:
-        """Write a batch's predictions whole prediction chunk by whole chunk, then mark them done.
+    def put_predictions(self, indices: np.ndarray, labels: np.ndarray, scores: list[np.ndarray],
+                        defer: bool = False) -> None:
+        """Write a batch's predictions whole prediction chunk by whole chunk, then mark them done (``defer``: the
+        flags may wait for :meth:`flush`, see FLAG_FLUSH_S).
 
         A chunk the batch covers only in part keeps its other tiles that are done (read back from disk) and
         holds fill values for those that are not (they are predicted later). If that read-back finds the chunk
@@ -420,9 +462,7 @@ class TileCache:
             self._write_merged(writes, arrays, "labels")
         self._n_inst[indices] = n_inst
         self._pred_done[indices] = True
-        with _disk_full_is_output_error(self.root):
-            _write_chunks(self._pred["n_inst"], self._n_inst, indices)
-            _write_chunks(self._pred["done"], self._pred_done, indices)  # last: says the tiles' data is complete
+        self._flag("pred", indices, defer)
         if lost is not None:
             raise lost
 
@@ -465,8 +505,7 @@ class TileCache:
         them too), warn once, and return the CacheDamaged to raise."""
         idx = np.asarray(indices, dtype=np.int64)
         self._pred_done[idx] = False
-        with _disk_full_is_output_error(self.root):
-            _write_chunks(self._pred["done"], self._pred_done, idx)
+        self._flag("pred", idx, defer=False)
         self.damaged.update(f"{what} chunk {i // CHUNK_TILES}" for i in indices)
         self._warn()
         return CacheDamaged(self.root, [int(i) for i in indices])

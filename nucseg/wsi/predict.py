@@ -704,7 +704,7 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
             tiles[fresh] = read_tiles_parallel(timed_view, cache.coords[idx[fresh]], T, cfg.read_workers)
             if cfg.cache_tiles:
                 with times("cache"):
-                    cache.put_tiles(idx[fresh], tiles[fresh])
+                    cache.put_tiles(idx[fresh], tiles[fresh], defer=True)
         return tiles, idx[fresh]
 
     def store(idx: np.ndarray, labels: np.ndarray, scores: list, tiles: np.ndarray | None) -> None:
@@ -712,7 +712,9 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
         nonlocal done
         try:
             with times("cache"):
-                cache.put_predictions(idx, labels, scores)
+                cache.put_predictions(idx, labels, scores, defer=True)
+                if done + len(idx) >= total:  # the last batch: every flag on disk before the export may finish
+                    cache.flush()
         finally:  # also when it raises CacheDamaged: the batch was written, other tiles of a chunk were damaged
             counts[1] += len(idx)
         if ready is not None:
@@ -721,6 +723,20 @@ def _run_segmenter(cache: TileCache, view: TargetView, segmenter: TileSegmenter,
         if progress is not None:
             progress(done, total)
 
+    try:
+        _segment_batches(batches, load, store, segmenter, cfg, T, stopped, counts, times)
+    except BaseException:
+        with contextlib.suppress(Exception):  # what was written stays usable; the first error is the one to report
+            cache.flush()
+        raise
+    cache.flush()  # the deferred flags: the cache on disk now says all this pass wrote
+
+
+def _segment_batches(batches: list[np.ndarray], load: Callable, store: Callable, segmenter: TileSegmenter,
+                     cfg: PredictConfig, T: int, stopped: Callable[[], bool], counts: list[int],
+                     times: StageTimes) -> None:
+    """The three lanes of :func:`_run_segmenter`: ``load`` the next batch in a reader thread while the model runs
+    on this one, ``store`` its predictions in a writer thread."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-read") as pool, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-cache") as writer:
         future = pool.submit(load, batches[0]) if batches else None
