@@ -15,7 +15,11 @@ Two implementations, each in its own fresh process, alternating, in the same run
 
 The configurations are interleaved: in each of ``--repeat`` rounds every configuration runs once (legacy in the
 first ``--legacy-repeat`` rounds only), each in a fresh process that first makes one untimed warm-up run (imports,
-caches), then the timed run, each with a fresh work dir (every tile is read, cached and stitched). So a slow
+caches), then the timed run. Both run as ``nucseg predict`` does without ``--work-dir``: the cache is a fresh
+temporary folder (under the run's own temporary folder, so on the same disk), every tile is read, its
+predictions cached, stitched; the legacy code also caches every RGB tile there, today's keeps RGB tiles only
+where they can be used again (a ``--work-dir``, or the stain measurements; ``cache_tiles=None``).
+``--work-dir`` runs both with a persistent work dir instead (today's code then caches the RGB tiles too). So a slow
 spell of a shared or throttled machine falls on all configurations alike, rather than on whichever ran then
 (the blocks-in-sequence version of this script gave 7.6x and 9.3x for the same code an hour apart). The
 fastest and the median run are reported, all runs are kept. CPU is the process's CPU time plus the export
@@ -23,6 +27,7 @@ worker processes'. The outputs are compared: same nuclei (ids, areas), polygons 
 new outputs with 1 and 2 workers byte-identical.
 
     .venv/bin/python bench/bench_host.py          # a few minutes on 2 cores -> bench/results/host_cpu.json
+    .venv/bin/python bench/bench_host.py --work-dir --out bench/results/host_cpu_workdir.json
 """
 
 from __future__ import annotations
@@ -170,7 +175,9 @@ def child(args: argparse.Namespace) -> int:
             # like with like: the legacy code wrote only area, perimeter and score (issue 11's measurements are
             # measured by bench_measurements.py)
             extra = {} if args.impl == "legacy" else {"export_workers": int(args.workers), "measurements": "none"}
-            cfg = P.PredictConfig(target_mpp=args.mpp, work_dir=Path(d) / "work", **extra)
+            if args.work_dir:  # a persistent cache (``--work-dir``)
+                extra["work_dir"] = Path(d) / "work"
+            cfg = P.PredictConfig(target_mpp=args.mpp, **extra)  # else no work_dir: a temporary cache, as the CLI
             out = Path(d) / "out.geojson"
             c0, w0 = time.process_time(), time.perf_counter()
             summary = P.predict_slide(SLIDE, out, seg, cfg)
@@ -189,7 +196,7 @@ def child(args: argparse.Namespace) -> int:
             last = r == args.warmup + args.repeat - 1
             if last and args.keep:
                 shutil.copyfile(out, args.keep)
-            if last and args.impl == "new":  # GeoParquet from the same cache (export only)
+            if last and args.impl == "new":  # GeoParquet of the same run (predicted again: the cache was temporary)
                 pq = Path(d) / "out.parquet"
                 P.predict_slide(SLIDE, pq, seg, cfg)
                 runs[-1]["parquet_bytes"] = pq.stat().st_size
@@ -214,14 +221,17 @@ def legacy_package(dest: Path) -> Path:
 
 
 def run_child(impl: str, mpp: float | None, workers: int, repeat: int, tmp: Path, legacy_root: Path,
-              keep: Path | None, warmup: int = 1) -> dict:
+              keep: Path | None, warmup: int = 1, work_dir: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--workers", str(workers),
            "--repeat", str(repeat), "--warmup", str(warmup), "--tmp", str(tmp), "--legacy-root", str(legacy_root)]
+    if work_dir:
+        cmd.append("--work-dir")
     if mpp is not None:
         cmd += ["--mpp", str(mpp)]
     if keep is not None:
         cmd += ["--keep", str(keep)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # TMPDIR: the temporary caches go beside the run's other files
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     if impl == "legacy":
         env["PYTHONPATH"] = os.pathsep.join([str(legacy_root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp))
@@ -294,6 +304,9 @@ def main() -> int:
     ap.add_argument("--legacy-repeat", type=int, default=5, help="rounds that also run the legacy code")
     ap.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)  # untimed runs in a child
     ap.add_argument("--workers", default="1,2", help="export processes of the new code to compare")
+    ap.add_argument("--work-dir", action="store_true",
+                    help="run both codes with a persistent work dir (today's code then caches the RGB tiles too), "
+                         "not as the CLI does by default (a temporary cache)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "host_cpu.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="new", help=argparse.SUPPRESS)
@@ -323,7 +336,8 @@ def main() -> int:
                 for impl, w in configs:
                     if impl == "legacy" and r >= args.legacy_repeat:
                         continue
-                    res = run_child(impl, mpp, w, 1, tmp, root, keep["legacy" if impl == "legacy" else w])
+                    res = run_child(impl, mpp, w, 1, tmp, root, keep["legacy" if impl == "legacy" else w],
+                                    work_dir=args.work_dir)
                     print(f"round {r + 1}: {impl} {w}: {res['runs'][0]['wall_s']} s", file=sys.stderr, flush=True)
                     if (impl, w) in got:
                         got[(impl, w)]["runs"] += res["runs"]
@@ -343,11 +357,12 @@ def main() -> int:
     report = {"benchmark": "whole-slide host path, instant segmenter (no model)", **provenance(),
               "slide": str(SLIDE.name), "legacy_commit": LEGACY_COMMIT,
               "settings": {"tile_size": 512, "overlap": 64, "batch_size": 8, "repeat": args.repeat,
+                           "work_dir": "persistent (--work-dir)" if args.work_dir else "temporary (the CLI default)",
                            "legacy_repeat": args.legacy_repeat,
                            "timing": "interleaved rounds, every configuration once per round in a fresh process "
-                                     "after one untimed warm-up run; fastest and median of the runs; each run in a "
-                                     "fresh work dir (every tile read, cached, stitched); CPU = process + export "
-                                     "worker processes"},
+                                     "after one untimed warm-up run; fastest and median of the runs; each run with a "
+                                     "fresh cache (every tile read, its predictions cached, stitched); CPU = process + "
+                                     "export worker processes"},
               "results": results}
     write_report(args.out, report)
     print(table(report))

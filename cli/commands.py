@@ -242,7 +242,7 @@ def predict(args: argparse.Namespace) -> int:
     spec = _segmenter_spec(args)
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
-                        cache_tiles=not args.no_tile_cache, work_dir=args.work_dir, export_workers=args.export_workers,
+                        cache_tiles=False if args.no_tile_cache else None, work_dir=args.work_dir, export_workers=args.export_workers,
                         measurements=args.measurements,
                         command=shlex.join(sys.argv)).validate()  # a bad value fails the run here, not every slide
     if args.tiles_per_task is not None and not args.scheduler:

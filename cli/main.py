@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background included")
     p.add_argument("--no-tile-cache", action="store_true",
                    help="do not keep the slide's RGB tiles in the work dir (about 0.4 MB per tile on disk, ~13%% "
-                   "of the host path's CPU); predictions are still cached, so a rerun still resumes")
+                   "of the host path's CPU); predictions are still cached, so a rerun still resumes. Without "
+                   "--work-dir they are kept only for --measurements full")
     p.add_argument("--roi", type=Path, default=None, metavar="FILE",
                    help="one slide: only nuclei whose centroid lies in this region (QuPath GeoJSON annotations in "
                         "level-0 px, or a binary mask image covering the slide at any scale); only tiles meeting it "

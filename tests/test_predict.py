@@ -248,6 +248,34 @@ def test_slide_outputs_name_every_output_in_one_place(tmp_path):
         "csv": Path("r/x.csv"), "tissue_preview": Path("r/x.tissue.png")}
 
 
+def test_rgb_tiles_are_cached_only_where_they_can_be_used_again(small_slide, tmp_path, monkeypatch):
+    """``cache_tiles=None`` (the default): a temporary cache keeps no RGB tiles unless the stain measurements may
+    read them back; a --work-dir keeps them for reruns. The outputs do not depend on it."""
+    import nucseg.wsi.cache as cache_mod
+
+    slide, _ = small_slide
+    put = {"n": 0}
+    real = cache_mod.TileCache.put_tiles
+
+    def counted(self, *args, **kwargs):
+        put["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod.TileCache, "put_tiles", counted)
+    outputs = {}
+    for name, kw, kept in [("temp-none", dict(measurements="none"), False),
+                           ("work-none", dict(measurements="none", work_dir=tmp_path / "w"), True),
+                           ("temp-full", dict(measurements="full"), True),
+                           ("temp-full-off", dict(measurements="full", cache_tiles=False), False)]:
+        put["n"] = 0
+        cfg = PredictConfig(target_mpp=0.5, **kw)
+        assert cfg.keeps_tiles() is kept
+        predict_slide(slide, tmp_path / f"{name}.geojson", ThresholdSegmenter(), cfg)
+        assert (put["n"] > 0) is kept, name
+        outputs[name] = (tmp_path / f"{name}.geojson").read_bytes()
+    assert outputs["temp-none"] == outputs["work-none"] and outputs["temp-full"] == outputs["temp-full-off"]
+
+
 def test_no_tile_cache_writes_the_same_nuclei_and_still_resumes(small_slide, tmp_path):
     """`predict --no-tile-cache`: no RGB tile is kept in the work dir, the output is byte-identical to a run
     that keeps them (full measurements re-read the pixels), and a rerun resumes from the cached predictions."""
