@@ -387,3 +387,26 @@ def test_a_pass_that_fails_keeps_what_it_wrote(clean, tmp_path, monkeypatch):
     summary, notes = _run(clean["slide"], tmp_path / "out", work, batch_size=4)
     assert notes == [] and summary.predicted_tiles == 30 - 2 * 4  # the two batches before the failure were kept
     assert _files(tmp_path / "out") == clean["out"]
+
+
+def test_a_flag_write_that_fails_is_tried_again_by_the_next_flush(tmp_path, monkeypatch):
+    """A failed flush (a transient OSError) keeps its chunks pending, so the finished work is still flagged later."""
+    import nucseg.wsi.cache as cache_mod
+
+    n, t = 8, 16
+    coords = np.stack([np.arange(n) * t, np.zeros(n, np.int64)], 1)
+    root = tmp_path / "c.zarr"
+    cache = TileCache(root, {"k": 1}, coords, t, "m", 4)
+    monkeypatch.setattr(cache_mod, "FLAG_FLUSH_S", 3600.0)
+    cache.put_predictions(np.arange(n), np.ones((n, t, t), np.int32), [np.ones(1, np.float32)] * n, defer=True)
+    real = cache_mod._write_chunks
+
+    def fails(array, values, indices):
+        raise OSError(5, "injected I/O error")
+
+    monkeypatch.setattr(cache_mod, "_write_chunks", fails)
+    with pytest.raises(OSError, match="injected"):
+        cache.flush()
+    monkeypatch.setattr(cache_mod, "_write_chunks", real)
+    cache.flush()
+    assert TileCache(root, {"k": 1}, coords, t, "m", 4).pred_done.all()

@@ -122,13 +122,31 @@ def test_overview_is_the_same_whatever_the_threads_and_blocks(cmu_svs, monkeypat
 
     slide = openslide.OpenSlide(str(cmu_svs))
     mpp0 = slide_mpp(slide, path=cmu_svs)
-    monkeypatch.setattr(nucseg.threads, "allowed_cpus", lambda: (1, "test"))
+    monkeypatch.setattr(nucseg.threads, "current_threads", lambda: 1)
     one, mpp_one = read_overview(slide, cmu_svs, mpp0, target, block_px=1 << 20)
     for cpus in (2, 3, 4):
-        monkeypatch.setattr(nucseg.threads, "allowed_cpus", lambda: (cpus, "test"))
+        monkeypatch.setattr(nucseg.threads, "current_threads", lambda: cpus)
         got, mpp = read_overview(slide, cmu_svs, mpp0, target, block_px=block_px)
         assert mpp == mpp_one
         np.testing.assert_array_equal(got, one)
+
+
+@pytest.mark.parametrize("target, block_px", [(2.0, 256), (4.0, 300), (2.0, 4096)])
+def test_overview_of_fractional_levels_does_not_depend_on_the_threads(tmp_path, monkeypatch, target, block_px):
+    """Levels whose downsample is not an integer (odd slide sizes) are read at interpolated positions: their
+    blocks must start where they always did, whatever the number of threads (the tissue mask and the cache key
+    must not change with the machine)."""
+    import nucseg.threads
+
+    path = tmp_path / "odd.tif"
+    make_synthetic_slide(path, 1203, 1001, mpp=0.5, nuclei=200, tissue_fraction=0.6, pyramid=True, seed=3)
+    slide = openslide.OpenSlide(str(path))
+    assert any(not float(d).is_integer() for d in slide.level_downsamples)
+    monkeypatch.setattr(nucseg.threads, "current_threads", lambda: 1)
+    one, _ = read_overview(slide, path, 0.5, target, block_px=block_px)
+    for cpus in (2, 3, 4):
+        monkeypatch.setattr(nucseg.threads, "current_threads", lambda: cpus)
+        np.testing.assert_array_equal(read_overview(slide, path, 0.5, target, block_px=block_px)[0], one)
 
 
 def test_full_tissue_and_empty_slide(tmp_path):

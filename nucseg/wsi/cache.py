@@ -52,10 +52,11 @@ from ..errors import DataError, OutputError
 CACHE_VERSION = 4  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges); 3: flat chunk keys;
 # 4: tiles and predictions chunked by CHUNK_TILES tiles
 FLAG_CHUNK = 64
-# A pass over the tiles (``defer=True``) writes its flag chunks at most every FLAG_FLUSH_S seconds and when it
-# ends, not after every batch: each zarr call costs ~10 ms of GIL-bound event-loop work in a busy process, and
-# the three flag writes per batch were half the calls of the host path. Flags still follow their data, so a
-# SIGKILL loses at most the last FLAG_FLUSH_S seconds of work (redone on the rerun), never correctness.
+# A pass over the tiles (``defer=True``) writes its flag chunks with the first batch written FLAG_FLUSH_S
+# seconds after the last flag write, and when it ends or fails, not after every batch: each zarr call costs
+# ~10 ms of GIL-bound event-loop work in a busy process, and the three flag writes per batch were half the calls
+# of the host path. Flags still follow their data, so a SIGKILL loses at most the work of the last FLAG_FLUSH_S
+# seconds plus one batch (redone on the rerun), never correctness.
 FLAG_FLUSH_S = 1.0
 # Tiles and predictions (labels, scores) are chunked by a batch of tiles, not one tile: zarr's cost per chunk
 # written (its event loop, thread hops, a file) is paid in the GIL the export thread needs, and with one chunk
@@ -313,7 +314,10 @@ class TileCache:
             if not _decode_failed(err):
                 raise
         lo, hi = self._span(i // CHUNK_TILES)
-        self._tiles_done[lo:hi] = False
+        with self._flag_lock:
+            self._tiles_done[lo:hi] = False
+        # on disk at once: the next put_tiles of this chunk rewrites its other tiles with fill
+        self._flag("tiles", np.arange(lo, hi), defer=False)
         self.damaged.add(f"tiles chunk {i // CHUNK_TILES}")
         self._warn()
         return None
@@ -329,10 +333,12 @@ class TileCache:
         writes, lost = self._merged_chunks(indices, self._tiles_done, [(self.tiles, tiles, 255)])
         self.damaged.update(f"tiles chunk {i // CHUNK_TILES}" for i in lost)
         if lost:  # un-flagged on disk before their chunk is rewritten with fill: a kill never leaves them "done"
-            self._tiles_done[lost] = False
+            with self._flag_lock:
+                self._tiles_done[lost] = False
             self._flag("tiles", np.asarray(lost, np.int64), defer=False)
         with _disk_full_is_output_error(self.root):
             self._write_merged(writes, [self.tiles], "tiles")
+        with self._flag_lock:  # never between a flush's reads of the flags
             self._tiles_done[indices] = True
         self._flag("tiles", indices, defer)
         if lost:
@@ -405,17 +411,18 @@ class TileCache:
 
     def _flush(self, kind: str) -> None:
         with self._flag_lock:  # a chunk is written from the in-memory flags: always safe (they follow the data)
-            first = np.asarray(sorted(self._unflushed[kind]), np.int64)
-            self._unflushed[kind].clear()
+            pending = self._unflushed[kind]
             self._flushed_at[kind] = time.monotonic()
-            if not len(first):
+            if not pending:
                 return
+            first = np.asarray(sorted(pending), np.int64)
             with _disk_full_is_output_error(self.root):
                 if kind == "tiles":
                     _write_chunks(self._flags, self._tiles_done, first)
                 else:
                     _write_chunks(self._pred["n_inst"], self._n_inst, first)
                     _write_chunks(self._pred["done"], self._pred_done, first)  # last: the tiles' data is complete
+            pending.clear()  # only once written: a failed write is tried again by the next flush
 
     def flush(self) -> None:
         """Write every deferred flag: after it, the cache on disk says all that this process has written."""
@@ -460,8 +467,9 @@ class TileCache:
         lost = self.discard(damaged, "labels") if damaged else None
         with _disk_full_is_output_error(self.root):
             self._write_merged(writes, arrays, "labels")
-        self._n_inst[indices] = n_inst
-        self._pred_done[indices] = True
+        with self._flag_lock:  # n_inst and done together: a flush writes both from one state
+            self._n_inst[indices] = n_inst
+            self._pred_done[indices] = True
         self._flag("pred", indices, defer)
         if lost is not None:
             raise lost
@@ -504,7 +512,8 @@ class TileCache:
         """Mark the predictions of ``indices`` not done (here and in the flag chunks on disk, so a rerun redoes
         them too), warn once, and return the CacheDamaged to raise."""
         idx = np.asarray(indices, dtype=np.int64)
-        self._pred_done[idx] = False
+        with self._flag_lock:
+            self._pred_done[idx] = False
         self._flag("pred", idx, defer=False)
         self.damaged.update(f"{what} chunk {i // CHUNK_TILES}" for i in indices)
         self._warn()

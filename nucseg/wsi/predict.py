@@ -105,7 +105,7 @@ class PredictConfig:
     cache_tiles: keep the tiles read from the slide in the cache (a rerun with another model reuses them; the
     export re-reads them for "full" measurements). None: when they can be used again, i.e. with a ``work_dir``
     (kept for reruns) or "full" measurements; a temporary cache without them holds no RGB tiles, which saves
-    ~10 % of the host path's CPU and the disk (~6 GB for a 40x slide).
+    10-15 % of the host path's CPU (docs/PERFORMANCE.md, docs/HPC.md) and the disk (~6 GB for a 40x slide).
     read_workers: threads reading tiles from the slide in parallel.
     csv / labels / preview / tissue_preview: optional extra outputs (None = not written).
     model_fingerprint: identity of the model for the cache (None: ``segmenter.fingerprint`` if present).
@@ -165,9 +165,10 @@ class PredictConfig:
         def name(field: str) -> str:
             return f"{field} ({_OPTIONS[field]})" if field in _OPTIONS else field
 
-        for f in ("tissue_mask", "cache_tiles"):
-            if not isinstance(getattr(self, f), bool) and not (f == "cache_tiles" and self.cache_tiles is None):
-                raise InputError(f"{name(f)} must be True or False, not {getattr(self, f)!r}")
+        if not isinstance(self.tissue_mask, bool):
+            raise InputError(f"{name('tissue_mask')} must be True or False, not {self.tissue_mask!r}")
+        if self.cache_tiles is not None and not isinstance(self.cache_tiles, bool):
+            raise InputError(f"{name('cache_tiles')} must be True, False or None, not {self.cache_tiles!r}")
         for f, lo, hi in (("tile_size", *TILE_SIZE_RANGE), ("overlap", 0, TILE_SIZE_RANGE[1]),
                           ("batch_size", 1, 4096), ("read_workers", 1, 256), ("label_chunk", 64, 16384)):
             value = getattr(self, f)

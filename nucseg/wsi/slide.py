@@ -319,18 +319,22 @@ def _block_mean(rgba: np.ndarray, block: int) -> np.ndarray:
 
 
 def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float, block_px: int = 4096) -> tuple[np.ndarray, float]:
-    """The whole slide at about ``target_mpp`` (coarse), read block by block so memory stays small.
+    """The whole slide at about ``target_mpp`` (coarse), read block by block so memory stays small (at most one
+    block of ``block_px``² RGBA per thread in flight).
 
-    Blocks are read by up to 4 threads (OpenSlide decodes outside the GIL), and the rows are split so that each
-    thread has one: a slide without a pyramid is averaged down from its full-resolution level, which is most of
-    the time before the first tile is read. Returns (rgb, mpp) where mpp is the exact µm/px of the result (level
-    µm/px x integer block factor).
+    Blocks are read by up to 4 threads (OpenSlide decodes outside the GIL). On a level with an integer downsample
+    (level 0 included) the rows are also split so that each thread has a strip: a slide without a pyramid is
+    averaged down from its full-resolution level, which is most of the time before the first tile is read.
+    Elsewhere the blocks stay where they always were: OpenSlide interpolates reads at fractional level positions,
+    so moving a block's origin would change its pixels, and the overview (the tissue mask, the cache key) must
+    not depend on the machine. Returns (rgb, mpp) where mpp is the exact µm/px of the result (level µm/px x
+    integer block factor).
     """
     import concurrent.futures
 
     import openslide
 
-    from ..threads import allowed_cpus
+    from ..threads import current_threads
 
     level = best_level(slide, mpp0, target_mpp)
     ds = float(slide.level_downsamples[level])
@@ -340,8 +344,10 @@ def read_overview(slide, path: str | os.PathLike, mpp0: float, target_mpp: float
     out_w, out_h = max(1, lw // block), max(1, lh // block)
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
     step = max(1, block_px // block)  # output pixels per read block along each axis
-    workers = max(1, min(4, allowed_cpus()[0]))
-    step_y = max(1, min(step, -(-out_h // workers)))  # blocks are whole output pixels, so the means do not change
+    workers = max(1, min(4, current_threads()))
+    step_y = step
+    if float(ds).is_integer():  # strips start at whole level pixels: the same pixels wherever they start
+        step_y = max(1, min(step, -(-out_h // workers)))
 
     def read(oy: int, ox: int) -> None:
         bh, bw = min(step_y, out_h - oy), min(step, out_w - ox)
