@@ -15,14 +15,15 @@ Two implementations, each in its own fresh process, alternating, in the same run
 
 The configurations are interleaved: in each of ``--repeat`` rounds every configuration runs once (legacy in the
 first ``--legacy-repeat`` rounds only), each in a fresh process that first makes one untimed warm-up run (imports,
-caches), then the timed run. Both run as ``nucseg predict`` does without ``--work-dir``: the cache is a fresh
-temporary folder (under the run's own temporary folder, so on the same disk), every tile is read, its
-predictions cached, stitched; the legacy code also caches every RGB tile there, today's keeps RGB tiles only
-where they can be used again (a ``--work-dir``, or the stain measurements; ``cache_tiles=None``).
-``--work-dir`` runs both with a persistent work dir instead (today's code then caches the RGB tiles too). So a slow
-spell of a shared or throttled machine falls on all configurations alike, rather than on whichever ran then
-(the blocks-in-sequence version of this script gave 7.6x and 9.3x for the same code an hour apart). The
-fastest and the median run are reported, all runs are kept. CPU is the process's CPU time plus the export
+caches), then the timed run. So a slow spell of a shared or throttled machine falls on all configurations
+alike, rather than on whichever ran then (the blocks-in-sequence version of this script gave 7.6x and 9.3x for
+the same code an hour apart). The fastest and the median run are reported, all runs are kept.
+
+Both run as ``nucseg predict`` does without ``--work-dir``: the cache is a fresh temporary folder (under the
+run's own temporary folder, so on the same disk), every tile is read, its predictions cached, stitched; the
+legacy code also caches every RGB tile there, today's keeps RGB tiles only where they can be used again (a
+``--work-dir``, or the stain measurements; ``cache_tiles=None``). ``--work-dir`` runs both with a persistent
+work dir instead (today's code then caches the RGB tiles too). CPU is the process's CPU time plus the export
 worker processes'. The outputs are compared: same nuclei (ids, areas), polygons overlapping (IoU), and the
 new outputs with 1 and 2 workers byte-identical.
 
@@ -196,7 +197,7 @@ def child(args: argparse.Namespace) -> int:
             last = r == args.warmup + args.repeat - 1
             if last and args.keep:
                 shutil.copyfile(out, args.keep)
-            if last and args.impl == "new":  # GeoParquet of the same run (predicted again: the cache was temporary)
+            if last and args.impl == "new":  # GeoParquet of the same run (from a --work-dir cache, else predicted again)
                 pq = Path(d) / "out.parquet"
                 P.predict_slide(SLIDE, pq, seg, cfg)
                 runs[-1]["parquet_bytes"] = pq.stat().st_size

@@ -79,13 +79,12 @@ def keep_mask(labels: np.ndarray, x0: int, y0: int, grid: TileGrid, ix: int, iy:
     """
     T = labels.shape[0]
     n = int(labels.max()) if labels.size else 0
-    area, sx, sy = label_moments(labels, n)
+    a, sx, sy = label_moments(labels, n)  # float64, exact integers
     # Sums of integer coordinates are exact in float64 (far below 2**53); adding area * origin keeps it exact.
-    sx += area * float(x0)
-    sy += area * float(y0)
-    area = area.astype(np.int64)
+    sx += a * float(x0)
+    sy += a * float(y0)
+    area = a.astype(np.int64)
     x_lo, x_hi, y_lo, y_hi = grid.owned(ix, iy)
-    a = area.astype(np.float64)
     owned = (sx >= x_lo * a) & (sx < x_hi * a) & (sy >= y_lo * a) & (sy < y_hi * a)
     touch = np.zeros(n + 1, dtype=bool)
     top, bottom, left, right = grid.interior_sides(ix, iy)
