@@ -7,7 +7,7 @@ import torch
 
 from .errors import InputError
 
-DEVICES = ("auto", "cuda", "cpu")  # the names --device accepts
+from .choices import DEVICES  # noqa: F401 - the names --device accepts
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import CheckpointError, InputError
 
-SEGMENTER_KINDS = ("sam", "threshold")  # SegmenterSpec.kind: a SAM model, or the classical threshold baseline
+from .choices import SEGMENTER_KINDS  # noqa: F401 - SegmenterSpec.kind: a SAM model, or the threshold baseline
 
 
 @dataclass

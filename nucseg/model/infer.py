@@ -42,7 +42,7 @@ from ..segmenter import TileBatchResult
 from .fastdecode import ImageContext, decode_points, prepare
 from .sam import encode
 
-PROMPT_MODES = ("auto", "grid")
+from ..choices import PROMPT_MODES  # noqa: F401 - defined there for the CLI
 # On CPU the decoder is memory-bound: chunks whose per-prompt image tokens fit in about this many bytes stay
 # in cache (vit_tiny at 256 px: 32 prompts per call, vit_b at 512 px: 2; bench/bench_decoder.py measured
 # 1.2-2x less time per prompt at 4-16 prompts than at 512 on CPU). ``decoder_batch`` stays the upper bound.

@@ -19,14 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
+from ..choices import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS  # noqa: F401 - defined there for the CLI
 from ..errors import CheckpointError, InputError
 
-METHODS = ("lora", "decoder", "full", "adapter", "medsa")
 MERGEABLE = ("lora", "decoder", "full")  # adapter/medsa add modules that no weight of SAM can absorb
 ADAPTER_METHODS = ("adapter", "medsa")
-MAX_RANK = 256  # far above any rank used for SAM (4-32); a larger one in an adapter is tampering or a mistake
-MAX_ADAPTER_DIM = 4096  # bottleneck width; above vit_h's 1280 channels it is no bottleneck (tampering or a typo)
-MAX_ADAPTER_SCALE = 100.0
 SLICE_TARGETS = ("q", "k", "v")  # slices of the fused qkv projection: our own module
 PEFT_TARGETS = {  # whole Linear modules of each encoder block: peft
     "qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-MODES = ("none", "shape", "full")
+from ..choices import MEASUREMENT_MODES as MODES  # noqa: F401 - defined there for the CLI
 
 SHAPE = ("Nucleus: Area µm^2", "Nucleus: Perimeter µm", "Nucleus: Circularity", "Nucleus: Solidity",
          "Nucleus: Max diameter µm", "Nucleus: Min diameter µm", "Nucleus: Eccentricity")

@@ -24,10 +24,7 @@ log = logging.getLogger(__name__)
 # costs time and blurs, and the scale error is below what annotations resolve.
 MPP_TOLERANCE = 0.02
 WHITE = 255
-# Plausible µm/px of a microscope slide and of a segmentation target: 40x scanners give ~0.12-0.25, thumbnails
-# of a few µm/px are still tissue images. Outside this range the value is a unit mistake (a TIFF saved by an
-# image editor at 72 dpi reads as 352.8 µm/px), and trusting it would plan absurd grids.
-MPP_RANGE = (0.05, 20.0)
+from ..choices import MPP_RANGE  # noqa: F401 - plausible µm/px of slides and targets (why: see there)
 # Target pixels finer than the slide's by more than this factor only invent pixels (and multiply the work).
 MAX_UPSAMPLING = 4.0
 

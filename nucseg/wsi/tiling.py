@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TILE_SIZE_RANGE = (64, 4096)
+from ..choices import TILE_SIZE_RANGE  # noqa: F401 - defined there for the CLI
 
 
 @dataclass(frozen=True)
