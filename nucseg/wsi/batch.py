@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from ..errors import DiskFullError, InputError, NucsegError
 from ..io import write_json
+from ..progress import ProgressCallback, in_batch
 from ..segmenter import TileSegmenter
 from .predict import PredictConfig, Progress, SlideOutputs, SlideSummary, predict_slide
 
@@ -62,6 +63,7 @@ def predict_slides(
     stop_on_error: bool = False,
     on_start: Callable[[str], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> list[SlideSummary]:
     """Run :func:`predict_slide` on many slides, one ``<stem>.geojson`` (and the other ``outputs``) per slide in
     ``out_dir``.
@@ -70,19 +72,21 @@ def predict_slides(
     atomically and the summary last, so existence means complete); ``overwrite`` redoes it. A slide that
     fails with a user-facing error is recorded in its summary and the batch goes on (unless
     ``stop_on_error``); bugs still raise. ``on_start(slide)`` and ``on_result(summary dict)`` are called around
-    each slide, as :func:`nucseg.wsi.distributed.predict_distributed` calls them.
+    each slide, as :func:`nucseg.wsi.distributed.predict_distributed` calls them; ``on_progress`` gets each
+    slide's :class:`nucseg.progress.SlideProgress` events, placed in the batch (``slide_index``, ``slides``).
     """
     cfg = (config or PredictConfig()).validate()  # settings that would fail every slide fail the batch at once
     out = Path(out_dir)
     check_output_names(paths, out)
     summaries: list[SlideSummary] = []
     bug: BaseException | None = None
-    for p in paths:
+    for k, p in enumerate(paths):
         if on_start:
             on_start(str(p))
         try:
             summary = _one_of_many(p, out, segmenter, cfg, progress, overwrite, stop_on_error,
-                                   outputs.for_slide(p, out))
+                                   outputs.for_slide(p, out),
+                                   in_batch(on_progress, k, len(paths)) if on_progress else None)
         except Exception as err:  # noqa: BLE001 - a bug: this slide failed, the others still get done
             if stop_on_error or not _slide_specific(err):
                 if on_result:  # the run stops here: its log and summary still count this slide as failed
@@ -117,7 +121,8 @@ def _slide_specific(err: BaseException) -> bool:
 
 
 def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, progress: Progress | None,
-                 overwrite: bool, stop_on_error: bool, outs: dict[str, Path]) -> SlideSummary:
+                 overwrite: bool, stop_on_error: bool, outs: dict[str, Path],
+                 on_progress: ProgressCallback | None = None) -> SlideSummary:
     finished = None if overwrite else finished_summary(outs)
     if finished is not None:
         return finished
@@ -125,7 +130,7 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
                                     tissue_preview=outs.get("tissue_preview"))
     t0 = time.perf_counter()
     try:
-        summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)
+        summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress, on_progress=on_progress)
     except NucsegError as err:
         if stop_on_error or isinstance(err, DiskFullError):  # a full disk would fail every later slide too
             raise

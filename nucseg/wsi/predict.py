@@ -51,6 +51,7 @@ import shapely
 
 from ..errors import InputError, OutputError
 from ..io import check_output, is_nucseg_png
+from ..progress import ProgressCallback, SlideReporter
 from ..segmenter import TileSegmenter
 from .cache import FLAG_CHUNK, CHUNK_TILES, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
@@ -307,9 +308,15 @@ def predict_slide(
     segmenter: TileSegmenter,
     config: PredictConfig | None = None,
     progress: Progress | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
 ) -> SlideSummary:
     """Segment every nucleus of one slide and write ``out_geojson``: GeoJSON (``.geojson``, ``.geojson.gz``)
     or, for a name ending ``.parquet``, GeoParquet.
+
+    ``progress(tiles done, total)`` is called as tiles are predicted; ``on_progress`` gets the fuller
+    :class:`nucseg.progress.SlideProgress` events (tiles, rate, nuclei written so far) as tiles are predicted
+    and nuclei written.
 
     Raises InputError (bad path/arguments), SlideError (unreadable slide, missing µm/px), OutputError
     (unwritable output); a no-tissue slide writes an empty FeatureCollection and warns.
@@ -329,13 +336,19 @@ def predict_slide(
             plan = _plan(slide, slide_path, segmenter, cfg, tile_size, warn_empty=True)
         view, grid, selected = plan.view, plan.grid, plan.selected
         prov = provenance(segmenter, cfg, plan)
+        log.info("%s: plan: %d x %d px at %.3f µm/px, %d tiles of %d px, %d with tissue (%.2f mm²)", slide_path.name,
+                 view.width, view.height, view.target_mpp, grid.n, tile_size, len(selected), plan.tissue_area)
+        reporter = SlideReporter(str(slide_path), on_progress) if on_progress is not None else None
+        if reporter is not None:
+            progress = _both(progress, reporter.tiles)
         read_n = pred_n = 0
         with _work_dir(cfg.work_dir) as work:
             cache = plan.open_cache(work)
+            _log_cache(slide_path, cache, cfg)
             for attempt in range(MAX_CACHE_REPAIRS + 1):
                 try:
                     nuclei, reads, preds = _infer_and_export(cache, plan, segmenter, out_geojson, cfg, progress,
-                                                             times, prov)
+                                                             times, prov, reporter.nuclei if reporter else None)
                     read_n, pred_n = read_n + reads, pred_n + preds
                     break
                 except CacheDamaged as err:
@@ -361,12 +374,13 @@ def predict_slide(
 
 def _infer_and_export(cache: TileCache, plan: "_Plan", segmenter: TileSegmenter, out_geojson: Path,
                       cfg: PredictConfig, progress: Progress | None, times: "StageTimes",
-                      prov: dict) -> tuple[int, int, int]:
+                      prov: dict, on_nuclei: Callable[[int], None] | None = None) -> tuple[int, int, int]:
     """Inference over the tiles not done, with the export pass following it: (nuclei, tiles read, predicted)."""
     handoff = 4 * max(cfg.batch_size, cfg.export_chunk) if export_workers(cfg, cache.n) == 1 else 0
     ready = _Ready(cache.pred_done, keep=handoff)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
-        export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov, ready.take)
+        export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov, ready.take,
+                             on_nuclei=on_nuclei)
         counts = [0, 0]  # tiles read, predicted (kept when the pass ends in CacheDamaged)
         try:
             _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done, times=times,
@@ -377,6 +391,29 @@ def _infer_and_export(cache: TileCache, plan: "_Plan", segmenter: TileSegmenter,
             if isinstance(err, CacheDamaged):
                 err.work = (counts[0], counts[1])
             raise
+
+
+def _both(first: Progress | None, second: Progress) -> Progress:
+    """One ``Progress`` callback calling both (``first`` may be None)."""
+    if first is None:
+        return second
+
+    def call(done: int, total: int) -> None:
+        first(done, total)
+        second(done, total)
+
+    return call
+
+
+def _log_cache(slide_path: Path, cache: TileCache, cfg: PredictConfig) -> None:
+    """INFO milestones before the inference: what the cache already holds, and the lanes that will run."""
+    n = max(cache.n, 1)
+    predicted, read = int(cache.pred_done.sum()), int(cache.tiles_done.sum())
+    log.info("%s: cache %s: %d/%d tiles predicted already (%.0f%%), %d/%d read", slide_path.name, cache.root,
+             predicted, cache.n, 100 * predicted / n, read, cache.n)
+    workers = export_workers(cfg, cache.n)
+    log.info("%s: lanes: %d reader threads, model (batch %d), cache writer, export (%s)", slide_path.name,
+             cfg.read_workers, cfg.batch_size, f"{workers} processes" if workers > 1 else "its thread")
 
 
 # H&E tissue holds thousands of nuclei per mm² (≈ 3,000 in the real tiles of tests/; stroma fewer). Far fewer
@@ -928,8 +965,10 @@ def _open_output(out: Path, slide_key: str, prov: dict, measurements: Sequence[s
 
 def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: PredictConfig,
                        wait: Callable[[int], None] = lambda ci: None, times: StageTimes | None = None,
-                       prov: dict | None = None, take: Callable[[int, int], tuple | None] = lambda a, b: None) -> int:
+                       prov: dict | None = None, take: Callable[[int, int], tuple | None] = lambda a, b: None,
+                       on_nuclei: Callable[[int], None] | None = None) -> int:
     """One pass over the tiles in order: ownership rule, global ids, polygons, streamed to every writer.
+    ``on_nuclei(count)`` hears the nuclei written so far after each run of tiles.
 
     ``wait(ci)`` returns once tile ci's prediction is in the cache (so the pass can follow a running inference).
     Runs of ``export_chunk`` tiles go to worker processes (at most two runs per worker in flight, so memory
@@ -965,6 +1004,8 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                 with times("write"):
                     for w in writers:
                         w.write_batch(tile.batch)
+            if on_nuclei is not None:
+                on_nuclei(stitcher.count)
 
         def result(start: int, stop: int, get: Callable[[], tuple]) -> tuple:
             """A chunk's result; a prediction chunk that does not decode becomes the cache's CacheDamaged (its
