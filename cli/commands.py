@@ -7,10 +7,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from nucseg.errors import InputError
+
+from . import progress as shown
+
+if TYPE_CHECKING:
+    from tqdm import tqdm  # imported where a bar is drawn: building the parser imports this module
 
 EXIT_SOME_FAILED = 9  # predict on several slides: the others finished, the failed ones are listed
 
@@ -23,7 +27,7 @@ def _emit_json(obj) -> None:
 
 
 def _bar(args: argparse.Namespace, **kw) -> tqdm:
-    return tqdm(disable=args.quiet or None, file=sys.stderr, dynamic_ncols=True, **kw)
+    return shown.bar(args, **kw)
 
 
 def _method(args: argparse.Namespace):
@@ -239,6 +243,10 @@ def predict(args: argparse.Namespace) -> int:
     slides, shard = _slide_list(args)
     if not args.out:
         raise InputError("give -o OUT.geojson (one slide) or --out-dir FOLDER (several)")
+    _check_out_suffix(args.out, NUCLEI_SUFFIXES)
+    if not slides:  # a spare task of a SLURM array (or --shard) with more tasks than slides: not an error
+        print(f"nucseg: nothing to do for task {shard[0]} of {shard[1]}: fewer slides than tasks", file=sys.stderr)
+        return _report([], args.json)
     spec = _segmenter_spec(args)
     cfg = PredictConfig(target_mpp=args.mpp, slide_mpp=args.slide_mpp, tile_size=args.tile_size,
                         overlap=args.overlap, batch_size=args.batch_size, tissue_mask=not args.no_tissue_mask,
@@ -256,11 +264,11 @@ def predict(args: argparse.Namespace) -> int:
         cfg.roi, cfg.roi_class = args.roi, args.roi_class
         seg = spec.build()
         _say_thresholds(spec)
-        bar = _bar(args, unit="tile", desc="tiles")
+        view = shown.SlideProgressView(args)
         try:
-            summaries = [predict_slide(slides[0], args.out, seg, cfg, _tile_progress(bar))]
+            summaries = [predict_slide(slides[0], args.out, seg, cfg, on_progress=view.event)]
         finally:
-            bar.close()
+            view.close()
         return _report(summaries, args.json)
     if single or args.out.suffix in {"." + s.rsplit(".", 1)[1] for s in NUCLEI_SUFFIXES}:
         raise InputError(f"{args.out} looks like a file; several slides (or --scheduler) write into --out-dir FOLDER")
@@ -269,6 +277,13 @@ def predict(args: argparse.Namespace) -> int:
     if args.roi or args.roi_class:
         raise InputError("--roi is for one slide (its polygons are in that slide's pixels)")
     return _predict_batch(args, slides, shard, spec, cfg)
+
+
+def _check_out_suffix(out: Path, known: tuple[str, ...]) -> None:
+    """``-o`` ends in a known output suffix, or names a folder: ``-o x.shp`` is a mistake, not a folder."""
+    if out.suffix and not out.name.endswith(known) and not out.is_dir():
+        raise InputError(f"unknown output suffix {out.suffix!r} in {out}: name a file ending {', '.join(known)}, "
+                         "or a folder (several slides; create it first if its name has a dot)")
 
 
 def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[int, int] | None, spec, cfg) -> int:
@@ -300,12 +315,17 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
             if client is not None:
                 summaries = _predict_on_cluster(args, client, slides, spec, cfg, outputs, runlog)
             else:
-                bar = _bar(args, unit="tile", desc="tiles")
+                view = shown.SlideProgressView(args)
+
+                def finished(summary: dict) -> None:
+                    runlog.finish(summary)
+                    view.slide_done(summary)
+
                 try:
-                    summaries = predict_slides(slides, out, seg, cfg, _tile_progress(bar), on_start=runlog.start,
-                                               on_result=runlog.finish, outputs=outputs)
+                    summaries = predict_slides(slides, out, seg, cfg, on_start=runlog.start, on_result=finished,
+                                               outputs=outputs, on_progress=view.event)
                 finally:
-                    bar.close()
+                    view.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
     return _report(summaries, args.json)
 
@@ -340,15 +360,6 @@ def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], sp
                                    outputs=outputs, **split)
     finally:
         bar.close()
-
-
-def _tile_progress(bar):
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return progress
 
 
 def _report(summaries: list, as_json: bool = False) -> int:

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 
 from . import commands
+from .progress import DEFAULT_INTERVAL as PROGRESS_INTERVAL
+from .progress import MODES as PROGRESS_MODES
 
 EXIT_INTERRUPTED = 130
 EXIT_OUT_OF_MEMORY = 7
@@ -83,7 +85,7 @@ def number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
 
 
 def _mpp_type():
-    from nucseg.wsi.slide import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
+    from nucseg.choices import MPP_RANGE  # plausible µm/px of H&E images; anything else is a unit or metadata mistake
 
     return number(*MPP_RANGE)
 
@@ -101,7 +103,14 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("output and logging")
     g.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks instead of one-line errors")
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="no progress bars")
-    g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log messages (-vv: debug)")
+    g.add_argument("--progress", choices=PROGRESS_MODES, default=d("auto"),
+                   help="auto: a bar on a terminal, else log (-q: none); log: one plain line per interval "
+                        "(tiles done/total, tiles/s, nuclei, ETA; for batch logs such as SLURM's)")
+    g.add_argument("--progress-interval", type=number(0, 86400, lo_open=True), default=d(PROGRESS_INTERVAL),
+                   metavar="SECONDS", help="--progress log: seconds between lines")
+    g.add_argument("-v", "--verbose", action="count", default=d(0),
+                   help="more of nucseg's log messages (-v: milestones such as the plan, cache hits, lanes; -vv: "
+                        "debug); other libraries' debug logs only with --debug")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d(None),
                    help="log level of nucseg's messages on stderr (default: warning; -v: info)")
     g.add_argument("--threads", type=count(1, 4096), default=d(None), metavar="N",
@@ -122,11 +131,11 @@ def _add_single_mask(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
-    from nucseg.device import DEVICES
-    from nucseg.model.sam import SPECS
+    from nucseg.choices import DEVICES
+    from nucseg.choices import MODEL_TYPES
 
     g = p.add_argument_group("base model")
-    g.add_argument("--model", default=model_default, choices=list(SPECS),
+    g.add_argument("--model", default=model_default, choices=list(MODEL_TYPES),
                    help="SAM variant (vit_tiny: small model of the same architecture for tests and demos)"
                         + ("" if model_default else "; default: the adapter's"))
     g.add_argument("--checkpoint", type=Path, help="base weights: an official sam_vit_*.pth (see 'nucseg weights')"
@@ -136,7 +145,7 @@ def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") 
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    from nucseg.model.lora import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
+    from nucseg.choices import MAX_ADAPTER_DIM, MAX_ADAPTER_SCALE, MAX_RANK, METHODS
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lora", choices=list(METHODS),
@@ -187,7 +196,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inference(p: argparse.ArgumentParser) -> None:
-    from nucseg.model.infer import PROMPT_MODES
+    from nucseg.choices import PROMPT_MODES
 
     g = p.add_argument_group("automatic prompting")
     g.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile")
@@ -258,7 +267,7 @@ def _add_calibration_split(t) -> None:
 
 
 def _add_calibrate(sub, command) -> None:
-    from nucseg.device import DEVICES
+    from nucseg.choices import DEVICES
 
     p = command("calibrate", "re-pick an adapter's inference thresholds on your annotated tiles")
     p.add_argument("adapter", type=Path, help="adapter folder; its nucseg.json is rewritten (atomically)")
@@ -272,16 +281,42 @@ def _add_calibrate(sub, command) -> None:
     p.set_defaults(func=commands.calibrate)
 
 
+COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
+
+
+class _PrintCompletion(argparse.Action):
+    """``--print-completion SHELL``: shtab's completion script for the whole parser, path arguments completing
+    file names. shtab is imported here, not to build the parser (``--help`` stays fast)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import shtab
+
+        _complete_paths(parser, shtab.FILE)
+        print(shtab.complete(parser, shell=values))
+        parser.exit(0)
+
+
+def _complete_paths(parser: argparse.ArgumentParser, files: dict) -> None:
+    """Every ``type=Path`` argument (of every command) completes file and folder names."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _complete_paths(sub, files)
+        elif action.type is Path and not hasattr(action, "complete"):
+            action.complete = files
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nucseg import __version__
-    from nucseg.model.weights import REGISTRY as WEIGHTS
-    from nucseg.segmenter import SEGMENTER_KINDS
-    from nucseg.wsi.measure import MODES as MEASUREMENT_MODES
-    from nucseg.wsi.tiling import TILE_SIZE_RANGE
+    from nucseg.choices import MEASUREMENT_MODES, SEGMENTER_KINDS, TILE_SIZE_RANGE
+    from nucseg.choices import WEIGHT_NAMES as WEIGHTS
 
     ap = _Parser(prog="nucseg", description="Fine-tune SAM on H&E nuclei; segment whole slides.",
                  parents=[_common(suppress=False)], formatter_class=_Formatter)
     ap.add_argument("--version", action="version", version=f"nucseg {__version__}")
+    ap.add_argument("--print-completion", choices=COMPLETION_SHELLS, action=_PrintCompletion,
+                    help="print a shell completion script and exit (bash: eval \"$(nucseg --print-completion "
+                         "bash)\"; docs/CLI.md)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = [_common(suppress=True)]
 
@@ -441,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sharing_commands(sub, common: list) -> None:
     """Commands that make or fetch artifacts shared with other people and tools: export-peft, data fetch."""
-    from nucseg.learn.datasets import SOURCES as DATASETS
+    from nucseg.choices import DATASET_NAMES as DATASETS
 
     p = sub.add_parser(
         "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
@@ -485,8 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help, --version, or one line from _Parser.error
         return int(exit.code or 0)
-    level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
-    logging.basicConfig(level=getattr(logging, level.upper()), format="nucseg: %(levelname)s: %(message)s")
+    _configure_logging(args)
     if not args.debug:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"nucseg: warning: {msg}\n"
@@ -539,6 +573,18 @@ def _quiet_after_interrupt() -> None:
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
     warnings.simplefilter("ignore", RuntimeWarning)  # "coroutine ... was never awaited": zarr writes cut short
+def _configure_logging(args: argparse.Namespace) -> None:
+    """nucseg's messages at the level asked for (-v: info, -vv or --log-level debug: debug); every other
+    library's (zarr, asyncio, numba, dask, ...) at warning, so -vv is not their debug noise. --debug shows
+    everything at debug, each line naming its logger."""
+    level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG, format="nucseg: %(levelname)s: %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="nucseg: %(levelname)s: %(message)s")
+    logging.getLogger("nucseg").setLevel(logging.DEBUG if args.debug else getattr(logging, level.upper()))
+
+
 def _configure_threads(args: argparse.Namespace) -> None:
     """Size every thread pool to the CPUs given (nucseg.threads) before any work starts."""
     from nucseg.threads import configure_threads
