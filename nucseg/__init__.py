@@ -1,7 +1,8 @@
 """nucseg: fine-tune Segment Anything with LoRA on H&E nuclei, segment every nucleus of whole slides.
 
-The whole-slide entry points are importable from here (``nucseg.predict_slide``, ``nucseg.PredictConfig``,
-...) but loaded lazily, on first use, so that ``import nucseg`` stays cheap (no openslide, zarr or torch).
+The entry points are importable from here (``nucseg.segment_image``, ``nucseg.load_segmenter``,
+``nucseg.predict_slide``, ``nucseg.PredictConfig``, ...) but loaded lazily, on first use, so that
+``import nucseg`` stays cheap (no openslide, zarr or torch).
 """
 
 import os as _os
@@ -14,6 +15,8 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.2.0"
 
 _LAZY = {
+    "segment_image": "nucseg.api",
+    "load_segmenter": "nucseg.api",
     "predict_slide": "nucseg.wsi.predict",
     "predict_slides": "nucseg.wsi.batch",
     "PredictConfig": "nucseg.wsi.predict",
