@@ -4,7 +4,7 @@ Importable without numpy, torch or segment-anything (stdlib only), so the CLI bu
 ``--help``, ``--version`` and shell completion, in milliseconds. Each value is defined here once and
 re-exported by the module that uses it (``nucseg.model.lora.METHODS`` is this ``METHODS``). The names of the
 registries that live with their data (SAM variants, official weights, datasets) are listed here as well;
-tests/test_cli_conventions.py checks they match.
+tests/test_cli_values.py checks the parser offers exactly the library's values.
 """
 
 DEVICES = ("auto", "cuda", "cpu")  # the names --device accepts

@@ -31,17 +31,6 @@ def test_building_the_parser_imports_no_heavy_library():
     assert run.stdout.strip() == "[]"
 
 
-def test_choice_names_match_the_registries_they_name():
-    from nucseg import choices
-    from nucseg.learn.datasets import SOURCES
-    from nucseg.model.sam import SPECS
-    from nucseg.model.weights import REGISTRY
-
-    assert choices.MODEL_TYPES == tuple(SPECS)
-    assert choices.WEIGHT_NAMES == tuple(REGISTRY)
-    assert choices.DATASET_NAMES == tuple(SOURCES)
-
-
 def test_python_dash_m_nucseg_is_the_command():
     from nucseg import __version__
 
