@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from nucseg.errors import InputError
 
-from . import progress as shown
+from .progress import SlideProgressView
+from .progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from tqdm import tqdm  # imported where a bar is drawn: building the parser imports this module
@@ -27,7 +28,7 @@ def _emit_json(obj) -> None:
 
 
 def _bar(args: argparse.Namespace, **kw) -> tqdm:
-    return shown.bar(args, **kw)
+    return progress_bar(args, **kw)
 
 
 def _method(args: argparse.Namespace):
@@ -264,7 +265,7 @@ def predict(args: argparse.Namespace) -> int:
         cfg.roi, cfg.roi_class = args.roi, args.roi_class
         seg = spec.build()
         _say_thresholds(spec)
-        view = shown.SlideProgressView(args)
+        view = SlideProgressView(args)
         try:
             summaries = [predict_slide(slides[0], args.out, seg, cfg, on_progress=view.event)]
         finally:
@@ -315,7 +316,7 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
             if client is not None:
                 summaries = _predict_on_cluster(args, client, slides, spec, cfg, outputs, runlog)
             else:
-                view = shown.SlideProgressView(args)
+                view = SlideProgressView(args)
 
                 def finished(summary: dict) -> None:
                     runlog.finish(summary)

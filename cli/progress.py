@@ -64,7 +64,13 @@ def bar(args: argparse.Namespace, **kw) -> tqdm:
         return tqdm(file=_Lines(interval(args)), disable=False, mininterval=0,
                     bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%), {rate_fmt}, elapsed {elapsed}, "
                                "ETA {remaining}{postfix}", **kw)
-    return tqdm(disable=shown == "none", file=sys.stderr, dynamic_ncols=True, **kw)
+    return _terminal_bar(disable=shown == "none", **kw)
+
+
+def _terminal_bar(**kw) -> tqdm:
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
 
 
 def duration(seconds: float | None) -> str:
@@ -90,7 +96,7 @@ class SlideProgressView:
         with self._lock:
             if self.mode == "bar":
                 if self._bar is None:
-                    self._bar = bar(argparse.Namespace(progress="bar"), unit="tile", desc="tiles")
+                    self._bar = _terminal_bar(unit="tile", desc="tiles")
                 self._bar.total, self._bar.n = ev.tiles_total, ev.tiles_done
                 self._bar.set_postfix(nuclei=f"{ev.nuclei:,}", refresh=False)
                 self._bar.refresh()
