@@ -131,8 +131,7 @@ def _add_single_mask(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, model_default: str | None = "vit_b") -> None:
-    from nucseg.choices import DEVICES
-    from nucseg.choices import MODEL_TYPES
+    from nucseg.choices import DEVICES, MODEL_TYPES
 
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=model_default, choices=list(MODEL_TYPES),

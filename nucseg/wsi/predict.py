@@ -380,7 +380,7 @@ def _infer_and_export(cache: TileCache, plan: "_Plan", segmenter: TileSegmenter,
     ready = _Ready(cache.pred_done, keep=handoff)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucseg-export") as pool:
         export = pool.submit(_stitch_and_export, cache, plan, out_geojson, cfg, ready.wait, times, prov, ready.take,
-                             on_nuclei=on_nuclei)
+                             on_nuclei)
         counts = [0, 0]  # tiles read, predicted (kept when the pass ends in CacheDamaged)
         try:
             _run_segmenter(cache, plan.view, segmenter, cfg, progress, ready, export.done, times=times,
