@@ -303,7 +303,7 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
                 bar = _bar(args, unit="tile", desc="tiles")
                 try:
                     summaries = predict_slides(slides, out, seg, cfg, _tile_progress(bar), on_start=runlog.start,
-                                               on_result=runlog.finish, outputs=outputs)
+                                               on_result=runlog.finish, outputs=outputs, overwrite=args.overwrite)
                 finally:
                     bar.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
@@ -337,7 +337,7 @@ def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], sp
     try:
         split = {} if args.tiles_per_task is None else {"tiles_per_task": args.tiles_per_task}
         return predict_distributed(client, slides, args.out, spec, cfg, on_start=runlog.start, on_result=done,
-                                   outputs=outputs, **split)
+                                   outputs=outputs, overwrite=args.overwrite, **split)
     finally:
         bar.close()
 
