@@ -127,8 +127,10 @@ def predict_slides(
         if on_start:
             on_start(str(p))
         try:
-            summary = _one_of_many(p, out, segmenter, cfg, progress, finished.get(i), stop_on_error,
-                                   outputs.for_slide(p, out))
+            known = finished.get(i)
+            if known is None and not overwrite:  # finished meanwhile by a concurrent run of this batch?
+                known = check_finished([p], out, segmenter, cfg, outputs).get(0)
+            summary = _one_of_many(p, out, segmenter, cfg, progress, known, stop_on_error, outputs.for_slide(p, out))
         except Exception as err:  # noqa: BLE001 - a bug: this slide failed, the others still get done
             if stop_on_error or not _slide_specific(err):
                 if on_result:  # the run stops here: its log and summary still count this slide as failed

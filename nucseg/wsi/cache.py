@@ -19,9 +19,10 @@ killed run leaves at worst un-flagged work that is redone.
 
 Flags are checksums (CRC-32C, :func:`tile_sums` / :func:`pred_sums`) of the data they flag, salted with the
 cache key, the model and the tile's position, and every read of a done tile verifies them: a chunk that
-decodes but holds other values (swapped with another chunk or another cache's, a tampered ``zarr.json``
-whose dtype, codecs or chunk names changed) is damaged like one that does not decode. Array layouts (shape,
-chunks, dtype, fill value) are checked when the cache is opened; a changed one is damaged metadata.
+decodes but holds other values (swapped with another chunk or another cache's, a deleted chunk file that
+reads as the fill value, a tampered ``zarr.json``) is damaged like one that does not decode. Each array's
+metadata (shape, chunks, dtype, fill value, codecs, chunk names) is compared with the layout when the cache is
+opened; a changed one is damaged metadata (its group is rebuilt).
 
 Damage is repaired, never fatal: a chunk that fails to decode (a truncated or overwritten file) only costs
 the work it held. A damaged flag or ``n_inst`` chunk counts as "none of its tiles done" (and is rewritten when
@@ -52,6 +53,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -481,8 +483,10 @@ class TileCache:
         memo = memos.get(name)
         if memo is None or memo[0] != gen or memo[1] != c:
             lo, hi = self._span(c)
+            # the flags before the read: a row flagged done while it is read may be newer than what it got
+            check = self._checker("tiles" if name == "tiles" else "labels", lo, hi)
             memo = (gen, c, np.asarray(array[lo:hi]))
-            (self._check_tiles if name == "tiles" else self._check_labels)(lo, memo[2])  # its done rows
+            check(memo[2])  # its done rows
             with self._memo_lock:  # kept only if no write or discard happened while it was read
                 if self._generation[name] == gen:
                     memos[name] = memo
@@ -506,6 +510,18 @@ class TileCache:
         with self._flag_lock:
             n_inst = self._n_inst[lo:hi].copy()
         return self.expected("pred", lo, hi), n_inst, self.expected("tiles", lo, hi)
+
+    def _checker(self, what: str, lo: int, hi: int) -> Callable[[np.ndarray], None]:
+        """A check of rows [lo, hi) of ``what`` ("tiles", "labels" or "scores") against the flags as they are
+        now, to be taken before the rows are read."""
+        want = self.expected("tiles" if what == "tiles" else "pred", lo, hi)
+        if what == "tiles":
+            return lambda rows: check_tiles(self.tile_salt, lo, rows, want)
+        if what == "scores":
+            return lambda rows: check_scores(self.pred_salt, lo, rows, want)
+        with self._flag_lock:
+            n_inst = self._n_inst[lo:hi].copy()
+        return lambda rows: check_labels(self.pred_salt, lo, rows, want, n_inst)
 
     def _check_tiles(self, lo: int, rows: np.ndarray, only: np.ndarray | None = None) -> None:
         check_tiles(self.tile_salt, lo, rows, self.expected("tiles", lo, lo + len(rows), only))
@@ -629,8 +645,9 @@ class TileCache:
         n_inst = int(self._n_inst[i])
         labels = self.get_labels(i)
         try:
+            check = self._checker("scores", i, i + 1)
             row = np.asarray(self._pred["scores"][i : i + 1])  # the whole row: its checksum covers it
-            self._check_scores(i, row)
+            check(row)
             scores = row[0, :n_inst]
         except Exception as err:  # noqa: BLE001 - see _decode_failed
             if not _decode_failed(err):
