@@ -146,3 +146,62 @@ def test_swapped_tile_chunks_are_read_from_the_slide_again(clean, tmp_path):
     summary, notes = _run(clean["slide"], tmp_path / "out", work, model_fingerprint="another-model")
     assert len(notes) == 1 and summary.read_tiles == 2 * CHUNK_TILES and summary.predicted_tiles == 30
     assert _files(tmp_path / "out") == clean["out"]
+
+
+class _FakeSlide:
+    """What slide_identity reads of an open slide: properties and the pyramid."""
+
+    def __init__(self, vendor: str):
+        self.properties = {"openslide.vendor": vendor}
+        self.level_dimensions = [(512, 512)]
+        self.level_downsamples = [1.0]
+
+
+def test_identity_covers_the_companion_files_of_a_mirax_slide(tmp_path):
+    """A MIRAX slide's pixels live in the folder beside its .mrxs: a change there is a change of the slide."""
+    from nucseg.wsi.slide import slide_identity
+
+    mrxs = tmp_path / "x.mrxs"
+    mrxs.write_bytes(b"[GENERAL]\nSLIDE_ID=1\n")
+    (tmp_path / "x").mkdir()
+    data = tmp_path / "x" / "Data0000.dat"
+    data.write_bytes(b"\x01" * 4096)
+    before = slide_identity(_FakeSlide("mirax"), mrxs)
+    data.write_bytes(b"\x02" * 4096)
+    assert slide_identity(_FakeSlide("mirax"), mrxs) != before
+    assert before.startswith("content:")
+
+
+def test_identity_of_a_large_file_samples_its_bytes(tmp_path, monkeypatch):
+    """Over WHOLE_FILE_BYTES only head, tail and sampled blocks are hashed: a change in a sampled block (where a
+    level-0 tile lies) changes the identity; the name and the path never do."""
+    import nucseg.wsi.slide as slide_mod
+
+    monkeypatch.setattr(slide_mod, "WHOLE_FILE_BYTES", 1 << 16)
+    monkeypatch.setattr(slide_mod, "IDENTITY_EDGE", 1 << 12)
+    monkeypatch.setattr(slide_mod, "IDENTITY_BLOCK", 1 << 10)
+    raw = bytearray(np.random.default_rng(0).integers(0, 256, 1 << 20, np.uint8).tobytes())
+    a, b = tmp_path / "a.svs", tmp_path / "elsewhere" / "b.svs"
+    b.parent.mkdir()
+    a.write_bytes(raw)
+    b.write_bytes(raw)
+    seen = slide_mod.slide_identity(_FakeSlide("aperio"), a)
+    assert slide_mod.slide_identity(_FakeSlide("aperio"), b) == seen  # content, not name or place
+    step = ((1 << 20) - 2 * (1 << 12)) / (slide_mod.IDENTITY_BLOCKS + 1)
+    raw[(1 << 12) + int(step * 5) + 7] ^= 0xFF  # a byte inside the 5th sampled block
+    a.write_bytes(raw)
+    assert slide_mod.slide_identity(_FakeSlide("aperio"), a) != seen
+
+
+def test_the_same_slide_moved_elsewhere_reuses_its_cache(clean, tmp_path):
+    """The identity is the content: a copy of the slide under another folder finds its predictions."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(clean["work"], work)
+    moved = tmp_path / "moved" / "s.tif"
+    moved.parent.mkdir()
+    shutil.copyfile(clean["slide"], moved)
+    summary, notes = _run(moved, tmp_path / "out", work)
+    assert notes == [] and summary.predicted_tiles == 0 and summary.read_tiles == 0
+    assert _files(tmp_path / "out") == clean["out"]
