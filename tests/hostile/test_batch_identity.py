@@ -47,7 +47,6 @@ RERUNS = [
     # fingerprint), other settings that change the outputs
     ("another-model", (), 256),
     ("other-measurements", ("--measurements", "shape"), 128),
-    ("other-overlap", ("--overlap", "16"), 128),
 ]
 
 
