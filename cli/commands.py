@@ -324,7 +324,8 @@ def _predict_batch(args: argparse.Namespace, slides: list[Path], shard: tuple[in
 
                 try:
                     summaries = predict_slides(slides, out, seg, cfg, on_start=runlog.start, on_result=finished,
-                                               outputs=outputs, on_progress=view.event)
+                                               outputs=outputs, on_progress=view.event,
+                                               overwrite=args.overwrite)
                 finally:
                     view.close()
     print(f"run log: {runlog.path}; summary: {runlog.summary_path}", file=sys.stderr)
@@ -358,7 +359,7 @@ def _predict_on_cluster(args: argparse.Namespace, client, slides: list[Path], sp
     try:
         split = {} if args.tiles_per_task is None else {"tiles_per_task": args.tiles_per_task}
         return predict_distributed(client, slides, args.out, spec, cfg, on_start=runlog.start, on_result=done,
-                                   outputs=outputs, **split)
+                                   outputs=outputs, overwrite=args.overwrite, **split)
     finally:
         bar.close()
 

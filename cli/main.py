@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-all", action="store_true", help="several slides: such an OME-Zarr each")
     p.add_argument("--gz", action="store_true", help="several slides: write .geojson.gz")
     p.add_argument("--parquet", action="store_true", help="several slides: write GeoParquet <stem>.parquet")
+    p.add_argument("--overwrite", action="store_true",
+                   help="several slides: redo slides whose outputs in --out-dir are complete, replacing nucseg's "
+                   "own outputs (without it, finished slides of this slide content, model and settings are "
+                   "skipped, and finished ones of another model, settings or slide refuse the run)")
     p.add_argument("--export-workers", type=int, default=None, metavar="N",
                    help="processes for outlines and measurements (default: one per CPU but one, up to 8, on "
                    "slides of 64+ tiles; 1: none)")

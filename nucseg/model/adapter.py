@@ -239,13 +239,28 @@ def apply_adapter(model: Sam, info: AdapterInfo) -> Sam:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
         raise CheckpointError(f"adapter {info.path} does not fit its method (missing {missing}, unexpected {extra})")
     own = dict(model.named_parameters())
+    for name, value in sorted(tensors.items()):  # all checked before any is copied
+        check_tensor(info.path, name, value, own[name])
     with torch.no_grad():
         for name, value in tensors.items():
-            if own[name].shape != value.shape:
-                raise CheckpointError(f"adapter tensor {name} has shape {tuple(value.shape)}, "
-                                      f"model expects {tuple(own[name].shape)}")
             own[name].copy_(value)
     return model
+
+
+def check_tensor(path: Path, name: str, value: torch.Tensor, param: torch.Tensor) -> None:
+    """An adapter tensor must be what the method creates for ``name``: its shape, its dtype (``copy_`` would
+    silently cast int8 or float64 weights) and finite values (a NaN weight gives 0 nuclei, not an error). The
+    recorded SHA-256 only proves the file is the one described, not that what was hashed is sane."""
+    if param.shape != value.shape:
+        raise CheckpointError(f"adapter {path}: tensor {name} has shape {tuple(value.shape)}, the method creates "
+                              f"{tuple(param.shape)}")
+    if value.dtype != param.dtype:
+        raise CheckpointError(f"adapter {path}: tensor {name} is {str(value.dtype).removeprefix('torch.')}, the "
+                              f"method creates {str(param.dtype).removeprefix('torch.')}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(f"adapter {path}: tensor {name} holds {bad} NaN or infinite values (a damaged or "
+                              "diverged training run)")
 
 
 def is_merged_checkpoint(path: Path) -> bool:

@@ -5,15 +5,24 @@ Cache (one zarr v3 group per slide + target µm/px + geometry + tissue settings,
     <stem>-<key16>.zarr/            attrs: key (the JSON the name hashes), slide path
       coords       (n, 2) int64     tile origins (x, y) in target pixels, in processing order
       tiles        (n, T, T, 3) u8  RGB tiles, chunk = CHUNK_TILES tiles (file ``tiles/c.<i>.0.0.0``: flat keys)
-      tiles_done   (n,) bool        tile i was read and written completely, chunk = FLAG_CHUNK tiles
+      tiles_done   (n,) uint64      0: tile i not read yet; else its checksum (it was written completely),
+                                    chunk = FLAG_CHUNK tiles
       pred/<model16>/               attrs: model (the fingerprint string)
         labels     (n, T, T) int32  raw per-tile instance labels, chunk = CHUNK_TILES tiles
         scores     (n, K) float32   scores[i, k-1] = score of label k (NaN past n_inst[i]), chunk = CHUNK_TILES
         n_inst     (n,) int32       chunk = FLAG_CHUNK tiles
-        done       (n,) bool        prediction i was written completely, chunk = FLAG_CHUNK tiles
+        done       (n,) uint64      0: prediction i not made yet; else the checksums of its labels (high 32
+                                    bits) and scores (low 32), chunk = FLAG_CHUNK tiles
 
 Flags are written after the data they describe (zarr's local store writes each chunk atomically), so a
 killed run leaves at worst un-flagged work that is redone.
+
+Flags are checksums (CRC-32C, :func:`tile_sums` / :func:`pred_sums`) of the data they flag, salted with the
+cache key, the model and the tile's position, and every read of a done tile verifies them: a chunk that
+decodes but holds other values (swapped with another chunk or another cache's, a deleted chunk file that
+reads as the fill value, a tampered ``zarr.json``) is damaged like one that does not decode. Each array's
+metadata (shape, chunks, dtype, fill value, codecs, chunk names) is compared with the layout when the cache is
+opened; a changed one is damaged metadata (its group is rebuilt).
 
 Damage is repaired, never fatal: a chunk that fails to decode (a truncated or overwritten file) only costs
 the work it held. A damaged flag or ``n_inst`` chunk counts as "none of its tiles done" (and is rewritten when
@@ -44,13 +53,15 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import DataError, OutputError
 
-CACHE_VERSION = 4  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges); 3: flat chunk keys;
-# 4: tiles and predictions chunked by CHUNK_TILES tiles
+CACHE_VERSION = 5  # 2: flags chunked by FLAG_CHUNK (concurrent writers of aligned tile ranges); 3: flat chunk keys;
+# 4: tiles and predictions chunked by CHUNK_TILES tiles; 5: flags are checksums, slides keyed by content
+# (an older cache's key differs: it is rebuilt, never read)
 FLAG_CHUNK = 64
 # A pass over the tiles (``defer=True``) writes its flag chunks with the first batch written FLAG_FLUSH_S
 # seconds after the last flag write, and when it ends or fails, not after every batch: each zarr call costs
@@ -77,6 +88,65 @@ def cache_key(**fields) -> tuple[dict, str]:
     norm["cache_version"] = CACHE_VERSION
     digest = hashlib.sha256(json.dumps(norm, sort_keys=True).encode()).hexdigest()[:16]
     return norm, digest
+
+
+class ChecksumMismatch(ValueError):
+    """Rows of a chunk that decoded to other values than their flags' checksums say were written: handled
+    exactly like a chunk that fails to decode (see :func:`_decode_failed`)."""
+
+
+def _salt(*parts: str) -> bytes:
+    """What binds a checksum to one cache (its key), model and kind of data: 16 bytes."""
+    return hashlib.sha256("\0".join(parts).encode()).digest()[:16]
+
+
+def _crc(salt: bytes, i: int, *data: np.ndarray) -> int:
+    """CRC-32C of ``salt``, position i (4 bytes: any swap of two positions changes it) and the arrays' bytes."""
+    import google_crc32c
+
+    crc = google_crc32c.value(salt + int(i).to_bytes(4, "little"))
+    for d in data:
+        crc = google_crc32c.extend(crc, np.ascontiguousarray(d).tobytes())
+    return crc
+
+
+def tile_sums(salt: bytes, indices: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """The flag values (uint64, never 0) of RGB tiles at cache ``indices``."""
+    return np.asarray([(_crc(salt, i, t) << 32) | 1 for i, t in zip(np.asarray(indices).tolist(), tiles)],
+                      dtype=np.uint64)
+
+
+def pred_sums(salt: bytes, indices: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+              n_inst: np.ndarray) -> np.ndarray:
+    """The flag values (uint64, never 0) of predictions: labels (with n_inst) high, scores (full rows) low."""
+    return np.asarray([(_crc(salt, i, np.int32(n), lab) << 32) | _crc(salt, i, sc) | 1 for i, lab, sc, n in
+                       zip(np.asarray(indices).tolist(), labels, scores, np.asarray(n_inst).tolist())],
+                      dtype=np.uint64)
+
+
+def _verify(what: str, start: int, rows: np.ndarray, sums: np.ndarray, part, check) -> None:
+    """Raise ChecksumMismatch unless ``check(i, row) == part(sums[k])`` for every row k with a nonzero flag
+    (rows[k] is cache tile start + k; a zero flag means not done, whatever the row holds)."""
+    bad = [start + k for k, (row, flag) in enumerate(zip(rows, np.asarray(sums, np.uint64).tolist()))
+           if flag and check(start + k, row) != part(flag)]
+    if bad:
+        raise ChecksumMismatch(f"{what} of tiles {bad[:5]} do not match their checksums")
+
+
+def check_tiles(salt: bytes, start: int, rows: np.ndarray, sums: np.ndarray) -> None:
+    """Verify RGB tiles ``rows`` (cache tiles start, start + 1, ...) against their flags ``sums``."""
+    _verify("tiles", start, rows, sums, lambda f: f >> 32, lambda i, row: _crc(salt, i, row))
+
+
+def check_labels(salt: bytes, start: int, rows: np.ndarray, sums: np.ndarray, n_inst: np.ndarray) -> None:
+    """Verify label rows against their prediction flags ``sums`` (and instance counts ``n_inst``)."""
+    _verify("labels", start, rows, sums, lambda f: f >> 32,
+            lambda i, row: _crc(salt, i, np.int32(n_inst[i - start]), row))
+
+
+def check_scores(salt: bytes, start: int, rows: np.ndarray, sums: np.ndarray) -> None:
+    """Verify full score rows against their prediction flags ``sums``."""
+    _verify("scores", start, rows, sums, lambda f: f & 0xFFFFFFFF, lambda i, row: _crc(salt, i, row) | 1)
 
 
 class CacheDamaged(Exception):
@@ -171,6 +241,8 @@ class TileCache:
         self._unflushed: dict[str, set[int]] = {"tiles": set(), "pred": set()}
         self._flushed_at = {"tiles": time.monotonic(), "pred": time.monotonic()}
         self._flag_lock = threading.Lock()
+        keyed = json.dumps(key, sort_keys=True)
+        self.tile_salt, self.pred_salt = _salt("tiles", keyed), _salt("pred", keyed, model)
         with _disk_full_is_output_error(self.root), _locked(self.root.with_name(self.root.name + ".lock")):
             self.group = self._open_group(key, coords, create)
             self.pred = self._open_pred(model, create)
@@ -182,19 +254,22 @@ class TileCache:
         self._pred = {k: self.pred[k].with_config(fast) for k in ("labels", "scores", "n_inst", "done")}
         tiles_bad: set[int] = set()
         pred_bad: set[int] = set()
-        self._tiles_done = self._read_flags(self._flags, bool, False, tiles_bad)
+        # each kind's done flags (bool) and checksums (uint64, what the flag chunks on disk hold where done)
+        self._tiles_sum = self._read_flags(self._flags, np.uint64, 0, tiles_bad)
+        self._tiles_done = self._tiles_sum != 0
         n_inst = self._read_flags(self._pred["n_inst"], np.int32, -1, pred_bad)
-        self._pred_done = self._read_flags(self._pred["done"], bool, False, pred_bad) & (n_inst >= 0)
+        self._pred_sum = self._read_flags(self._pred["done"], np.uint64, 0, pred_bad)
+        self._pred_done = (self._pred_sum != 0) & (n_inst >= 0)
         self._n_inst = np.maximum(n_inst, 0)
         if create and (tiles_bad or pred_bad):
             # Rewrite damaged flag chunks now (as "not done"), or a chunk whose tiles need no more work would
             # stay damaged. Not in create=False mode: a range task must only write the chunks of its own range.
             with _disk_full_is_output_error(self.root):
                 first = [c * FLAG_CHUNK for c in sorted(tiles_bad)]
-                _write_chunks(self._flags, self._tiles_done, np.asarray(first, np.int64))
+                _write_chunks(self._flags, self._tiles_done, np.asarray(first, np.int64), self._tiles_sum)
                 first = np.asarray([c * FLAG_CHUNK for c in sorted(pred_bad)], np.int64)
                 _write_chunks(self._pred["n_inst"], self._n_inst, first)
-                _write_chunks(self._pred["done"], self._pred_done, first)
+                _write_chunks(self._pred["done"], self._pred_done, first, self._pred_sum)
         self._warn()
 
     def _read_flags(self, array, dtype, bad, damaged_chunks: set[int]) -> np.ndarray:
@@ -223,7 +298,7 @@ class TileCache:
             names = sorted(self.damaged)
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             warnings.warn(f"tile cache {self.root}: damaged {', '.join(names[:3])}{more} (a chunk that does not "
-                          "decode); its tiles are read and predicted again", UserWarning, stacklevel=3)
+                          "decode or match its checksums); its tiles are read and predicted again", UserWarning, stacklevel=3)
 
     def _open_group(self, key: dict, coords: np.ndarray, create: bool):
         import zarr
@@ -233,6 +308,9 @@ class TileCache:
             try:
                 group = zarr.open_group(str(self.root), mode="r+", zarr_format=3)
                 same = group.attrs.get("key") == key
+                if same and not all(_layout_ok(group[name], spec) for name, spec in self._layout().items()):
+                    self.damaged.add("metadata")  # a changed array layout: rebuilt (nothing it holds is trusted)
+                    same = False
                 if same:
                     try:
                         same = np.array_equal(group["coords"][:], coords)
@@ -258,28 +336,44 @@ class TileCache:
         if group is None and not create:
             raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
         if group is None:
-            n, T = self.n, self.tile_size
+            layout = self._layout()
             group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
-            group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64",
-                               chunk_key_encoding=_KEYS)
-            if n:
+            group.create_array("coords", **layout["coords"])
+            if self.n:
                 group["coords"][:] = coords
-            group.create_array("tiles", shape=(n, T, T, 3), chunks=(CHUNK_TILES, T, T, 3), dtype="uint8", fill_value=255,
-                               compressors=_fast_lz4(), chunk_key_encoding=_KEYS)
-            group.create_array("tiles_done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False,
-                               chunk_key_encoding=_KEYS)
+            group.create_array("tiles", **layout["tiles"])
+            group.create_array("tiles_done", **layout["tiles_done"])
             group.attrs["key"] = key  # last: a group killed while being created has no key and is rebuilt
         return group
+
+    def _layout(self, pred: bool = False) -> dict[str, dict]:
+        """``create_array`` arguments of each array of the group (``pred``: of a prediction group): the one
+        description that creates them and, when they are opened, checks their metadata (:func:`_layout_ok`)."""
+        n, T, K = self.n, self.tile_size, self.max_instances
+
+        def spec(shape, chunks, dtype, fill, **codecs):
+            return {"shape": shape, "chunks": chunks, "dtype": dtype, "fill_value": fill,
+                    "chunk_key_encoding": _KEYS, **codecs}
+
+        if pred:
+            return {"labels": spec((n, T, T), (CHUNK_TILES, T, T), "int32", 0, compressors=_fast_zstd()),
+                    "scores": spec((n, K), (CHUNK_TILES, K), "float32", np.nan, compressors=_fast_zstd()),
+                    "n_inst": spec((n,), (FLAG_CHUNK,), "int32", 0),
+                    "done": spec((n,), (FLAG_CHUNK,), "uint64", 0)}
+        return {"coords": spec((n, 2), (max(n, 1), 2), "int64", 0),
+                "tiles": spec((n, T, T, 3), (CHUNK_TILES, T, T, 3), "uint8", 255, compressors=_fast_lz4()),
+                "tiles_done": spec((n,), (FLAG_CHUNK,), "uint64", 0)}
 
     def _open_pred(self, model: str, create: bool):
         # Segmenters without a fingerprint get a fresh "volatile" group each run: never reused, never piling up.
         name = "volatile" if model.startswith("volatile:") else hashlib.sha256(model.encode()).hexdigest()[:16]
         path = f"pred/{name}"
-        T, n, K = self.tile_size, self.n, self.max_instances
         try:
             pred = self.group[path]
-            if pred.attrs.get("model") != model or pred["scores"].shape != (n, K):
+            if pred.attrs.get("model") != model:
                 raise KeyError(path)
+            if not all(_layout_ok(pred[name], spec) for name, spec in self._layout(pred=True).items()):
+                raise ChecksumMismatch(f"{path}: an array layout differs from the cache's")  # damaged metadata
         except Exception as err:  # noqa: BLE001 - missing, another model's, or damaged metadata: (re)create
             if not (isinstance(err, KeyError) or _decode_failed(err)):
                 raise
@@ -288,14 +382,8 @@ class TileCache:
             if not create:
                 raise DataError(f"tile cache {self.root} has no predictions of this model yet") from None
             pred = self.group.create_group(path, overwrite=True)
-            pred.create_array("labels", shape=(n, T, T), chunks=(CHUNK_TILES, T, T), dtype="int32", fill_value=0,
-                              compressors=_fast_zstd(), chunk_key_encoding=_KEYS)
-            pred.create_array("scores", shape=(n, K), chunks=(CHUNK_TILES, K), dtype="float32", fill_value=np.nan,
-                              compressors=_fast_zstd(), chunk_key_encoding=_KEYS)
-            pred.create_array("n_inst", shape=(n,), chunks=(FLAG_CHUNK,), dtype="int32", fill_value=0,
-                              chunk_key_encoding=_KEYS)
-            pred.create_array("done", shape=(n,), chunks=(FLAG_CHUNK,), dtype="bool", fill_value=False,
-                              chunk_key_encoding=_KEYS)
+            for name, spec in self._layout(pred=True).items():
+                pred.create_array(name, **spec)
             pred.attrs["model"] = model  # last, as the group's key: a half-created group is recreated
         return pred
 
@@ -306,8 +394,11 @@ class TileCache:
 
     def get_tile(self, i: int) -> np.ndarray | None:
         """Cached tile i, or None if its chunk is damaged (the chunk's tiles marked not read, with the one
-        warning: they are read from the slide again)."""
+        warning: they are read from the slide again); None too for a tile not cached (or no longer: another tile
+        of its chunk was found damaged)."""
         i = int(i)
+        if not self._tiles_done[i]:
+            return None
         try:
             return self._row("tiles", self.tiles, i)
         except Exception as err:  # noqa: BLE001 - see _decode_failed
@@ -330,7 +421,8 @@ class TileCache:
         indices = np.asarray(indices, dtype=np.int64)
         if not len(indices):
             return
-        writes, lost = self._merged_chunks(indices, self._tiles_done, [(self.tiles, tiles, 255)])
+        sums = tile_sums(self.tile_salt, indices, tiles)
+        writes, lost = self._merged_chunks(indices, self._tiles_done, [(self.tiles, tiles, 255, self._check_tiles)])
         self.damaged.update(f"tiles chunk {i // CHUNK_TILES}" for i in lost)
         if lost:  # un-flagged on disk before their chunk is rewritten with fill: a kill never leaves them "done"
             with self._flag_lock:
@@ -340,6 +432,7 @@ class TileCache:
             self._write_merged(writes, [self.tiles], "tiles")
         with self._flag_lock:  # never between a flush's reads of the flags
             self._tiles_done[indices] = True
+            self._tiles_sum[indices] = sums
         self._flag("tiles", indices, defer)
         if lost:
             self._warn()
@@ -351,9 +444,10 @@ class TileCache:
     def _merged_chunks(self, indices: np.ndarray, done: np.ndarray,
                        columns: list[tuple]) -> tuple[list[tuple[int, int, list]], list[int]]:
         """What writing ``indices`` means chunk by chunk: ``[(lo, hi, [rows per column])]`` to write whole, and
-        the done tiles that were lost. ``columns``: (array, values per index, fill) written together. A chunk the
-        indices cover whole is their values as is; one covered in part keeps its other done tiles (read back,
-        see :func:`_chunk_rows`) and fills the rest; if it does not decode, those done tiles are lost."""
+        the done tiles that were lost. ``columns``: (array, values per index, fill, check) written together. A
+        chunk the indices cover whole is their values as is; one covered in part keeps its other done tiles (read
+        back and checked, see :func:`_chunk_rows`) and fills the rest; if it does not decode or does not match
+        its checksums, those done tiles are lost."""
         assert np.all(np.diff(indices) > 0), "tile indices must be ascending and unique"
         chunk_of = indices // CHUNK_TILES
         writes, lost = [], []
@@ -361,11 +455,11 @@ class TileCache:
             lo, hi = self._span(c)
             mine = np.flatnonzero(chunk_of == c)
             if len(mine) == hi - lo:  # the whole chunk (the common case: batches are aligned to chunks)
-                writes.append((lo, hi, [values[mine] for _, values, _ in columns]))
+                writes.append((lo, hi, [values[mine] for _, values, _, _ in columns]))
                 continue
             keep = np.setdiff1d(np.flatnonzero(done[lo:hi]), indices[mine] - lo)
-            merged = [_chunk_rows(array, lo, hi, keep, indices[mine] - lo, values[mine], fill)
-                      for array, values, fill in columns]
+            merged = [_chunk_rows(array, lo, hi, keep, indices[mine] - lo, values[mine], fill, check)
+                      for array, values, fill, check in columns]
             writes.append((lo, hi, [rows for rows, _ in merged]))
             if not all(ok for _, ok in merged):
                 lost += (lo + keep).tolist()
@@ -389,11 +483,55 @@ class TileCache:
         memo = memos.get(name)
         if memo is None or memo[0] != gen or memo[1] != c:
             lo, hi = self._span(c)
+            # the flags before the read: a row flagged done while it is read may be newer than what it got
+            check = self._checker("tiles" if name == "tiles" else "labels", lo, hi)
             memo = (gen, c, np.asarray(array[lo:hi]))
+            check(memo[2])  # its done rows
             with self._memo_lock:  # kept only if no write or discard happened while it was read
                 if self._generation[name] == gen:
                     memos[name] = memo
         return memo[2][i - c * CHUNK_TILES].copy()
+
+    def expected(self, kind: str, lo: int, hi: int, only: np.ndarray | None = None) -> np.ndarray:
+        """The flags (checksums) of tiles [lo, hi) of ``kind`` ("tiles" or "pred") as this process knows them, 0
+        where not done (or, with ``only``, not among those offsets from lo): what reads are verified against."""
+        with self._flag_lock:
+            done = (self._tiles_done if kind == "tiles" else self._pred_done)[lo:hi].copy()
+            sums = (self._tiles_sum if kind == "tiles" else self._pred_sum)[lo:hi].copy()
+        if only is not None:
+            mask = np.zeros(hi - lo, bool)
+            mask[only] = True
+            done &= mask
+        return np.where(done, sums, np.uint64(0)).astype(np.uint64)
+
+    def checksums(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction flags, instance counts, tile flags) of tiles [lo, hi): what a reader of the arrays
+        themselves (:attr:`prediction_arrays`, :attr:`tiles`) verifies them against."""
+        with self._flag_lock:
+            n_inst = self._n_inst[lo:hi].copy()
+        return self.expected("pred", lo, hi), n_inst, self.expected("tiles", lo, hi)
+
+    def _checker(self, what: str, lo: int, hi: int) -> Callable[[np.ndarray], None]:
+        """A check of rows [lo, hi) of ``what`` ("tiles", "labels" or "scores") against the flags as they are
+        now, to be taken before the rows are read."""
+        want = self.expected("tiles" if what == "tiles" else "pred", lo, hi)
+        if what == "tiles":
+            return lambda rows: check_tiles(self.tile_salt, lo, rows, want)
+        if what == "scores":
+            return lambda rows: check_scores(self.pred_salt, lo, rows, want)
+        with self._flag_lock:
+            n_inst = self._n_inst[lo:hi].copy()
+        return lambda rows: check_labels(self.pred_salt, lo, rows, want, n_inst)
+
+    def _check_tiles(self, lo: int, rows: np.ndarray, only: np.ndarray | None = None) -> None:
+        check_tiles(self.tile_salt, lo, rows, self.expected("tiles", lo, lo + len(rows), only))
+
+    def _check_labels(self, lo: int, rows: np.ndarray, only: np.ndarray | None = None) -> None:
+        check_labels(self.pred_salt, lo, rows, self.expected("pred", lo, lo + len(rows), only),
+                     self._n_inst[lo : lo + len(rows)])
+
+    def _check_scores(self, lo: int, rows: np.ndarray, only: np.ndarray | None = None) -> None:
+        check_scores(self.pred_salt, lo, rows, self.expected("pred", lo, lo + len(rows), only))
 
     def _forget(self, name: str) -> None:
         with self._memo_lock:  # every thread's memo of ``name`` is stale from now on
@@ -418,10 +556,11 @@ class TileCache:
             first = np.asarray(sorted(pending), np.int64)
             with _disk_full_is_output_error(self.root):
                 if kind == "tiles":
-                    _write_chunks(self._flags, self._tiles_done, first)
+                    _write_chunks(self._flags, self._tiles_done, first, self._tiles_sum)
                 else:
                     _write_chunks(self._pred["n_inst"], self._n_inst, first)
-                    _write_chunks(self._pred["done"], self._pred_done, first)  # last: the tiles' data is complete
+                    # last: the tiles' data is complete
+                    _write_chunks(self._pred["done"], self._pred_done, first, self._pred_sum)
             pending.clear()  # only once written: a failed write is tried again by the next flush
 
     def flush(self) -> None:
@@ -459,9 +598,11 @@ class TileCache:
                 raise ValueError(f"segmenter returned {len(sc)} scores for {n_inst[j]} instances in a tile")
             rows[j, : n_inst[j]] = sc[: n_inst[j]]
         labels = np.asarray(labels).astype(np.int32, copy=False)
+        sums = pred_sums(self.pred_salt, indices, labels, rows, n_inst)
         arrays = [self._pred["labels"], self._pred["scores"]]
         writes, damaged = self._merged_chunks(indices, self._pred_done,
-                                              [(arrays[0], labels, 0), (arrays[1], rows, np.nan)])
+                                              [(arrays[0], labels, 0, self._check_labels),
+                                               (arrays[1], rows, np.nan, self._check_scores)])
         # tiles whose labels or scores were lost are marked not done on disk before their chunk is rewritten with
         # fill, so a kill in between never leaves fill values flagged as predictions
         lost = self.discard(damaged, "labels") if damaged else None
@@ -470,14 +611,16 @@ class TileCache:
         with self._flag_lock:  # n_inst and done together: a flush writes both from one state
             self._n_inst[indices] = n_inst
             self._pred_done[indices] = True
+            self._pred_sum[indices] = sums
         self._flag("pred", indices, defer)
         if lost is not None:
             raise lost
 
     @property
     def prediction_arrays(self) -> tuple:
-        """(labels, scores) zarr arrays, for readers of many tiles at once (which must turn a chunk that fails to
-        decode into :meth:`discard`, as :meth:`get_labels` does)."""
+        """(labels, scores) zarr arrays, for readers of many tiles at once (which must verify what they read,
+        :func:`check_labels` / :func:`check_scores` against :meth:`expected`, and turn a chunk that fails to
+        decode or to match into :meth:`discard`, as :meth:`get_labels` does)."""
         return self._pred["labels"], self._pred["scores"]
 
     def get_labels(self, i: int) -> np.ndarray:
@@ -498,15 +641,38 @@ class TileCache:
 
     def get_prediction(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels (T, T) int32, scores (n_inst,) float32) of cache tile i; damaged chunks raise CacheDamaged."""
+        i = int(i)
         n_inst = int(self._n_inst[i])
         labels = self.get_labels(i)
         try:
-            scores = np.asarray(self._pred["scores"][int(i), :n_inst]) if n_inst else np.zeros(0, np.float32)
+            check = self._checker("scores", i, i + 1)
+            row = np.asarray(self._pred["scores"][i : i + 1])  # the whole row: its checksum covers it
+            check(row)
+            scores = row[0, :n_inst]
         except Exception as err:  # noqa: BLE001 - see _decode_failed
             if not _decode_failed(err):
                 raise
             raise self.discard(self._chunk_done(int(i)), "scores") from None
         return labels, scores
+
+    def scan_predictions(self) -> int:
+        """Verify every prediction chunk holding done tiles and :meth:`discard` those that do not decode or
+        match; returns how many. After damage was found (one chunk at a time by the export), so that the repair
+        pass redoes all of it at once: swapped chunks, a cache of another slide. Reads what one export reads."""
+        bad = 0
+        for c in range(-(-self.n // CHUNK_TILES)):
+            lo, hi = self._span(c)
+            if not self._pred_done[lo:hi].any():
+                continue
+            try:
+                self._check_labels(lo, np.asarray(self._pred["labels"][lo:hi]))
+                self._check_scores(lo, np.asarray(self._pred["scores"][lo:hi]))
+            except Exception as err:  # noqa: BLE001 - see _decode_failed
+                if not _decode_failed(err):
+                    raise
+                self.discard(self._chunk_done(lo), "labels")
+                bad += 1
+        return bad
 
     def discard(self, indices: list[int], what: str = "predictions") -> CacheDamaged:
         """Mark the predictions of ``indices`` not done (here and in the flag chunks on disk, so a rerun redoes
@@ -518,6 +684,16 @@ class TileCache:
         self.damaged.update(f"{what} chunk {i // CHUNK_TILES}" for i in indices)
         self._warn()
         return CacheDamaged(self.root, [int(i) for i in indices])
+
+
+def _layout_ok(array, spec: dict) -> bool:
+    """Whether a zarr array opened from disk has the metadata the cache gives it (``spec``: its ``create_array``
+    arguments): a tampered or foreign ``zarr.json`` (dtype, fill value, codecs, chunk names) changes what its
+    chunks decode to. Compared with the same array created in memory (~0.2 ms)."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    return array.metadata.to_dict() == zarr.create_array(MemoryStore(), **spec).metadata.to_dict()
 
 
 def _fast_zstd():
@@ -535,15 +711,18 @@ def _fast_lz4():
 
 
 def _chunk_rows(array, lo: int, hi: int, keep: np.ndarray, at: np.ndarray, values: np.ndarray,
-                fill) -> tuple[np.ndarray, bool]:
+                fill, check) -> tuple[np.ndarray, bool]:
     """Rows [lo, hi) of one chunk of ``array``, to be written whole: ``values`` at positions ``at``, the stored
-    rows at positions ``keep`` (read back), ``fill`` elsewhere. ok is False when the stored chunk did not
-    decode: the ``keep`` rows are then fill as well, and the caller must treat them as lost."""
+    rows at positions ``keep`` (read back, verified by ``check(lo, rows, keep)``), ``fill`` elsewhere. ok is
+    False when the stored chunk did not decode or match: the ``keep`` rows are then fill as well, and the
+    caller must treat them as lost."""
     out = np.full((hi - lo, *array.shape[1:]), fill, dtype=array.dtype)
     ok = True
     if len(keep):
         try:
-            out[keep] = np.asarray(array[lo:hi])[keep]
+            stored = np.asarray(array[lo:hi])
+            check(lo, stored, keep)
+            out[keep] = stored[keep]
         except Exception as err:  # noqa: BLE001 - see _decode_failed
             if not _decode_failed(err):
                 raise
@@ -552,11 +731,12 @@ def _chunk_rows(array, lo: int, hi: int, keep: np.ndarray, at: np.ndarray, value
     return out, ok
 
 
-def _write_chunks(array, values: np.ndarray, indices: np.ndarray) -> None:
-    """Write the flag chunks holding ``indices`` (only those) from this process's copy ``values``."""
+def _write_chunks(array, values: np.ndarray, indices: np.ndarray, sums: np.ndarray | None = None) -> None:
+    """Write the flag chunks holding ``indices`` (only those) from this process's copy ``values``; with ``sums``,
+    ``values`` are done flags and the chunks hold the checksums where done, 0 elsewhere."""
     for c in np.unique(indices // FLAG_CHUNK):
         lo, hi = int(c) * FLAG_CHUNK, min((int(c) + 1) * FLAG_CHUNK, len(values))
-        array[lo:hi] = values[lo:hi]
+        array[lo:hi] = values[lo:hi] if sums is None else np.where(values[lo:hi], sums[lo:hi], np.uint64(0))
 
 
 def cache_dir_name(slide_path: Path, digest: str) -> str:

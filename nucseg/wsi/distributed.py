@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from ..errors import InputError, NucsegError
 from ..segmenter import SegmenterSpec, TileSegmenter
-from .batch import check_output_names, finished_summary, predict_slides
+from .batch import StaleOutputsError, check_finished, check_output_names, predict_slides
 from .cache import FLAG_CHUNK
 from .predict import PredictConfig, SlideOutputs, SlideSummary, predict_tile_range
 
@@ -45,8 +45,9 @@ def worker_segmenter(spec: SegmenterSpec) -> TileSegmenter:
 
 
 def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
-                       outputs: SlideOutputs) -> dict:
-    """One slide on a worker: skip if finished, else predict; user-facing errors come back in the summary.
+                       outputs: SlideOutputs, overwrite: bool = False) -> dict:
+    """One slide on a worker: skip if finished (from this slide, model and settings), else predict; user-facing
+    errors come back in the summary, complete outputs of another model or slide as a failure naming --overwrite.
 
     Returns ``SlideSummary.to_dict()`` plus ``worker`` (the worker's address), which the run log records.
     """
@@ -54,18 +55,23 @@ def _predict_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: Pr
         segmenter = worker_segmenter(spec)
     except NucsegError as err:  # e.g. a corrupt checkpoint: every slide on this worker fails the same way
         return {**SlideSummary.failed(slide, str(err)).to_dict(), "worker": _worker_name()}
-    [summary] = predict_slides([slide], out_dir, segmenter, config, outputs=outputs)
+    try:
+        [summary] = predict_slides([slide], out_dir, segmenter, config, outputs=outputs, overwrite=overwrite)
+    except StaleOutputsError as err:  # never skipped silently; the other slides go on
+        return {**SlideSummary.failed(slide, str(err)).to_dict(), "worker": _worker_name()}
     return {**summary.to_dict(), "worker": _worker_name()}
 
 
 def _plan_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
-                    outputs: SlideOutputs) -> int:
-    """Tissue tiles of ``slide`` (creating its cache), or 0 if its outputs are complete or it cannot be read
-    (then the slide's own task skips it, or records the error, exactly as without splitting)."""
-    if finished_summary(outputs.for_slide(slide, out_dir)) is not None:
-        return 0
+                    outputs: SlideOutputs, overwrite: bool = False) -> int:
+    """Tissue tiles of ``slide`` (creating its cache), or 0 if its outputs are complete (from this slide, model
+    and settings, or not: then the slide's own task refuses it), or it cannot be read (then the slide's own
+    task skips it, refuses it or records the error, exactly as without splitting)."""
     try:
-        n, _ = predict_tile_range(slide, worker_segmenter(spec), config, 0, 0)
+        segmenter = worker_segmenter(spec)
+        if not overwrite and check_finished([slide], out_dir, segmenter, config, outputs):
+            return 0
+        n, _ = predict_tile_range(slide, segmenter, config, 0, 0)
     except NucsegError:
         return 0
     return n
@@ -85,9 +91,9 @@ def _predict_part_on_worker(slide: str, spec: SegmenterSpec, config: PredictConf
 
 
 def _finish_on_worker(slide: str, out_dir: str, spec: SegmenterSpec, config: PredictConfig,
-                      outputs: SlideOutputs, parts: list[dict]) -> dict:
+                      outputs: SlideOutputs, parts: list[dict], overwrite: bool = False) -> dict:
     """The slide's last task, after its ranges (dask passes their results in ``parts``): stitch and write."""
-    d = _predict_on_worker(slide, out_dir, spec, config, outputs)
+    d = _predict_on_worker(slide, out_dir, spec, config, outputs, overwrite)
     d["predicted_tiles"] = int(d.get("predicted_tiles") or 0) + sum(p["predicted"] for p in parts)
     d["seconds"] = float(d.get("seconds") or 0.0) + sum(p["seconds"] for p in parts)
     return {**d, "parts": parts}
@@ -120,12 +126,15 @@ def predict_distributed(
     *,
     outputs: SlideOutputs = SlideOutputs(),
     tiles_per_task: int = DEFAULT_TILES_PER_TASK,
+    overwrite: bool = False,
     on_start: Callable[[str], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
 ) -> list[SlideSummary]:
     """Predict ``slides`` on the workers of ``client`` (a ``dask.distributed.Client``).
 
-    Same outputs and skipping as :func:`nucseg.wsi.batch.predict_slides`; results are returned in input order.
+    Same outputs and skipping as :func:`nucseg.wsi.batch.predict_slides` (``overwrite`` too), except that a
+    slide whose complete outputs another model or slide made is a failed slide naming ``--overwrite`` (the
+    client has no model to check them against before sending work out); results are returned in input order.
     A slide with more than ``tiles_per_task`` tissue tiles is spread over the workers in ranges of that many
     tiles (rounded up to a multiple of ``FLAG_CHUNK``); 0 sends each slide whole to one worker. The result
     dicts of split slides carry ``parts``: each range's tiles, tiles predicted and worker.
@@ -154,9 +163,9 @@ def predict_distributed(
         if on_start:
             on_start(str(p))
         if per:
-            submit("plan", i, _plan_on_worker, str(p), str(out), spec, cfg, outputs)
+            submit("plan", i, _plan_on_worker, str(p), str(out), spec, cfg, outputs, overwrite)
         else:
-            submit("slide", i, _predict_on_worker, str(p), str(out), spec, cfg, outputs)
+            submit("slide", i, _predict_on_worker, str(p), str(out), spec, cfg, outputs, overwrite)
     results: list[dict | None] = [None] * len(slides)
     bug: BaseException | None = None
     for fut in pending:
@@ -169,14 +178,14 @@ def predict_distributed(
         if kind == "plan":
             p = str(slides[i])
             if value <= per:
-                submit("slide", i, _predict_on_worker, p, str(out), spec, cfg, outputs)
+                submit("slide", i, _predict_on_worker, p, str(out), spec, cfg, outputs, overwrite)
                 continue
             parts = []
             for start in range(0, value, per):  # futures of the ranges; the last task waits for all of them
                 key = f"nucseg-part-{Path(p).stem}-{start}-{uuid.uuid4().hex[:12]}"
                 parts.append(client.submit(_predict_part_on_worker, p, spec, cfg, start, min(start + per, value),
                                            key=key))
-            submit("slide", i, _finish_on_worker, p, str(out), spec, cfg, outputs, parts)
+            submit("slide", i, _finish_on_worker, p, str(out), spec, cfg, outputs, parts, overwrite)
             continue
         results[i] = value
         if on_result:

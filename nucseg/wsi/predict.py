@@ -53,7 +53,8 @@ from ..errors import InputError, OutputError
 from ..io import check_output, is_nucseg_png
 from ..progress import ProgressCallback, SlideReporter
 from ..segmenter import TileSegmenter
-from .cache import FLAG_CHUNK, CHUNK_TILES, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key
+from .cache import (FLAG_CHUNK, CHUNK_TILES, CacheDamaged, TileCache, _decode_failed, cache_dir_name, cache_key,
+                    check_labels, check_scores, check_tiles)
 from .export import (LABEL_IMAGE_MAX_SIDE, CSVWriter, GeoJSONWriter, GeoParquetWriter, NucleusBatch, PreviewWriter,
                      instance_polygons, is_nucseg_csv, is_nucseg_zarr, is_nucseg_table, outline_rings,
                      write_ome_zarr_labels)
@@ -252,6 +253,8 @@ class SlideSummary:
     tiles: tiles in the full grid; tissue_tiles: those segmented (all of them when tissue_mask is off, and
     then tissue_area_mm2 is the whole slide's area). read_tiles / predicted_tiles: work done in *this* run
     (0 when everything came from the resume cache). skipped: predict_slides found complete outputs.
+    identity: what the outputs were made from, ``{"slide": content identity, "settings": fingerprint of the
+    model and the settings}`` (:func:`output_identity`); a batch skips a finished slide only if it matches.
     provenance: what produced the outputs (:func:`provenance`, plus the command line). stages: seconds per
     stage of this run, ``{"read": {"cpu": .., "wall": ..}, ...}`` (plan: opening, tissue detection; read,
     cache, infer, stitch, polygons, write; CPU is the thread's own, so zarr's codec threads are not in
@@ -274,6 +277,7 @@ class SlideSummary:
     warnings: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -300,6 +304,42 @@ def model_fingerprint(segmenter: TileSegmenter, override: str | None = None) -> 
     if fp:
         return str(fp)
     return f"volatile:{type(segmenter).__qualname__}:{uuid.uuid4()}"
+
+
+def settings_fingerprint(segmenter: TileSegmenter, cfg: PredictConfig) -> str:
+    """SHA-256 of everything a slide's outputs depend on besides the slide: the model (its fingerprint, or for
+    one without a fingerprint its class, and its provenance: thresholds, µm/px) and every setting that changes
+    what is written (not where: output paths, work dir, batch size, workers). With ``"slide":``
+    :func:`nucseg.wsi.slide.slide_identity` it is what a batch's done-check compares."""
+    import hashlib
+    import json
+
+    model = cfg.model_fingerprint or segmenter.fingerprint or f"unknown:{type(segmenter).__qualname__}"
+    roi = None
+    if cfg.roi is not None:
+        try:
+            roi = hashlib.sha256(Path(cfg.roi).read_bytes()).hexdigest()
+        except OSError:
+            roi = str(cfg.roi)  # unreadable: the run itself reports it
+    fields = {
+        "model": str(model), "provenance": segmenter.provenance, "model_mpp": segmenter.mpp,
+        "tile_size": int(cfg.tile_size or segmenter.tile_size), "target_mpp": cfg.target_mpp,
+        "slide_mpp": cfg.slide_mpp, "overlap": cfg.overlap, "tissue_mask": cfg.tissue_mask,
+        "tissue_mpp": cfg.tissue_mpp, "tissue_version": TISSUE_DETECTOR_VERSION, "roi": roi,
+        "roi_class": cfg.roi_class, "simplify_tolerance": cfg.simplify_tolerance, "label_chunk": cfg.label_chunk,
+        "measurements": cfg.measurements,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def output_identity(slide_path: str | os.PathLike, segmenter: TileSegmenter, cfg: PredictConfig) -> dict:
+    """``{"slide": content identity, "settings": settings_fingerprint}``: what :attr:`SlideSummary.identity` of
+    a run of this slide with this segmenter and settings would be, without running it (opens the slide)."""
+    slide = open_slide(slide_path)
+    try:
+        return {"slide": slide_identity(slide, slide_path), "settings": settings_fingerprint(segmenter, cfg)}
+    finally:
+        slide.close()
 
 
 def predict_slide(
@@ -357,6 +397,7 @@ def predict_slide(
                     read_n, pred_n = read_n + err.work[0], pred_n + err.work[1]
                     if attempt == MAX_CACHE_REPAIRS:
                         raise _repairs_failed(err, attempt) from None
+                    cache.scan_predictions()  # whatever else is damaged is redone in the same repair pass
         if cfg.tissue_preview and plan.tissue is not None:  # with the other outputs: a failed run leaves none
             boxes = _tile_boxes(grid, selected, view.target_mpp / plan.tissue.mpp)
             write_tissue_preview(cfg.tissue_preview, plan.tissue, boxes)
@@ -368,7 +409,7 @@ def predict_slide(
         tissue_area_mm2=float(plan.tissue_area), seconds=time.perf_counter() - t0, output=str(out_geojson),
         slide_mpp=view.mpp0, target_mpp=view.target_mpp, read_tiles=read_n, predicted_tiles=pred_n,
         warnings=notes, provenance={**prov, "command": cfg.command or shlex.join(sys.argv)},
-        stages=times.to_dict(),
+        stages=times.to_dict(), identity={"slide": plan.identity, "settings": settings_fingerprint(segmenter, cfg)},
     )
 
 
@@ -859,6 +900,8 @@ class _ExportJob:
     tolerance: float
     roi: object = None  # nucseg.wsi.roi.Roi (picklable): a nucleus is kept only if its centroid lies inside
     measurements: str = "none"  # nucseg.wsi.measure mode
+    pred_salt: bytes = b""  # the cache's checksum salts (TileCache.pred_salt / tile_salt): reads are verified
+    tile_salt: bytes = b""
 
 
 @dataclass
@@ -887,12 +930,15 @@ def _pred_arrays(job: _ExportJob) -> tuple:
 
 
 def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = None,
-                  preloaded: tuple | None = None, rgb: np.ndarray | None = None) -> tuple[list[_TileNuclei], dict]:
+                  preloaded: tuple | None = None, rgb: np.ndarray | None = None,
+                  expect: tuple | None = None) -> tuple[list[_TileNuclei], dict]:
     """Ownership rule, outlines and measurements of cache tiles [start, stop) (in a worker or the export thread).
 
     pred: the cache's (labels, scores, tiles) arrays (None in a worker: it opens them). preloaded: (labels,
     scores, rgb or None) handed over by the inference. rgb: the tiles' pixels (the export thread reads them from
     the cache or the slide); for "full" measurements with neither, they are read from the cache here.
+    expect: :meth:`TileCache.checksums` of the tiles; what is read from the cache is verified against it (a
+    mismatch raises ChecksumMismatch, which the export thread turns into CacheDamaged as for a decode failure).
     Returns the tiles' nuclei and this call's stage times (thread CPU and wall, plus the process CPU time as
     ``worker_cpu`` so that a benchmark can count what worker processes spent).
     """
@@ -907,9 +953,14 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
         with times("cache"):
             labels_all = np.asarray(labels_arr[start:stop])
             scores_all = np.asarray(scores_arr[start:stop])
+            if expect is not None:
+                check_labels(job.pred_salt, start, labels_all, expect[0], expect[1])
+                check_scores(job.pred_salt, start, scores_all, expect[0])
     if job.measurements == "full" and rgb is None:
         with times("cache"):
             rgb = np.asarray(tiles_arr[start:stop])
+            if expect is not None:
+                check_tiles(job.tile_salt, start, rgb, expect[2])
     out = []
     grid = job.grid
     for k, ci in enumerate(range(start, stop)):
@@ -980,7 +1031,8 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
     stitcher = Stitcher(grid, selected)
     import scipy.sparse.csgraph  # noqa: F401 - outline_rings' ring walk; imported (~0.2 s) while tile 0 is read
     job = _ExportJob(str(cache.root), cache.pred.path, grid, np.asarray(selected), cache.coords, view.scale,
-                     view.target_mpp, mpp0, cfg.simplify_tolerance, plan.roi, cfg.measurements)
+                     view.target_mpp, mpp0, cfg.simplify_tolerance, plan.roi, cfg.measurements, cache.pred_salt,
+                     cache.tile_salt)
     extra = measurement_names(cfg.measurements)
     full = cfg.measurements == "full"
     workers = export_workers(cfg, cache.n)
@@ -1008,8 +1060,8 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
                 on_nuclei(stitcher.count)
 
         def result(start: int, stop: int, get: Callable[[], tuple]) -> tuple:
-            """A chunk's result; a prediction chunk that does not decode becomes the cache's CacheDamaged (its
-            tile marked not done), so predict_slide predicts it again."""
+            """A chunk's result; a prediction chunk that does not decode or match its checksums becomes the
+            cache's CacheDamaged (its tiles marked not done), so predict_slide predicts it again."""
             try:
                 return get()
             except Exception as err:  # noqa: BLE001 - only decode failures are converted
@@ -1052,10 +1104,12 @@ def _stitch_and_export(cache: TileCache, plan: _Plan, out_geojson: Path, cfg: Pr
             if pool is None:
                 handed = take(start, stop)
                 rgb = chunk_rgb(start, stop, handed)
-                finish(result(start, stop, lambda: _export_chunk(job, start, stop, arrays, handed, rgb)))
+                finish(result(start, stop, lambda: _export_chunk(job, start, stop, arrays, handed, rgb,
+                                                                 cache.checksums(start, stop))))
                 continue
             rgb = chunk_rgb(start, stop, None)
-            pending.append((start, stop, pool.submit(_export_chunk, job, start, stop, None, None, rgb)))
+            pending.append((start, stop, pool.submit(_export_chunk, job, start, stop, None, None, rgb,
+                                                     cache.checksums(start, stop))))
             while len(pending) > 2 * workers or (pending and pending[0][2].done()):
                 a, b, fut = pending.popleft()
                 finish(result(a, b, fut.result))
