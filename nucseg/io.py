@@ -355,6 +355,52 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+MAX_JSON_DEPTH = 64  # nesting of arrays/objects: GeoJSON needs 5, nucseg.json 4; deeper is not a file we read
+
+
+def parse_json(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON, as every JSON nucseg reads from a user or a server is parsed (GeoJSON, ``--roi``,
+    ``nucseg.json``/``method.json``, records, training-state metadata).
+
+    ValueError (a one-line reason) for anything else: NaN, Infinity and numbers that overflow to infinity
+    (Python's json accepts them; they would reach GEOS or a config as non-numbers), invalid UTF-8, and nesting
+    deeper than ``max_depth`` (Python's json would raise RecursionError, and so would later walks of such a
+    value). orjson parses without recursing in Python and stops at 1024 levels itself; the depth is then
+    checked by an explicit stack. A UTF-8 byte-order mark is allowed (Windows editors write one).
+    """
+    import orjson
+
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        msg = str(err)
+        if "depth limit" in msg or "recursion" in msg:
+            raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
+        hint = "; NaN and Infinity are not JSON numbers" if "infinity" in msg or "expected a JSON value" in msg else ""
+        raise ValueError(f"not valid JSON ({' '.join(msg.split())[:160]}{hint})") from None
+    stack = [(doc, 1)] if type(doc) is dict or type(doc) is list else []
+    while stack:
+        obj, depth = stack.pop()
+        for child in (obj.values() if type(obj) is dict else obj):
+            if type(child) is dict or type(child) is list:
+                if depth >= max_depth:
+                    raise ValueError(f"JSON nested more than {max_depth} levels deep")
+                stack.append((child, depth + 1))
+    return doc
+
+
+def read_json(path: str | os.PathLike, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """:func:`parse_json` of a file; OSError as ``open`` raises it, ValueError for content that is not strict
+    JSON (the caller turns it into its one-line error, which names the file)."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    return parse_json(raw, max_depth)
+
+
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
     """Read an instance label map (.tif/.png/.npy) as a 2-D int32 array (0 = background).
 
