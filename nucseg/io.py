@@ -417,7 +417,7 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
             raise InputError(f"label map {path} is a colour image (its R, G and B differ): instance ids must be "
                              "one channel (a colour-coded map cannot be read as ids)")
         arr = rgb[..., 0]
-    arr = np.squeeze(arr)
+    arr = _squeeze_2d(arr)
     if arr.ndim != 2:
         raise InputError(f"label map {path} is not 2-D (shape {arr.shape})")
     return _as_ids(arr, path)
@@ -429,7 +429,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     arr = _read_array(path, "mask")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3].any(axis=-1)
-    arr = np.squeeze(arr)
+    arr = _squeeze_2d(arr)
     if arr.ndim != 2:
         raise InputError(f"mask {path} is not 2-D (shape {arr.shape})")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -437,9 +437,61 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr != 0
 
 
+def _squeeze_2d(arr: np.ndarray) -> np.ndarray:
+    """Drop axes of length 1 beyond the two of an image: (1, h, w) and (h, w, 1) become (h, w), and a 1x1 image
+    stays 1x1 (``np.squeeze`` would make it a scalar)."""
+    while arr.ndim > 2 and 1 in arr.shape:
+        arr = arr.squeeze(axis=arr.shape.index(1))
+    return arr
+
+
+def max_image_pixels() -> int:
+    """The most pixels nucseg decodes from one image file: Pillow's decompression-bomb limit (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``, 178,956,970 by default), which every PNG/JPEG read meets already. TIFF and
+    .npy files are held to the same limit from their headers, before anything is decoded."""
+    from PIL import Image
+
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_image_size(path: str | os.PathLike, what: str = "image") -> None:
+    """InputError if ``path`` holds more than :func:`max_image_pixels` pixels, read from its header only (a
+    1 MB compressed TIFF can ask for gigabytes). Files whose header cannot be read are left to the decoder."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                shape = tuple(tf.series[0].shape) if tf.series else ()
+        elif suffix == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        else:
+            from PIL import Image
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as im:
+                    shape = (im.size[1], im.size[0])
+    except Exception as err:
+        if type(err).__name__ == "DecompressionBombError":
+            shape = (max_image_pixels() + 1,)
+        else:
+            return
+    if len(shape) > 2 and shape[-1] in (3, 4):
+        shape = shape[:-1]  # colour samples of one pixel
+    pixels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if pixels > max_image_pixels():
+        size = "x".join(str(n) for n in shape[::-1]) if len(shape) >= 2 else f"{pixels:,} pixels"
+        raise InputError(f"{what} {path} is {size} pixels ({pixels:,}), more than the {max_image_pixels():,} nucseg "
+                         "decodes from one image file (Pillow's decompression-bomb limit); save it smaller")
+
+
 def _read_array(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
+    check_image_size(path, what)
     try:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -492,6 +544,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
+    check_image_size(path, "image")
     try:
         from skimage.io import imread
 

@@ -90,19 +90,20 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
     region = shapely.unary_union(geoms) if geoms else None
     if region is None or region.is_empty or region.area <= 0:
         raise InputError(f"{path} holds no polygon area to use as a region of interest")
-    if not region.intersects(shapely.box(0, 0, width, height)):
+    if shapely.intersection(region, shapely.box(0, 0, width, height)).area <= 0:  # touching an edge is not in it
         raise InputError(f"the region of interest in {path} lies outside the slide ({width}x{height} px)")
     shapely.prepare(region)
     return Roi(str(path), digest, geometry=region)
 
 
 def _mask_roi(path: Path, digest: str, width: int, height: int) -> Roi:
-    from ..io import read_label_map
+    from ..io import read_mask
 
-    try:
-        mask = read_label_map(path) > 0
+    try:  # at most io.max_image_pixels(), checked from the file's header before it is decoded
+        mask = read_mask(path)
     except InputError as err:
-        raise InputError(f"ROI mask {path}: {err}") from None
+        msg = str(err)
+        raise InputError(f"ROI {msg}" if msg.startswith(f"mask {path}") else f"ROI mask {path}: {msg}") from None
     if not mask.any():
         raise InputError(f"ROI mask {path} is empty (no non-zero pixel)")
     sx, sy = width / mask.shape[1], height / mask.shape[0]
