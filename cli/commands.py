@@ -10,9 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nucseg.errors import InputError
-
-EXIT_SOME_FAILED = 9  # predict on several slides: the others finished, the failed ones are listed
+from nucseg.errors import EXIT_SOME_FAILED, InputError
 
 
 def _emit_json(obj) -> None:

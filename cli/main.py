@@ -19,10 +19,9 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import commands
+from nucseg.errors import EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY  # one table of exit codes: nucseg.errors
 
-EXIT_INTERRUPTED = 130
-EXIT_OUT_OF_MEMORY = 7
+from . import commands
 
 
 def _terminate(signum: int, frame) -> None:

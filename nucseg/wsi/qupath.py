@@ -31,6 +31,7 @@ from ..io import check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, r
 from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
 
 POLYGONAL = ("Polygon", "MultiPolygon")
+MAX_COORD = 1e9  # |level-0 px|: no slide is a thousandth of this; beyond it a coordinate is not a pixel's
 
 
 @dataclass
@@ -96,6 +97,9 @@ def _geometry(feature: dict, report: dict):
     except (ValueError, TypeError, AttributeError, IndexError):
         report["ignored_unreadable"] += 1
         return None
+    if not g.is_empty and not (np.abs(g.bounds) <= MAX_COORD).all():  # not pixels of any image (1e300, ...)
+        report["ignored_outside"] += 1
+        return None
     if not g.is_valid:
         report["repaired_invalid"] += 1
         g = shapely.make_valid(g)
@@ -115,7 +119,7 @@ def read_qupath_objects(path: str | os.PathLike, region_class: str | None = None
     representative point (a region drawn around the nuclei that were outlined inside it).
     """
     report = {k: 0 for k in ("features", "ignored_not_polygons", "ignored_unreadable", "ignored_empty",
-                             "repaired_invalid", "with_holes")}
+                             "ignored_outside", "repaired_invalid", "with_holes")}
     feats = read_features(path)
     report["features"] = len(feats)
     geoms, annotation = [], []
@@ -357,16 +361,15 @@ def import_qupath(image: str | os.PathLike, geojson_path: str | os.PathLike, out
     check_not_input(out, [image, geojson_path])
     objs = read_qupath_objects(geojson_path, cfg.region_class)
     if not objs.nuclei:
-        raise InputError(f"{geojson_path} holds no nucleus outlines (polygons) to import")
+        far = objs.report["ignored_outside"]
+        raise InputError(f"{geojson_path} holds no nucleus outlines (polygons) to import" + (
+            f" ({far} lie beyond {MAX_COORD:g} px: not pixel coordinates)" if far else ""))
     view, mpp, close = _open_image(image, cfg)
     try:
         objs = _on_image(objs, view, image, geojson_path)
         return _write_tiles(view, mpp, image, objs, out, cfg, geojson_path)
     finally:
         close()
-
-
-MAX_COORD = 1e9  # |level-0 px|: no slide is a thousandth of this; beyond it a coordinate is not a pixel's
 
 
 def _span(geoms: list) -> str:
@@ -385,21 +388,17 @@ def _on_image(objs: QuPathObjects, view, image: Path, geojson_path: Path) -> QuP
     frame = shapely.box(0, 0, w0, h0)
 
     def keep(geoms: list) -> list:
-        if not geoms:
-            return geoms
-        arr = np.asarray(geoms, dtype=object)
-        sane = (np.abs(shapely.bounds(arr)) <= MAX_COORD).all(axis=1)
-        sane[sane] = shapely.intersects(arr[sane], frame)
-        return list(arr[sane])
+        return list(np.asarray(geoms, dtype=object)[shapely.intersects(geoms, frame)]) if geoms else geoms
 
     nuclei, regions = keep(objs.nuclei), keep(objs.regions)
-    outside = len(objs.nuclei) - len(nuclei) + len(objs.regions) - len(regions)
+    far = objs.report.get("ignored_outside", 0)  # beyond MAX_COORD, dropped when read
+    outside = len(objs.nuclei) - len(nuclei) + len(objs.regions) - len(regions) + far
     if not nuclei:
         raise InputError(f"none of the {len(objs.nuclei)} nucleus outlines in {geojson_path} lies on {image} "
                          f"({w0:.0f}x{h0:.0f} px at level 0; the outlines span {_span(objs.nuclei)}): QuPath exports "
                          "level-0 pixel coordinates, and these are not (longitude/latitude, µm, or another image?)")
     if outside:
-        warnings.warn(f"{outside} of the {len(objs.nuclei) + len(objs.regions)} outlines in {geojson_path} lie "
+        warnings.warn(f"{outside} of the {len(objs.nuclei) + len(objs.regions) + far} outlines in {geojson_path} lie "
                       f"outside {image} ({w0:.0f}x{h0:.0f} px at level 0) and are ignored", UserWarning, stacklevel=3)
     report = dict(objs.report, ignored_outside=outside, nuclei=len(nuclei), regions=len(regions))
     return QuPathObjects(nuclei, regions, report)
