@@ -114,6 +114,7 @@ def test_one_outline_at_1e300_is_ignored_with_a_warning(image, tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------------- class 10: linear cost
+@pytest.mark.timeout(120)
 def test_a_region_of_1e5_vertices_rasterises_in_linear_time(tmp_path):
     """pixels x vertices took 59 s for this (one 512² tile); the scanline is O(vertices + pixels). The result is
     still shapely's exact pixel-centre convention."""
