@@ -8,7 +8,6 @@ slide that fails with a user-facing error is recorded in its summary and the bat
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -40,7 +39,9 @@ def finished_summary(outputs: dict[str, Path]) -> SlideSummary | None:
     if not all(q.exists() for q in outputs.values()):
         return None
     try:
-        done = json.loads(outputs["summary"].read_text())
+        from ..io import read_json
+
+        done = read_json(outputs["summary"])
         if done.get("error") is not None:
             return None
         summary = SlideSummary.from_dict(done)

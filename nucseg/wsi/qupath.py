@@ -32,6 +32,16 @@ from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
 
 POLYGONAL = ("Polygon", "MultiPolygon")
 MAX_COORD = 1e9  # |level-0 px|: no slide is a thousandth of this; beyond it a coordinate is not a pixel's
+MAX_VERTICES = 50_000_000  # all outlines of one export: ~1 GB as shapely geometry and the scanline's crossings
+
+
+def check_vertex_count(geoms: list, path) -> None:
+    """InputError if ``geoms`` hold more than :data:`MAX_VERTICES` vertices in all (checked before rasterising
+    or any union, whose memory grows with them)."""
+    n = int(shapely.get_num_coordinates(np.asarray(geoms, dtype=object)).sum()) if len(geoms) else 0
+    if n > MAX_VERTICES:
+        raise InputError(f"{path} holds {n:,} outline vertices, more than the {MAX_VERTICES:,} nucseg reads from one "
+                         "export; export a smaller region (or simplify the outlines in QuPath)")
 
 
 @dataclass
@@ -128,6 +138,7 @@ def read_qupath_objects(path: str | os.PathLike, region_class: str | None = None
         if g is not None:
             geoms.append((f, g))
             annotation.append((f.get("properties") or {}).get("objectType", "annotation") == "annotation")
+    check_vertex_count([g for _, g in geoms], path)
     if region_class is not None:
         is_region = np.array([a and class_name(f) == region_class for (f, _), a in zip(geoms, annotation)], bool)
     else:

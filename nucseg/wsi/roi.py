@@ -71,14 +71,14 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
         if roi_class is not None:
             raise InputError("--roi-class applies to a GeoJSON ROI, not to a mask image")
         return _mask_roi(path, digest, width, height)
-    from .qupath import class_name, read_features
+    from .qupath import MAX_COORD, check_vertex_count, class_name, read_features
 
     feats = read_features(path)
     if roi_class is not None:
         feats = [f for f in feats if class_name(f) == roi_class]
         if not feats:
             raise InputError(f"no annotation of class {roi_class!r} in {path}")
-    geoms = []
+    geoms, far = [], 0
     for f in feats:
         g = f.get("geometry")
         if isinstance(g, dict) and g.get("type") in ("Polygon", "MultiPolygon"):
@@ -86,7 +86,16 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
                 geom = shapely.geometry.shape(g)
             except (ValueError, TypeError, AttributeError, IndexError):
                 raise InputError(f"{path} has an unreadable polygon") from None
+            if not geom.is_empty and not (np.abs(geom.bounds) <= MAX_COORD).all():
+                far += 1  # 1e300 and the like: no pixel of any slide
+                continue
             geoms.append(geom if geom.is_valid else shapely.make_valid(geom))
+    if far:
+        import warnings
+
+        warnings.warn(f"{far} outline(s) in {path} lie beyond {MAX_COORD:g} px, outside any slide, and are ignored",
+                      UserWarning, stacklevel=2)
+    check_vertex_count(geoms, path)
     region = shapely.unary_union(geoms) if geoms else None
     if region is None or region.is_empty or region.area <= 0:
         raise InputError(f"{path} holds no polygon area to use as a region of interest")

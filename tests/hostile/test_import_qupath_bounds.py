@@ -209,3 +209,16 @@ def test_hostile_json_is_one_line(kind, needle, image, tmp_path, capsys):
     rc = _import(image, geo, out)
     _one_error(rc, capsys.readouterr().err, 2, needle)
     assert not out.exists()
+
+
+def test_more_vertices_than_the_limit_is_refused_before_rasterising(image, tmp_path, monkeypatch, capsys):
+    """The total vertex count is bounded (MAX_VERTICES, 5·10⁷); lowered here so the test stays small."""
+    import nucseg.wsi.qupath as qupath
+
+    monkeypatch.setattr(qupath, "MAX_VERTICES", 100)
+    circle = shapely.Point(60, 60).buffer(30, quad_segs=64)  # 257 vertices
+    geo = _export(tmp_path / "n.geojson", [_feature(circle)])
+    out = tmp_path / "ds"
+    rc = _import(image, geo, out)
+    _one_error(rc, capsys.readouterr().err, 2, "outline vertices, more than the 100")
+    assert not out.exists()
