@@ -216,6 +216,7 @@ class Outlines:
         ck = k[ce]
         order = np.lexsort((xc, row, ck))
         ck, row, xc = ck[order], row[order], xc[order]
+        exact_x = (x1[ce] == x2[ce])[order]  # a vertical edge's crossing is its x, exactly
         sk, srow = ck[0::2], row[0::2]
         lo = np.searchsorted(xcs, xc[0::2], "right")  # first centre strictly right of the opening crossing
         hi = np.searchsorted(xcs, xc[1::2], "left")  # first centre at or right of the closing crossing
@@ -226,7 +227,7 @@ class Outlines:
         # the pixels on the outlines.
         tol = 1e-9 * (np.abs(xc) + np.abs(scale * (x0 + w)) + 1.0)
         n0 = np.searchsorted(xcs, xc - tol, "left")
-        nn = np.searchsorted(xcs, xc + tol, "right") - n0
+        nn = np.where(exact_x, 0, np.searchsorted(xcs, xc + tol, "right") - n0)
         ni = np.repeat(np.arange(len(xc)), nn)
         flat = y1 == y2
         hr = np.searchsorted(ycs, y1[flat])
@@ -252,6 +253,7 @@ class Outlines:
             j = np.searchsorted((sk * h + srow) * (w + 1) + lo, key, "right") - 1
             now = j >= 0
             now[now] = (sk[j[now]] == bk[now]) & (srow[j[now]] == br[now]) & (hi[j[now]] > bc[now])
+            shapely.prepare(self.geoms[np.unique(bk)])  # O(log vertices) per centre after O(vertices) once
             exact = shapely.contains_xy(self.geoms[bk], xcs[bc], ycs[br])
             delta = exact.astype(np.int64) - now
             fix = delta != 0
