@@ -99,8 +99,12 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
     region = shapely.unary_union(geoms) if geoms else None
     if region is None or region.is_empty or region.area <= 0:
         raise InputError(f"{path} holds no polygon area to use as a region of interest")
-    if shapely.intersection(region, shapely.box(0, 0, width, height)).area <= 0:  # touching an edge is not in it
+    inside = shapely.intersection(region, shapely.box(0, 0, width, height)).area
+    if inside <= 0:  # touching an edge or a corner is not being in it
         raise InputError(f"the region of interest in {path} lies outside the slide ({width}x{height} px)")
+    if inside < 1.0:  # an ROI smaller than a pixel is a unit mistake, not a region: it would keep no nucleus
+        raise InputError(f"the region of interest in {path} covers {inside:.3g} px² of the slide, less than one "
+                         "pixel: QuPath exports level-0 pixel coordinates, and these are not (longitude/latitude?)")
     shapely.prepare(region)
     return Roi(str(path), digest, geometry=region)
 

@@ -95,6 +95,16 @@ def test_an_roi_that_only_touches_a_corner_is_refused(slide, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_lon_lat_roi_is_refused_not_an_empty_result(slide, tmp_path, capsys):
+    """Degrees east/north are small positive numbers: a region of 1e-4 px² near the origin would keep no nucleus
+    and exit 0 [8]."""
+    roi = _annotation(tmp_path / "roi.geojson", shapely.box(10.12, 45.31, 10.13, 45.32))
+    out = tmp_path / "out"
+    rc = _predict(slide, out, "--roi", str(roi))
+    _one_error(rc, capsys.readouterr().err, 2, "less than one pixel")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------ classes 14, 15: ROI JSON
 @pytest.mark.parametrize("kind,needle", [
     ("deep", "nested more than 64 levels"),
