@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nucseg.errors import InputError
+from nucseg.errors import EXIT_SOME_FAILED, InputError
 
 from .progress import SlideProgressView
 from .progress import bar as progress_bar
@@ -17,7 +17,6 @@ from .progress import bar as progress_bar
 if TYPE_CHECKING:
     from tqdm import tqdm  # imported where a bar is drawn: building the parser imports this module
 
-EXIT_SOME_FAILED = 9  # predict on several slides: the others finished, the failed ones are listed
 
 
 def _emit_json(obj) -> None:

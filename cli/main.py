@@ -9,6 +9,7 @@ removed and the run log is closed before exiting with 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import signal
@@ -18,12 +19,12 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import commands
+from nucseg.errors import EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY  # one table of exit codes: nucseg.errors
+
 from .progress import DEFAULT_INTERVAL as PROGRESS_INTERVAL
 from .progress import MODES as PROGRESS_MODES
 
-EXIT_INTERRUPTED = 130
-EXIT_OUT_OF_MEMORY = 7
+from . import commands
 
 
 def _terminate(signum: int, frame) -> None:
@@ -543,12 +544,14 @@ def main(argv: list[str] | None = None) -> int:
         print("nucseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:
+        from nucseg.errors import OutputError
         from nucseg.io import disk_full_error, is_disk_full
 
-        if args.debug or not is_disk_full(err):
+        if args.debug or not (is_disk_full(err) or err.errno == errno.EROFS):
             raise
         # a write the library did not convert (a log line, a library's own file): still one line, exit 6
-        err = disk_full_error(err, err.filename or "an output")
+        err = disk_full_error(err, err.filename or "an output") if is_disk_full(err) else OutputError(
+            f"cannot write to {err.filename or 'an output'}: read-only file system")
         print(f"nucseg: error: {err}", file=sys.stderr)
         return err.exit_code
     except (MemoryError, RuntimeError) as err:

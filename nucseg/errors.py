@@ -6,6 +6,24 @@ bug and keeps its traceback. Exit codes are documented in docs/CLI.md ("Exit cod
 
 from __future__ import annotations
 
+# Every exit code of the ``nucseg`` command and what it means: the first two columns of docs/CLI.md's "Exit
+# codes" table, which tests/hostile/test_errors_exit_codes.py checks against this (and the classes below).
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "other failure",
+    2: "bad input or arguments",
+    3: "bad dataset",
+    4: "bad checkpoint or adapter",
+    5: "unreadable slide",
+    6: "output cannot be written",
+    7: "out of memory",
+    9: "some slides of a batch failed",
+    130: "interrupted",
+}
+EXIT_OUT_OF_MEMORY = 7  # MemoryError, or a GPU out of memory even after halving the batch
+EXIT_SOME_FAILED = 9  # predict on several slides: the others finished, the failed ones are listed
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
+
 
 class NucsegError(Exception):
     """Base class: a clear, user-facing problem. ``str(err)`` is the one-line message."""

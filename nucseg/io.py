@@ -355,6 +355,52 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+MAX_JSON_DEPTH = 64  # nesting of arrays/objects: GeoJSON needs 5, nucseg.json 4; deeper is not a file we read
+
+
+def parse_json(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON, as every JSON nucseg reads from a user or a server is parsed (GeoJSON, ``--roi``,
+    ``nucseg.json``/``method.json``, records, training-state metadata).
+
+    ValueError (a one-line reason) for anything else: NaN, Infinity and numbers that overflow to infinity
+    (Python's json accepts them; they would reach GEOS or a config as non-numbers), invalid UTF-8, and nesting
+    deeper than ``max_depth`` (Python's json would raise RecursionError, and so would later walks of such a
+    value). orjson parses without recursing in Python and stops at 1024 levels itself; the depth is then
+    checked by an explicit stack. A UTF-8 byte-order mark is allowed (Windows editors write one).
+    """
+    import orjson
+
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        msg = str(err)
+        if "depth limit" in msg or "recursion" in msg:
+            raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
+        hint = "; NaN and Infinity are not JSON numbers" if "infinity" in msg or "expected a JSON value" in msg else ""
+        raise ValueError(f"not valid JSON ({' '.join(msg.split())[:160]}{hint})") from None
+    stack = [(doc, 1)] if type(doc) is dict or type(doc) is list else []
+    while stack:
+        obj, depth = stack.pop()
+        for child in (obj.values() if type(obj) is dict else obj):
+            if type(child) is dict or type(child) is list:
+                if depth >= max_depth:
+                    raise ValueError(f"JSON nested more than {max_depth} levels deep")
+                stack.append((child, depth + 1))
+    return doc
+
+
+def read_json(path: str | os.PathLike, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """:func:`parse_json` of a file; OSError as ``open`` raises it, ValueError for content that is not strict
+    JSON (the caller turns it into its one-line error, which names the file)."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    return parse_json(raw, max_depth)
+
+
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
     """Read an instance label map (.tif/.png/.npy) as a 2-D int32 array (0 = background).
 
@@ -371,7 +417,7 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
             raise InputError(f"label map {path} is a colour image (its R, G and B differ): instance ids must be "
                              "one channel (a colour-coded map cannot be read as ids)")
         arr = rgb[..., 0]
-    arr = np.squeeze(arr)
+    arr = _squeeze_2d(arr)
     if arr.ndim != 2:
         raise InputError(f"label map {path} is not 2-D (shape {arr.shape})")
     return _as_ids(arr, path)
@@ -383,7 +429,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     arr = _read_array(path, "mask")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3].any(axis=-1)
-    arr = np.squeeze(arr)
+    arr = _squeeze_2d(arr)
     if arr.ndim != 2:
         raise InputError(f"mask {path} is not 2-D (shape {arr.shape})")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -391,9 +437,61 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr != 0
 
 
+def _squeeze_2d(arr: np.ndarray) -> np.ndarray:
+    """Drop axes of length 1 beyond the two of an image: (1, h, w) and (h, w, 1) become (h, w), and a 1x1 image
+    stays 1x1 (``np.squeeze`` would make it a scalar)."""
+    while arr.ndim > 2 and 1 in arr.shape:
+        arr = arr.squeeze(axis=arr.shape.index(1))
+    return arr
+
+
+def max_image_pixels() -> int:
+    """The most pixels nucseg decodes from one image file: Pillow's decompression-bomb limit (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``, 178,956,970 by default), which every PNG/JPEG read meets already. TIFF and
+    .npy files are held to the same limit from their headers, before anything is decoded."""
+    from PIL import Image
+
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_image_size(path: str | os.PathLike, what: str = "image") -> None:
+    """InputError if ``path`` holds more than :func:`max_image_pixels` pixels, read from its header only (a
+    1 MB compressed TIFF can ask for gigabytes). Files whose header cannot be read are left to the decoder."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                shape = tuple(tf.series[0].shape) if tf.series else ()
+        elif suffix == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        else:
+            from PIL import Image
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as im:
+                    shape = (im.size[1], im.size[0])
+    except Exception as err:
+        if type(err).__name__ == "DecompressionBombError":
+            shape = (max_image_pixels() + 1,)
+        else:
+            return
+    if len(shape) > 2 and shape[-1] in (3, 4):
+        shape = shape[:-1]  # colour samples of one pixel
+    pixels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if pixels > max_image_pixels():
+        size = "x".join(str(n) for n in shape[::-1]) if len(shape) >= 2 else f"{pixels:,} pixels"
+        raise InputError(f"{what} {path} is {size} pixels ({pixels:,}), more than the {max_image_pixels():,} nucseg "
+                         "decodes from one image file (Pillow's decompression-bomb limit); save it smaller")
+
+
 def _read_array(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
+    check_image_size(path, what)
     try:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -446,6 +544,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
+    check_image_size(path, "image")
     try:
         from skimage.io import imread
 

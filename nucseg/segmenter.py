@@ -140,6 +140,10 @@ class SegmenterSpec:
             if self.model and self.model != info.model_type:
                 raise CheckpointError(f"--model {self.model} but adapter {self.adapter} is for {info.model_type}")
         elif not self.model:
+            if self.checkpoint:  # the file at fault first: a pickled or corrupt checkpoint is exit 4 (docs/CLI.md)
+                from .model.sam import read_state_dict
+
+                read_state_dict(self.checkpoint)
             raise InputError("give --adapter DIR, or --model (and --checkpoint) to run the base model zero-shot")
 
     def thresholds_used(self) -> dict | None:

@@ -14,7 +14,6 @@ organ (leave-organs-out). A rerun skips finished folds and resumes an interrupte
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..device import pick_device
 from ..errors import DataError, InputError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, read_json, write_json
 from ..model.adapter import load_adapter, read_adapter
 from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
 from ..model.lora import MethodConfig
@@ -207,7 +206,7 @@ def run_cv(
         if metrics_path.is_file():
             if on_fold:
                 on_fold(f, len(folds), "done already, skipped")
-            result = json.loads(metrics_path.read_text())
+            result = read_json(metrics_path)
         else:
             if on_fold:
                 on_fold(f, len(folds), f"training on {len(train)} tiles, validating on {len(val)}")
@@ -232,7 +231,7 @@ def run_cv(
         if cv_cfg.zero_shot:
             zpath = fdir / "zero_shot_metrics.json"
             if zpath.is_file():
-                zres = json.loads(zpath.read_text())
+                zres = read_json(zpath)
             else:
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)

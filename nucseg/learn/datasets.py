@@ -25,7 +25,6 @@ import errno
 import fcntl
 import hashlib
 import http.client
-import json
 import os
 import urllib.error
 import urllib.request
@@ -37,7 +36,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import DataError, InputError, NucsegError, OutputError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, parse_json, write_json
 from .data import IMAGES_DIR, LABELS_DIR
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, total bytes; 0 when unknown)
@@ -140,26 +139,40 @@ def published_file(source: DatasetSource, timeout: float = 60.0) -> Published:
     try:
         with urllib.request.urlopen(urllib.request.Request(source.record_api, headers={
                 "Accept": "application/json"}), timeout=timeout) as r:
-            record = json.loads(r.read().decode("utf-8"))
+            record = parse_json(r.read())  # strict, depth-limited: a record is input like any other
     except (OSError, ValueError, http.client.HTTPException) as err:
         raise NucsegError(f"could not read the dataset record {source.record_api} ({_reason(err)}); it publishes "
                           "the size and checksum the download is checked against") from None
+
+    def malformed(what: str) -> NucsegError:
+        return NucsegError(f"the dataset record {source.record_api} is malformed ({what}); it publishes the size and "
+                           "checksum the download is checked against")
+
+    if not isinstance(record, dict):
+        raise malformed(f"a JSON {type(record).__name__}, not an object")
     files = record.get("files", [])
     if isinstance(files, dict):  # InvenioRDM's native form: {"entries": {key: {...}}}
-        files = list(files.get("entries", {}).values())
+        entries = files.get("entries", {})
+        files = list(entries.values()) if isinstance(entries, dict) else []
+    if not isinstance(files, list):
+        raise malformed(f"files is a {type(files).__name__}")
     entry = next((f for f in files if isinstance(f, dict) and (f.get("key") or f.get("filename")) == source.filename),
                  None)
     if entry is None:
         raise NucsegError(f"the record {source.record_api} lists no file {source.filename}; the dataset moved?")
-    links = entry.get("links", {})
+    links = entry.get("links") if isinstance(entry.get("links"), dict) else {}
     url = links.get("self") or links.get("content") or links.get("download") or source.url
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise malformed(f"the file's address is {url!r}")
     algorithm = digest = None
     if isinstance(entry.get("checksum"), str) and ":" in entry["checksum"]:
         algorithm, digest = entry["checksum"].split(":", 1)
         if algorithm not in hashlib.algorithms_available:
             algorithm = digest = None
     size = entry.get("size") or entry.get("filesize")
-    return Published(url=url, size=int(size) if size else None, algorithm=algorithm, digest=digest)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise malformed(f"the file's size is {size!r}, not a whole number of bytes")
+    return Published(url=url, size=size or None, algorithm=algorithm, digest=digest)
 
 
 def download(published: Published, archive: Path, progress: ProgressCallback | None = None,

@@ -32,7 +32,7 @@ from ..device import pick_device
 from ..errors import CheckpointError, InputError
 from ..model.infer import InferConfig, mask_boxes
 from ..model.lora import MethodConfig
-from ..io import SOFTWARE, atomic_path, check_output, is_nucseg_png, write_json
+from ..io import SOFTWARE, atomic_path, check_output, is_nucseg_png, parse_json, write_json
 from ..model.sam import attach_foreground_head, decode, encode
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ def load_training_state(path: Path) -> dict:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})[_STATE_KEY])
+            meta = parse_json((fh.metadata() or {})[_STATE_KEY])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         if not isinstance(meta, dict) or meta.get("format_version") != 1:
             raise ValueError("unknown format")

@@ -11,7 +11,6 @@ loads the tensors; the base checkpoint file itself is never written. See adapter
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,10 @@ from segment_anything.modeling import Sam
 
 from .. import __version__
 from ..errors import CheckpointError, InputError
-from ..io import atomic_path, check_output, sha256_file, write_json
+from ..io import atomic_path, check_output, read_json, sha256_file, write_json
 from ..wsi.slide import MPP_RANGE
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
-from .sam import PATCH, SPECS, attach_foreground_head, load_sam
+from .sam import PATCH, SPECS, attach_foreground_head, load_sam, random_init_fingerprint
 
 FORMAT = "nucseg-adapter"
 FORMAT_VERSION = 1
@@ -96,7 +95,7 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
 def is_adapter_dir(path: Path) -> bool:
     """A folder nucseg wrote as an adapter (what a rerun of training may replace)."""
     try:
-        return path.is_dir() and json.loads((path / META).read_text()).get("format") == FORMAT
+        return path.is_dir() and read_json(path / META).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -125,6 +124,10 @@ def validate_meta(meta) -> dict:
     if not isinstance(base, dict) or base.get("model") not in SPECS or not _is(base.get("fingerprint"), (str,)) \
             or len(base["fingerprint"]) > 256:
         raise ValueError(f"base must name a model ({', '.join(SPECS)}) and a fingerprint")
+    if base["fingerprint"].startswith("random-init:") and base["fingerprint"] != random_init_fingerprint(
+            base["model"], base.get("init_seed", 0)):  # the model name is what decides the size of what is built
+        raise ValueError(f"base.model {base['model']!r} and init_seed {base.get('init_seed', 0)!r} do not match "
+                         f"the recorded base {base['fingerprint']!r}")
     if not _is(base.get("init_seed", 0), (int,), 0, 2**63 - 1):
         raise ValueError(f"base.init_seed must be a whole number >= 0, not {base.get('init_seed')!r}")
     size = meta.get("input_size")
@@ -163,7 +166,7 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} is not a nucseg adapter (expected {META} and {WEIGHTS})")
     try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        meta = read_json(path / META)  # strict and depth-limited: never a RecursionError
         if isinstance(meta, dict) and _is(meta.get("format_version"), (int,)) and meta["format_version"] > FORMAT_VERSION:
             raise CheckpointError(f"adapter {path} needs a newer nucseg (format {meta['format_version']})")
         validate_meta(meta)
@@ -171,7 +174,7 @@ def read_adapter(path: str | Path) -> AdapterInfo:
         if (path / METHOD).is_file():
             if "method_sha256" in meta and sha256_file(path / METHOD) != meta["method_sha256"]:
                 raise ValueError(f"{METHOD} does not match its SHA-256 recorded in {META}")
-            method_raw = json.loads((path / METHOD).read_text(encoding="utf-8"))
+            method_raw = read_json(path / METHOD)
             if method_raw != meta["method"]:
                 raise ValueError(f"{METHOD} and the method recorded in {META} differ")
         if not isinstance(method_raw, dict):
@@ -181,6 +184,8 @@ def read_adapter(path: str | Path) -> AdapterInfo:
         raise
     except (ValueError, KeyError, TypeError, InputError, UnicodeDecodeError) as err:
         raise CheckpointError(f"adapter {path} has an invalid {META} or {METHOD}: {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read adapter {path}: {err.strerror or err}") from None
     return AdapterInfo(path, meta, method)
 
 
@@ -215,8 +220,8 @@ def load_adapter(path: str | Path, checkpoint: str | Path | None = None) -> tupl
     info = read_adapter(path)
     base = info.meta["base"]
     seed = int(base.get("init_seed", 0))
-    model, fingerprint = load_sam(base["model"], checkpoint, img_size=info.input_size, seed=seed)
-    check_base(info, base["model"], fingerprint)
+    model, _ = load_sam(base["model"], checkpoint, img_size=info.input_size, seed=seed,
+                        check=lambda fingerprint: check_base(info, base["model"], fingerprint))  # before building
     apply_adapter(model, info)
     return model.eval(), info
 

@@ -215,8 +215,7 @@ def _base_buffers(info: AdapterInfo, checkpoint: str | Path | None, keys: list[s
     if checkpoint is None and base.get("checkpoint_sha256"):
         raise InputError(f"adapter {info.path} trained the prompt encoder; PEFT stores it whole, with buffers "
                          f"that come from the base: pass --checkpoint ({base.get('checkpoint_name')})")
-    model, fingerprint = load_sam(info.model_type, checkpoint, img_size=info.input_size,
-                                  seed=int(base.get("init_seed", 0)))
-    check_base(info, info.model_type, fingerprint)
+    model, _ = load_sam(info.model_type, checkpoint, img_size=info.input_size, seed=int(base.get("init_seed", 0)),
+                        check=lambda fingerprint: check_base(info, info.model_type, fingerprint))
     state = model.state_dict()
     return {k: state[k.removeprefix(PREFIX)].detach().clone().contiguous() for k in keys}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,22 +164,43 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: Sam) -> dict[str, to
     return out
 
 
+def random_init_fingerprint(model_type: str, seed: int) -> str:
+    """The fingerprint of a seeded random initialisation (what adapters trained without a checkpoint record)."""
+    return f"random-init:{model_type}:seed{seed}"
+
+
 def load_sam(
-    model_type: str, checkpoint: str | Path | None = None, img_size: int = 512, seed: int = 0
+    model_type: str, checkpoint: str | Path | None = None, img_size: int = 512, seed: int = 0,
+    check: Callable[[str], None] | None = None,
 ) -> tuple[Sam, str]:
     """Build ``model_type`` at ``img_size`` and load ``checkpoint`` (official keys) into it.
 
     Returns the model and a fingerprint of the base weights: the checkpoint's SHA-256, or
     ``random-init:<model>:seed<N>`` for a seeded random initialisation (reproducible, so adapters trained on
-    it can be re-applied).
+    it can be re-applied). ``check`` is called with the fingerprint before anything is read or built (an
+    adapter refuses a base it was not trained on), and a checkpoint's architecture is compared with
+    ``model_type`` before the model is built: a wrong or tampered model name never allocates a model.
     """
     spec = get_spec(model_type)
     if checkpoint is None:
+        fingerprint = random_init_fingerprint(spec.name, seed)
+        if check is not None:
+            check(fingerprint)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_sam(spec, img_size)
-        return model, f"random-init:{spec.name}:seed{seed}"
+        return model, fingerprint
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    fingerprint = sha256_file(checkpoint)
+    if check is not None:
+        check(fingerprint)
     state = read_state_dict(checkpoint)
+    w = state.get("image_encoder.patch_embed.proj.weight")
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    if w is None or w.ndim != 4 or w.shape[0] != spec.embed_dim or depth != spec.depth:
+        raise CheckpointError(f"checkpoint {checkpoint} is {describe_state_dict(state)}, which does not fit --model "
+                              f"{spec.name} ({spec.embed_dim}-dim, {spec.depth} blocks)")
     model = build_sam(spec, img_size)
     state = adapt_state_dict(state, model)
     expected = model.state_dict()
@@ -193,7 +215,7 @@ def load_sam(
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys, e.g. {detail})"
         )
     model.load_state_dict(state)
-    return model, sha256_file(checkpoint)
+    return model, fingerprint
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ naming ``overwrite`` (``--overwrite``), which redoes them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -85,7 +84,9 @@ def finished_summary(outputs: dict[str, Path]) -> SlideSummary | None:
     if not all(q.exists() for q in outputs.values()):
         return None
     try:
-        done = json.loads(outputs["summary"].read_text())
+        from ..io import read_json
+
+        done = read_json(outputs["summary"])
         if done.get("error") is not None:
             return None
         summary = SlideSummary.from_dict(done)

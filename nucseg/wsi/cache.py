@@ -175,7 +175,9 @@ def is_nucseg_cache(root: Path) -> bool:
     if not names:
         return True
     try:
-        meta = json.loads((root / "zarr.json").read_text(encoding="utf-8"))
+        from ..io import read_json
+
+        meta = read_json(root / "zarr.json")  # strict and depth-limited: a user's folder may sit here
         key = meta.get("attributes", {}).get("key")
         if meta.get("zarr_format") == 3 and meta.get("node_type") == "group" and isinstance(key, dict) \
                 and "cache_version" in key:

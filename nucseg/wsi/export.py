@@ -25,7 +25,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import json
 import os
 import threading
 import uuid
@@ -391,9 +390,11 @@ def is_nucseg_csv(path: Path) -> bool:
 
 def is_nucseg_zarr(path: Path) -> bool:
     """A zarr folder whose root attributes carry nucseg's ``"nucseg"`` entry (v2 ``.zattrs`` or v3 ``zarr.json``)."""
+    from ..io import read_json
+
     for name, inner in ((".zattrs", None), ("zarr.json", "attributes")):
         try:
-            attrs = json.loads((path / name).read_text())
+            attrs = read_json(path / name)  # strict and depth-limited: a user's file may sit here
             attrs = attrs.get(inner, {}) if inner else attrs
             if isinstance(attrs, dict) and "nucseg" in attrs:
                 return path.is_dir()

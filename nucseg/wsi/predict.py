@@ -1137,11 +1137,10 @@ def _tile_boxes(grid: TileGrid, selected: np.ndarray, factor: float) -> np.ndarr
 @contextlib.contextmanager
 def _work_dir(work_dir: str | os.PathLike | None):
     if work_dir is not None:
+        from ..io import writable_dir
+
         path = Path(work_dir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"cannot create work dir {path}: {err.strerror or err}") from None
+        writable_dir(path)  # created and proven to take new files (not a read-only mount) before a slide is read
         yield path
         return
     tmp = Path(tempfile.mkdtemp(prefix="nucseg-work-"))

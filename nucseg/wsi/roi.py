@@ -71,14 +71,14 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
         if roi_class is not None:
             raise InputError("--roi-class applies to a GeoJSON ROI, not to a mask image")
         return _mask_roi(path, digest, width, height)
-    from .qupath import class_name, read_features
+    from .qupath import MAX_COORD, check_vertex_count, class_name, read_features
 
     feats = read_features(path)
     if roi_class is not None:
         feats = [f for f in feats if class_name(f) == roi_class]
         if not feats:
             raise InputError(f"no annotation of class {roi_class!r} in {path}")
-    geoms = []
+    geoms, far = [], 0
     for f in feats:
         g = f.get("geometry")
         if isinstance(g, dict) and g.get("type") in ("Polygon", "MultiPolygon"):
@@ -86,23 +86,37 @@ def load_roi(path: str | os.PathLike, width: int, height: int, roi_class: str | 
                 geom = shapely.geometry.shape(g)
             except (ValueError, TypeError, AttributeError, IndexError):
                 raise InputError(f"{path} has an unreadable polygon") from None
+            if not geom.is_empty and not (np.abs(geom.bounds) <= MAX_COORD).all():
+                far += 1  # 1e300 and the like: no pixel of any slide
+                continue
             geoms.append(geom if geom.is_valid else shapely.make_valid(geom))
+    if far:
+        import warnings
+
+        warnings.warn(f"{far} outline(s) in {path} lie beyond {MAX_COORD:g} px, outside any slide, and are ignored",
+                      UserWarning, stacklevel=2)
+    check_vertex_count(geoms, path)
     region = shapely.unary_union(geoms) if geoms else None
     if region is None or region.is_empty or region.area <= 0:
         raise InputError(f"{path} holds no polygon area to use as a region of interest")
-    if not region.intersects(shapely.box(0, 0, width, height)):
+    inside = shapely.intersection(region, shapely.box(0, 0, width, height)).area
+    if inside <= 0:  # touching an edge or a corner is not being in it
         raise InputError(f"the region of interest in {path} lies outside the slide ({width}x{height} px)")
+    if inside < 1.0:  # an ROI smaller than a pixel is a unit mistake, not a region: it would keep no nucleus
+        raise InputError(f"the region of interest in {path} covers {inside:.3g} px² of the slide, less than one "
+                         "pixel: QuPath exports level-0 pixel coordinates, and these are not (longitude/latitude?)")
     shapely.prepare(region)
     return Roi(str(path), digest, geometry=region)
 
 
 def _mask_roi(path: Path, digest: str, width: int, height: int) -> Roi:
-    from ..io import read_label_map
+    from ..io import read_mask
 
-    try:
-        mask = read_label_map(path) > 0
+    try:  # at most io.max_image_pixels(), checked from the file's header before it is decoded
+        mask = read_mask(path)
     except InputError as err:
-        raise InputError(f"ROI mask {path}: {err}") from None
+        msg = str(err)
+        raise InputError(f"ROI {msg}" if msg.startswith(f"mask {path}") else f"ROI mask {path}: {msg}") from None
     if not mask.any():
         raise InputError(f"ROI mask {path} is empty (no non-zero pixel)")
     sx, sy = width / mask.shape[1], height / mask.shape[0]
