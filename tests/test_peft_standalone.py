@@ -89,9 +89,12 @@ def _card_code(folder, **values) -> str:
     return code
 
 
-def _run(code: str, tmp_path) -> None:
-    script = tmp_path / "card.py"
-    script.write_text(BLOCKER + code + "\nassert not any(m.split('.')[0] == 'nucseg' for m in sys.modules)\n")
+def _run(codes: list[str], tmp_path) -> None:
+    """Run each code in its own namespace, all in one fresh interpreter (one start-up: peft imports
+    transformers, seconds of CPU) where nucseg cannot be imported."""
+    script = tmp_path / "cards.py"
+    script.write_text(BLOCKER + f"for code in {codes!r}:\n    exec(code, {{'__name__': '__main__'}})\n"
+                      "assert not any(m.split('.')[0] == 'nucseg' for m in sys.modules)\n")
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # -I: no PYTHONPATH, no user site, not the test's folder; the venv's packages only
     proc = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, env=env,
@@ -99,66 +102,76 @@ def _run(code: str, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_blocker_really_blocks(tmp_path):
-    with pytest.raises(AssertionError, match="blocked"):
-        _run("import nucseg\n", tmp_path)
-
-
-def test_sam_card_runs_without_nucseg(tmp_path, base):
-    root, ckpt, _, adapter = base
-    out = tmp_path / "peft"
-    export_peft(adapter, out, options=ExportOptions(license="cc-by-4.0", datasets=("NuInsSeg",)))
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 3 and cfg["rank_pattern"] == {"attn.qkv": 6}  # reads as the user's rank; qkv fused: q + v
-    assert cfg["base_model_name_or_path"] == ckpt.name and cfg["task_type"] is None
-    card = (out / "README.md").read_text()
-    assert 'license: "cc-by-4.0"' in card and 'datasets: ["NuInsSeg"]' in card and "Apache-2.0" in card
-    inputs = _inputs(tmp_path / "inputs.pt")
-    harness = f"""
-inp = torch.load({str(tmp_path / 'inputs.pt')!r})
+SAM_HARNESS = """
+inp = torch.load(INPUTS)
 with torch.no_grad():
     emb = sam.image_encoder(sam.preprocess(inp["x"].permute(0, 3, 1, 2).float()))
     sparse, dense = sam.prompt_encoder(points=(inp["pts"], inp["lab"]), boxes=None, masks=None)
     logits, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
-torch.save({{"emb": emb, "logits": logits, "iou": iou}}, {str(tmp_path / 'out.pt')!r})
+torch.save({"emb": emb, "logits": logits, "iou": iou}, RESULT)
 """
-    _run(_card_code(out, ADAPTER=out, CHECKPOINT=ckpt) + harness, tmp_path)
-    got = torch.load(tmp_path / "out.pt")
-    emb, logits, iou = _nucseg_outputs(adapter, ckpt, inputs, torch.float32)
-    torch.testing.assert_close(got["emb"], emb, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got["iou"], iou, atol=1e-5, rtol=1e-5)
-    base_emb = encode(load_sam("vit_tiny", ckpt, img_size=SIZE)[0], inputs["x"])
-    assert (base_emb - emb).abs().max() > 1e-3  # not vacuous: the adapter changes the encoder
-
-
-def test_transformers_card_runs_without_nucseg(tmp_path, base):
-    """A tiny transformers SamModel of the same base, built offline; compared in float64 so that the two
-    libraries' float32 rounding (1e-5 on a random model's IoU) cannot hide or fake a mapping error."""
-    from nucseg.model.hf_sam import save_transformers_base
-
-    root, ckpt, sam1024, adapter = base
-    hf_base = save_transformers_base(sam1024, "vit_tiny", tmp_path / "hf_base")
-    out = tmp_path / "peft_hf"
-    export_peft(adapter, out, options=ExportOptions(flavour="transformers", base_model=str(hf_base)))
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(hf_base) and cfg["task_type"] is None
-    assert cfg["auto_mapping"]["base_model_class"] == "SamModel" and "vision_encoder" in cfg["target_modules"]
-    inputs = _inputs(tmp_path / "inputs.pt")
-    harness = f"""
-inp = torch.load({str(tmp_path / 'inputs.pt')!r})
+HF_HARNESS = """
+inp = torch.load(INPUTS)
 model = model.double()
 pixel_values = (inp["x"].permute(0, 3, 1, 2).double() - mean.double()) / std.double()
 with torch.no_grad():
     emb = model.base_model.model.get_image_embeddings(pixel_values)
     o = model(pixel_values=pixel_values, input_points=inp["pts"][None].double(), input_labels=inp["lab"][None],
               multimask_output=True)
-torch.save({{"emb": emb, "logits": o.pred_masks[0], "iou": o.iou_scores[0]}}, {str(tmp_path / 'out.pt')!r})
+torch.save({"emb": emb, "logits": o.pred_masks[0], "iou": o.iou_scores[0]}, RESULT)
 """
-    _run(_card_code(out, ADAPTER=out, BASE=hf_base) + harness, tmp_path)
-    got = torch.load(tmp_path / "out.pt")
-    emb, logits, iou = _nucseg_outputs(adapter, ckpt, inputs, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def cards(base, tmp_path_factory):
+    """Both flavours exported; each card's code run (plus a harness on fixed inputs) without nucseg."""
+    from nucseg.model.hf_sam import save_transformers_base
+
+    root, ckpt, sam1024, adapter = base
+    tmp = tmp_path_factory.mktemp("cards")
+    sam_dir, hf_dir = tmp / "peft", tmp / "peft_hf"
+    export_peft(adapter, sam_dir, options=ExportOptions(license="cc-by-4.0", datasets=("NuInsSeg",)))
+    hf_base = save_transformers_base(sam1024, "vit_tiny", tmp / "hf_base")
+    export_peft(adapter, hf_dir, options=ExportOptions(flavour="transformers", base_model=str(hf_base)))
+    inputs = _inputs(tmp / "inputs.pt")
+    io = lambda name: f"INPUTS, RESULT = {str(tmp / 'inputs.pt')!r}, {str(tmp / name)!r}\n"
+    _run([_card_code(sam_dir, ADAPTER=sam_dir, CHECKPOINT=ckpt) + io("sam.pt") + SAM_HARNESS,
+          _card_code(hf_dir, ADAPTER=hf_dir, BASE=hf_base) + io("hf.pt") + HF_HARNESS], tmp)
+    return {"sam": sam_dir, "hf": hf_dir, "hf_base": hf_base, "inputs": inputs,
+            "sam_out": torch.load(tmp / "sam.pt"), "hf_out": torch.load(tmp / "hf.pt")}
+
+
+def test_blocker_really_blocks(tmp_path):
+    with pytest.raises(AssertionError, match="blocked"):
+        _run(["import nucseg\n"], tmp_path)
+
+
+def test_sam_card_runs_without_nucseg(base, cards):
+    root, ckpt, _, adapter = base
+    cfg = json.loads((cards["sam"] / "adapter_config.json").read_text())
+    assert cfg["r"] == 3 and cfg["rank_pattern"] == {"attn.qkv": 6}  # reads as the user's rank; qkv fused: q + v
+    assert cfg["base_model_name_or_path"] == ckpt.name and cfg["task_type"] is None
+    card = (cards["sam"] / "README.md").read_text()
+    assert 'license: "cc-by-4.0"' in card and 'datasets: ["NuInsSeg"]' in card and "Apache-2.0" in card
+    got = cards["sam_out"]
+    emb, logits, iou = _nucseg_outputs(adapter, ckpt, cards["inputs"], torch.float32)
+    torch.testing.assert_close(got["emb"], emb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["iou"], iou, atol=1e-5, rtol=1e-5)
+    base_emb = encode(load_sam("vit_tiny", ckpt, img_size=SIZE)[0], cards["inputs"]["x"])
+    assert (base_emb - emb).abs().max() > 1e-3  # not vacuous: the adapter changes the encoder
+
+
+def test_transformers_card_runs_without_nucseg(base, cards):
+    """A tiny transformers SamModel of the same base, built offline; compared in float64 so that the two
+    libraries' float32 rounding cannot hide or fake a mapping error."""
+    root, ckpt, _, adapter = base
+    cfg = json.loads((cards["hf"] / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(cards["hf_base"]) and cfg["task_type"] is None
+    assert cfg["auto_mapping"]["base_model_class"] == "SamModel" and "vision_encoder" in cfg["target_modules"]
+    got = cards["hf_out"]
+    emb, logits, iou = _nucseg_outputs(adapter, ckpt, cards["inputs"], torch.float64)
     torch.testing.assert_close(got["emb"], emb, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["iou"], iou, atol=1e-5, rtol=1e-5)
