@@ -197,3 +197,42 @@ def test_transformers_flavour_needs_a_base_for_unofficial_checkpoints(tmp_path, 
     adapter = base[3]
     assert main(["-q", "export-peft", str(adapter), str(tmp_path / "x"), "--flavour", "transformers"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", [
+    MethodConfig(rank=2, targets=["qkv", "mlp"]),
+    MethodConfig(rank=2, alpha=3.0, targets=["v", "proj"], train_prompt_encoder=True),
+    MethodConfig(method="decoder"),
+], ids=["peft-targets", "v-proj-prompt-encoder", "decoder"])
+def test_transformers_flavour_of_every_peft_method(tmp_path, base, method):
+    """In process: the SamModel export of other methods (whole-module targets with rank_pattern, a trained
+    prompt encoder as modules_to_save, decoder only) gives nucseg's outputs, in float64."""
+    from peft import PeftModel
+
+    from nucseg.model.hf_sam import to_transformers
+
+    root, ckpt, _, _ = base
+    model, fp = load_sam("vit_tiny", ckpt, img_size=SIZE)
+    apply_method(model, method)
+    attach_foreground_head(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    meta = {"base": {"model": "vit_tiny", "fingerprint": fp, "init_seed": 0, "checkpoint_sha256": fp,
+                     "checkpoint_name": ckpt.name}, "input_size": SIZE}
+    adapter = save_adapter(tmp_path / "ad", model, method, meta)
+    out = tmp_path / "hf"
+    export_peft(adapter, out, ckpt, ExportOptions(flavour="transformers", base_model="local/tiny"))
+    hf = PeftModel.from_pretrained(to_transformers(load_sam("vit_tiny", ckpt, img_size=SIZE)[0], "vit_tiny"),
+                                   str(out)).eval().double()
+    inputs = _inputs(tmp_path / "inputs.pt")
+    mean = torch.tensor([123.675, 116.28, 103.53], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        o = hf(pixel_values=(inputs["x"].permute(0, 3, 1, 2).double() - mean) / std,
+               input_points=inputs["pts"][None].double(), input_labels=inputs["lab"][None], multimask_output=True)
+    _, logits, iou = _nucseg_outputs(adapter, ckpt, inputs, torch.float64)
+    torch.testing.assert_close(o.pred_masks[0], logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o.iou_scores[0], iou, atol=1e-5, rtol=1e-5)
