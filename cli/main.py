@@ -466,7 +466,7 @@ def _add_sharing_commands(sub, common: list) -> None:
     p.add_argument("--license", default=None, metavar="ID",
                    help="the export's licence (a Hub identifier such as cc-by-4.0), i.e. the training data's "
                         "terms; the card always notes SAM's Apache-2.0 (default: apache-2.0, marked unstated)")
-    p.add_argument("--dataset", action="append", default=[], metavar="NAME",
+    p.add_argument("--dataset", action="append", default=None, metavar="NAME",
                    help="training dataset for the card's datasets field (Hub id or name; repeatable)")
     p.set_defaults(func=commands.export_peft)
 
