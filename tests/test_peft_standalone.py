@@ -236,3 +236,21 @@ def test_transformers_flavour_of_every_peft_method(tmp_path, base, method):
     _, logits, iou = _nucseg_outputs(adapter, ckpt, inputs, torch.float64)
     torch.testing.assert_close(o.pred_masks[0], logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o.iou_scores[0], iou, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_b_config_is_transformers_default_sam():
+    """transformers' SamConfig defaults are facebook/sam-vit-base's widths: ours for vit_b equal them (only the
+    decoder LayerNorm eps is segment-anything's), so the key mapping tested on vit_tiny meets the Hub's layout."""
+    from transformers import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+    from nucseg.model.hf_sam import DECODER_LN_EPS, transformers_config
+
+    ours = transformers_config("vit_b", 1024)
+    for got, default in ((ours.vision_config, SamVisionConfig()), (ours.prompt_encoder_config, SamPromptEncoderConfig()),
+                         (ours.mask_decoder_config, SamMaskDecoderConfig(layer_norm_eps=DECODER_LN_EPS))):
+        a, b = got.to_dict(), default.to_dict()
+        diff = {k for k in a.keys() | b.keys() if k not in ("global_attn_indexes", "transformers_version")
+                and a.get(k) != b.get(k)}
+        assert not diff, (type(default).__name__, {k: (a.get(k), b.get(k)) for k in diff})
+        if "global_attn_indexes" in b:
+            assert list(a["global_attn_indexes"]) == list(b["global_attn_indexes"])
