@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import Sam
 
+from ..errors import OutputError
+from ..io import atomic_path
 from .sam import PATCH, ModelSpec, get_spec
 
 # the Hub's conversions of the official checkpoints (same weights as sam_vit_*.pth, transformers' names)
@@ -47,10 +49,8 @@ DECODER_LN_EPS = 1e-5
 
 def transformers_key(key: str) -> str:
     """The ``SamModel`` name of a segment-anything ``Sam`` state-dict key (PEFT prefixes are kept)."""
-    prefix = ""
-    for p in ("base_model.model.",):
-        if key.startswith(p):
-            prefix, key = p, key[len(p):]
+    prefix = "base_model.model." if key.startswith("base_model.model.") else ""
+    key = key[len(prefix):]
     for pattern, repl in _RENAMES:
         key = re.sub(pattern, repl, key)
 
@@ -103,6 +103,12 @@ def to_transformers(sam: Sam, model_type: str):
 
 
 def save_transformers_base(sam: Sam, model_type: str, out: str | Path) -> Path:
-    """Write ``sam`` as a transformers model folder (``SamModel.from_pretrained(out)`` loads it)."""
-    to_transformers(sam, model_type).save_pretrained(str(out))
-    return Path(out)
+    """Write ``sam`` as a new transformers model folder (``SamModel.from_pretrained(out)`` loads it), e.g.
+    ``save_transformers_base(load_sam("vit_tiny", ckpt, img_size=1024)[0], "vit_tiny", "sam-vit-tiny-hf")``
+    for ``nucseg export-peft --flavour transformers --base-model sam-vit-tiny-hf``."""
+    out = Path(out)
+    if out.exists():
+        raise OutputError(f"{out} exists; choose a new folder for the transformers model")
+    with atomic_path(out, is_dir=True) as tmp:
+        to_transformers(sam, model_type).save_pretrained(str(tmp))
+    return out
