@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import shapely
 
-napari = pytest.importorskip("napari")
-npe2 = pytest.importorskip("npe2")
+from nucseg import napari_plugin
+from nucseg.wsi.export import GeoJSONWriter, GeoParquetWriter, NucleusBatch, write_ome_zarr_labels
+from nucseg.wsi.measure import COLUMNS
 
-from nucseg import napari_plugin  # noqa: E402
-from nucseg.wsi.export import GeoJSONWriter, GeoParquetWriter, NucleusBatch, write_ome_zarr_labels  # noqa: E402
-from nucseg.wsi.measure import COLUMNS  # noqa: E402
+# napari and npe2 still use pydantic v1-style APIs: their deprecation warnings are not nucseg's
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 MPP0, MPP = 0.25, 0.5  # slide level 0 and the labels (target) µm/px: label pixel = 2x2 level-0 pixels
 H, W = 60, 90
