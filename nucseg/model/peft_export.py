@@ -6,8 +6,10 @@ rank-r pair (A_p, B_p) each. That is exactly a PEFT LoRA of rank ``len(parts) * 
     A = [A_q; A_v]                       (2r, dim)     the factors stacked
     B = [[B_q, 0], [0, 0], [0, B_v]]      (3 dim, 2r)   rows of q from the q factor, zero rows for k
 
-so ``B @ A = [B_q A_q; 0; B_v A_v]``, the update nucseg adds. PEFT scales by ``lora_alpha / r``; the
-exported ``lora_alpha`` is chosen so that this quotient is nucseg's scale to the last bit (checked).
+so ``B @ A = [B_q A_q; 0; B_v A_v]``, the update nucseg adds. The config's ``r`` stays the user's rank and
+``rank_pattern`` gives ``attn.qkv`` its rank ``len(parts) * r``. PEFT scales by ``lora_alpha / r``; the
+exported ``lora_alpha`` (``alpha_pattern``) is chosen so that this quotient is nucseg's scale to the last bit
+(checked).
 Whole-module targets (``qkv``, ``proj``, ``mlp``) were trained through peft already: their keys only lose
 the adapter name. A trained mask decoder (prompt encoder) becomes ``modules_to_save``. A decoder-only
 adapter has no LoRA layer at all: it is exported with peft's placeholder target ``dummy-target-modules``,
@@ -17,6 +19,10 @@ which makes PEFT wrap nothing but the ``modules_to_save``. A full fine-tune is n
 The foreground head used for prompt pruning is not part of SAM, so it goes in a side file
 (``nucseg_fg_head.safetensors``, keys of :class:`nucseg.model.sam.ForegroundHead`). The exported tensors are
 checked against the key names and shapes that the installed peft itself produces for this config.
+
+Two flavours: segment-anything's ``Sam`` (the keys above) and transformers' ``SamModel`` (the same tensors
+under its module names, :mod:`nucseg.model.hf_sam`). The model card (:mod:`nucseg.model.modelcard`) carries
+code that builds the base and loads the export without nucseg.
 """
 
 from __future__ import annotations
@@ -239,8 +245,9 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
         export.tensors.update(_base_buffers(info, checkpoint, buffers))
     if options.flavour == "transformers":
         export = to_transformers_export(export)
-        if check_against_peft(export, info.model_type, info.input_size, "transformers"):
-            raise CheckpointError("PEFT export for SamModel misses base tensors")  # all came with the Sam export
+        missing = check_against_peft(export, info.model_type, info.input_size, "transformers")
+        if missing:  # the Sam export already holds every base tensor PEFT stores: renamed, nothing is missing
+            raise CheckpointError(f"PEFT export for SamModel lacks tensors PEFT stores: {missing[:3]}")
     export.config["base_model_name_or_path"] = card.base_model_name_or_path
     with atomic_path(out, is_dir=True) as tmp:
         LoraConfig(**export.config).save_pretrained(str(tmp))
@@ -252,8 +259,9 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
                 "layers": "Conv2d(in,hidden,3,padding=1) GELU Conv2d(hidden,1,1)",
                 "input": "image embedding (B, C, h, w)", "output": "nucleus foreground logits (B, 1, h, w)"})
         write_json(tmp / PROVENANCE, {
-            "flavour": options.flavour, "rank_per_slice": export.config["r"] if "rank_pattern" in export.config
-            else None, "source_adapter": str(info.path), "source_weights_sha256": sha,
+            "flavour": options.flavour,
+            "rank_per_slice": export.config["r"] if "rank_pattern" in export.config else None,  # q/k/v slices
+            "source_adapter": str(info.path), "source_weights_sha256": sha,
             "peft_weights_sha256": sha256_file(tmp / PEFT_WEIGHTS),
             "fg_head_sha256": sha256_file(tmp / FG_HEAD) if export.fg_head else None,
             "nucseg": info.meta,
