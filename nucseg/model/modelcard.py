@@ -4,6 +4,11 @@ Everything on the card comes from ``nucseg.json`` (the same facts, for people): 
 SHA-256, the method, rank and targets, trainable / total parameters, the training data, µm/px, cv metrics
 and the nucseg version, then how to load the adapter with nucseg and with peft. The YAML front matter makes it
 a valid Hugging Face model card.
+
+A PEFT export's card (:class:`PeftCard`) adds ``base_model``, ``license`` and ``datasets`` to the front matter
+and carries Python that needs only peft, torch and segment-anything (or transformers): it builds the base as a
+user would (the official checkpoint by name, else segment-anything's classes with the widths) and resizes the
+position tables to the adapter's input size, as :func:`nucseg.model.sam.adapt_state_dict` does.
 """
 
 from __future__ import annotations
