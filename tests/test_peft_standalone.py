@@ -191,12 +191,20 @@ def test_official_bases_name_the_hub_checkpoint():
     assert card.base_model_name_or_path == "facebook/sam-vit-base"
 
 
-def test_transformers_flavour_needs_a_base_for_unofficial_checkpoints(tmp_path, base):
+def test_cli_options_reach_the_card(tmp_path, base, capsys):
     from nucseg_cli.main import main
 
     adapter = base[3]
     assert main(["-q", "export-peft", str(adapter), str(tmp_path / "x"), "--flavour", "transformers"]) == 2
-    assert not (tmp_path / "x").exists()
+    assert "--base-model" in capsys.readouterr().err and not (tmp_path / "x").exists()  # no Hub model of it
+    out = tmp_path / "hf"
+    assert main(["-q", "export-peft", str(adapter), str(out), "--flavour", "transformers", "--base-model",
+                 "me/sam-vit-tiny", "--license", "cc-by-nc-4.0", "--dataset", "NuInsSeg", "--dataset", "mine"]) == 0
+    card = (out / "README.md").read_text()
+    for line in ('base_model: "me/sam-vit-tiny"', 'license: "cc-by-nc-4.0"', 'datasets: ["NuInsSeg", "mine"]',
+                 'BASE = "me/sam-vit-tiny"'):
+        assert line in card, line
+    assert json.loads((out / "nucseg_export.json").read_text())["flavour"] == "transformers"
 
 
 @pytest.mark.parametrize("method", [
