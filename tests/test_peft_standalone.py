@@ -170,6 +170,10 @@ def test_transformers_card_runs_without_nucseg(base, cards):
     cfg = json.loads((cards["hf"] / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(cards["hf_base"]) and cfg["task_type"] is None
     assert cfg["auto_mapping"]["base_model_class"] == "SamModel" and "vision_encoder" in cfg["target_modules"]
+    from peft import AutoPeftModel
+
+    auto = AutoPeftModel.from_pretrained(str(cards["hf"]))  # builds the base from base_model_name_or_path
+    assert type(auto.base_model.model).__name__ == "SamModel"
     got = cards["hf_out"]
     emb, logits, iou = _nucseg_outputs(adapter, ckpt, cards["inputs"], torch.float64)
     torch.testing.assert_close(got["emb"], emb, atol=1e-5, rtol=1e-5)
