@@ -57,8 +57,9 @@ def outputs(tmp_path_factory):
     prov = {"slide_mpp": MPP0, "target_mpp": MPP, "nucseg_version": "test"}
     with GeoParquetWriter(tmp / "slide.parquet", provenance=prov, measurements=[EXTRA]) as w:
         w.write_batch(batch)
-    with GeoJSONWriter(tmp / "slide.geojson", provenance=prov) as w:
-        w.write_batch(batch)
+    for name in ("slide.geojson", "slide.geojson.gz"):
+        with GeoJSONWriter(tmp / name, provenance=prov) as w:
+            w.write_batch(batch)
     (tmp / "other.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     return tmp, labels, rgb
 
@@ -86,7 +87,7 @@ def test_ome_zarr_opens_as_one_rgb_image_with_visible_labels(viewer_model, outpu
     assert np.allclose(image.world_to_data(lab.data_to_world((12, 40))), (12, 40))
 
 
-@pytest.mark.parametrize("name", ["slide.parquet", "slide.geojson"])
+@pytest.mark.parametrize("name", ["slide.parquet", "slide.geojson", "slide.geojson.gz"])
 def test_nuclei_open_as_shapes_over_the_labels_with_measurements(viewer_model, outputs, name):
     tmp, labels, _ = outputs
     viewer = viewer_model()
