@@ -450,9 +450,10 @@ def demo_data(args: argparse.Namespace) -> int:
 
 
 def export_peft(args: argparse.Namespace) -> int:
-    from nucseg.model.peft_export import export_peft as run
+    from nucseg.model.peft_export import ExportOptions, export_peft as run
 
-    print(run(args.adapter, args.out, args.checkpoint))
+    options = ExportOptions(args.flavour, args.base_model, args.license, tuple(args.dataset or ()))
+    print(run(args.adapter, args.out, args.checkpoint, options))
     return 0
 
 

@@ -485,18 +485,28 @@ def _add_sharing_commands(sub, common: list) -> None:
     p = sub.add_parser(
         "export-peft", help="write an adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)",
         description=textwrap.fill("Convert a nucseg adapter folder into a folder that peft.PeftModel.from_pretrained loads onto "
-        "the SAM model nucseg builds (exact: same embeddings and masks). The foreground head goes in "
+        "segment-anything's Sam or transformers' SamModel (exact: same embeddings and masks). The foreground head goes in "
         "nucseg_fg_head.safetensors; a model card README.md is written too. Full fine-tunes are refused (use "
         "'nucseg merge').", 100),
-        epilog="examples:\n  nucseg export-peft runs/lora/adapter runs/lora/peft\n\nthen, in Python:\n"
-        "  from nucseg.model.sam import load_sam; from peft import PeftModel\n"
-        "  sam, _ = load_sam('vit_b', 'sam_vit_b_01ec64.pth', img_size=512)\n"
-        "  model = PeftModel.from_pretrained(sam, 'runs/lora/peft')",
+        epilog="examples:\n  nucseg export-peft runs/lora/adapter runs/lora/peft --license cc-by-4.0 --dataset NuInsSeg\n"
+        "  nucseg export-peft runs/lora/adapter runs/lora/peft-hf --flavour transformers\n\n"
+        "the export's README.md holds Python that loads it with peft + torch + segment-anything (or transformers)",
         parents=common, formatter_class=_Formatter)
     p.add_argument("adapter", type=Path, help="nucseg adapter folder (from train or cv)")
     p.add_argument("out", type=Path, help="output folder (new, or a previous PEFT export to replace)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the base checkpoint; needed only for adapters that trained the prompt encoder")
+    p.add_argument("--flavour", choices=("sam", "transformers"), default="sam",
+                   help="the model PEFT wraps: segment-anything's Sam, or transformers' SamModel (Hub checkpoints "
+                        "such as facebook/sam-vit-base)")
+    p.add_argument("--base-model", default=None, metavar="ID_OR_DIR",
+                   help="transformers flavour: the base as a Hub id or SamModel folder (default: the Hub's "
+                        "conversion of the official checkpoint; required for other bases)")
+    p.add_argument("--license", default=None, metavar="ID",
+                   help="the export's licence (a Hub identifier such as cc-by-4.0), i.e. the training data's "
+                        "terms; the card always notes SAM's Apache-2.0 (default: apache-2.0, marked unstated)")
+    p.add_argument("--dataset", action="append", default=None, metavar="NAME",
+                   help="training dataset for the card's datasets field (Hub id or name; repeatable)")
     p.set_defaults(func=commands.export_peft)
 
     p = sub.add_parser("data", help="public training data: fetch NuInsSeg into the layout train and cv read",

@@ -164,6 +164,7 @@ def test_every_choices_list_is_the_library_constant():
     from nucseg.learn.datasets import SOURCES
     from nucseg.model.infer import PROMPT_MODES
     from nucseg.model.lora import METHODS
+    from nucseg.model.peft_export import FLAVOURS
     from nucseg.model.sam import SPECS
     from nucseg.model.weights import REGISTRY
     from nucseg.segmenter import SEGMENTER_KINDS
@@ -172,7 +173,7 @@ def test_every_choices_list_is_the_library_constant():
     library = {"--device": DEVICES, "--metric": CALIBRATION_METRICS, "--calibration-metric": CALIBRATION_METRICS,
                "--group-by": GROUP_BY, "--prompts": PROMPT_MODES, "--method": METHODS, "--model": SPECS,
                "--segmenter": SEGMENTER_KINDS, "--measurements": MODES, "weights fetch name": REGISTRY,
-               "data fetch name": SOURCES}
+               "data fetch name": SOURCES, "--flavour": FLAVOURS}
     found = _choices(build_parser())
     checked = 0
     for key, choices in found.items():

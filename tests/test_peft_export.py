@@ -118,7 +118,8 @@ def test_export_config_is_samed_as_rank_2r_on_qkv(tmp_path, ckpt512):
     out = tmp_path / "peft"
     assert main(["-q", "export-peft", str(adapter), str(out)]) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 8
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 4  # the user's rank
+    assert cfg["rank_pattern"] == {"attn.qkv": 8} and cfg["alpha_pattern"] == {"attn.qkv": 8}  # q + v fused
     assert cfg["modules_to_save"] == ["mask_decoder"]
     t = load_file(str(out / "adapter_model.safetensors"))
     b = t["base_model.model.image_encoder.blocks.0.attn.qkv.lora_B.weight"]

@@ -6,8 +6,10 @@ rank-r pair (A_p, B_p) each. That is exactly a PEFT LoRA of rank ``len(parts) * 
     A = [A_q; A_v]                       (2r, dim)     the factors stacked
     B = [[B_q, 0], [0, 0], [0, B_v]]      (3 dim, 2r)   rows of q from the q factor, zero rows for k
 
-so ``B @ A = [B_q A_q; 0; B_v A_v]``, the update nucseg adds. PEFT scales by ``lora_alpha / r``; the
-exported ``lora_alpha`` is chosen so that this quotient is nucseg's scale to the last bit (checked).
+so ``B @ A = [B_q A_q; 0; B_v A_v]``, the update nucseg adds. The config's ``r`` stays the user's rank and
+``rank_pattern`` gives ``attn.qkv`` its rank ``len(parts) * r``. PEFT scales by ``lora_alpha / r``; the
+exported ``lora_alpha`` (``alpha_pattern``) is chosen so that this quotient is nucseg's scale to the last bit
+(checked).
 Whole-module targets (``qkv``, ``proj``, ``mlp``) were trained through peft already: their keys only lose
 the adapter name. A trained mask decoder (prompt encoder) becomes ``modules_to_save``. A decoder-only
 adapter has no LoRA layer at all: it is exported with peft's placeholder target ``dummy-target-modules``,
@@ -17,6 +19,10 @@ which makes PEFT wrap nothing but the ``modules_to_save``. A full fine-tune is n
 The foreground head used for prompt pruning is not part of SAM, so it goes in a side file
 (``nucseg_fg_head.safetensors``, keys of :class:`nucseg.model.sam.ForegroundHead`). The exported tensors are
 checked against the key names and shapes that the installed peft itself produces for this config.
+
+Two flavours: segment-anything's ``Sam`` (the keys above) and transformers' ``SamModel`` (the same tensors
+under its module names, :mod:`nucseg.model.hf_sam`). The model card (:mod:`nucseg.model.modelcard`) carries
+code that builds the base and loads the export without nucseg.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ FG_HEAD = "nucseg_fg_head.safetensors"
 PROVENANCE = "nucseg_export.json"
 PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
 QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+HF_TARGETS = {  # the same Linear modules under transformers' SamModel names (QKV is PEFT_TARGETS["qkv"])
+    PEFT_TARGETS["qkv"]: r"vision_encoder\.layers\.\d+\.attn\.qkv",
+    PEFT_TARGETS["proj"]: r"vision_encoder\.layers\.\d+\.attn\.proj",
+    PEFT_TARGETS["mlp"]: r"vision_encoder\.layers\.\d+\.mlp\.lin[12]",
+}
+FLAVOURS = ("sam", "transformers")  # segment-anything's Sam, transformers' SamModel
 _SLICE_KEY = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.qkv)\.lora_([AB])\.([qkv])$")
 
 
@@ -114,33 +126,47 @@ def to_peft(info: AdapterInfo, tensors: dict[str, torch.Tensor]) -> PeftExport:
         "lora_dropout": cfg.dropout,
         "bias": "none",
         "modules_to_save": sorted(modules) or None,
-        # the base is no Hugging Face model: a name here only makes from_pretrained warn that it differs
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": None,  # set by export_peft: the official checkpoint's Hub id, or the user's
     }
     if not patterns:  # decoder only: PEFT needs a target; its placeholder targets nothing
-        try:
-            from peft.utils.constants import DUMMY_TARGET_MODULES
-        except ImportError:
-            import peft
-
-            raise CheckpointError(f"peft {peft.__version__} has no placeholder target, so it cannot hold a "
-                                  "decoder-only adapter; upgrade peft (tested with 0.21)") from None
-        config["target_modules"] = DUMMY_TARGET_MODULES
+        config["target_modules"] = _dummy_target()
     else:
         config["target_modules"] = "|".join(f"(?:{p})" for p in patterns)
-    if parts:
+    if parts:  # ``r`` stays the user's rank; the fused qkv gets rank len(parts) * r through rank_pattern
         rq = len(parts) * cfg.rank
-        if whole:  # other layers keep rank r: a per-module rank for the fused qkv
-            config["rank_pattern"] = {"attn.qkv": rq}
-            config["alpha_pattern"] = {"attn.qkv": _alpha_for(cfg.scale, rq)}
-        else:
-            config["r"], config["lora_alpha"] = rq, _alpha_for(cfg.scale, rq)
+        config["rank_pattern"] = {"attn.qkv": rq}
+        config["alpha_pattern"] = {"attn.qkv": _alpha_for(cfg.scale, rq)}
     return PeftExport(config, out, fg)
 
 
-def check_against_peft(export: PeftExport, model_type: str, input_size: int) -> list[str]:
-    """Build the model on the meta device, let peft wrap it with ``export.config`` and compare key names and
-    shapes with what PEFT would save: an export that peft cannot load is an error here, not for the user.
+def to_transformers_export(export: PeftExport) -> PeftExport:
+    """The same export for transformers' ``SamModel``: its module names, and the ``auto_mapping`` that lets
+    ``peft.AutoPeftModel`` build the base (PEFT has no task type for segmentation, so ``task_type`` is null)."""
+    from .hf_sam import transformers_key
+
+    config = dict(export.config)
+    if config["target_modules"] != _dummy_target():
+        patterns = [p for p in HF_TARGETS if f"(?:{p})" in config["target_modules"]]
+        config["target_modules"] = "|".join(f"(?:{HF_TARGETS[p]})" for p in patterns)
+    config["auto_mapping"] = {"base_model_class": "SamModel", "parent_library": "transformers.models.sam.modeling_sam"}
+    return PeftExport(config, {transformers_key(k): v for k, v in export.tensors.items()}, export.fg_head)
+
+
+def _dummy_target() -> str:
+    try:
+        from peft.utils.constants import DUMMY_TARGET_MODULES
+    except ImportError:
+        import peft
+
+        raise CheckpointError(f"peft {peft.__version__} has no placeholder target, so it cannot hold a "
+                              "decoder-only adapter; upgrade peft (tested with 0.21)") from None
+    return DUMMY_TARGET_MODULES
+
+
+def check_against_peft(export: PeftExport, model_type: str, input_size: int, flavour: str = "sam") -> list[str]:
+    """Build the model (``flavour``: segment-anything's ``Sam`` or transformers' ``SamModel``) on the meta
+    device, let peft wrap it with ``export.config`` and compare key names and shapes with what PEFT would save:
+    an export that peft cannot load is an error here, not for the user.
 
     Returns the buffers of ``modules_to_save`` that PEFT wants in the file but an adapter never stores (they
     are the base's: the prompt encoder's random Fourier matrix), for the caller to take from the base."""
@@ -149,7 +175,15 @@ def check_against_peft(export: PeftExport, model_type: str, input_size: int) -> 
     from .sam import build_sam
 
     with torch.device("meta"):
-        wrapped = get_peft_model(build_sam(model_type, input_size), LoraConfig(**export.config))
+        if flavour == "transformers":
+            from transformers import SamModel
+
+            from .hf_sam import transformers_config
+
+            base = SamModel(transformers_config(model_type, input_size))
+        else:
+            base = build_sam(model_type, input_size)
+        wrapped = get_peft_model(base, LoraConfig(**export.config))
     want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(wrapped).items()}
     buffers = {PREFIX + n.replace(".modules_to_save.default.", ".") for n, _ in wrapped.base_model.model.named_buffers()}
     have = {k: tuple(v.shape) for k, v in export.tensors.items()}
@@ -162,7 +196,24 @@ def check_against_peft(export: PeftExport, model_type: str, input_size: int) -> 
     return sorted((set(want) - set(have)) & buffers)
 
 
-def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+@dataclass
+class ExportOptions:
+    """What the user says about an export beyond the adapter itself (``nucseg export-peft`` options).
+
+    ``flavour``: the model PEFT wraps, segment-anything's ``Sam`` ("sam") or transformers' ``SamModel``
+    ("transformers"). ``base_model``: the Hub id or folder of the base in transformers' format (default: the
+    Hub's conversion of an official checkpoint; required for other bases with the transformers flavour).
+    ``license``: the export's licence identifier, for the training data's terms (the base, SAM, is
+    Apache-2.0). ``datasets``: what it was trained on (Hub ids or names)."""
+
+    flavour: str = "sam"
+    base_model: str | None = None
+    license: str | None = None
+    datasets: tuple[str, ...] = ()
+
+
+def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+                options: ExportOptions | None = None) -> Path:
     """Write ``out/`` with adapter_config.json, adapter_model.safetensors, the foreground head side file,
     the provenance of the source adapter and a model card (README.md). Returns ``out``.
 
@@ -170,9 +221,13 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
     whole module, including a buffer the adapter takes from the base."""
     from peft import LoraConfig
 
-    from .modelcard import write_model_card
+    from .modelcard import PeftCard, write_model_card
 
+    options = options or ExportOptions()
+    if options.flavour not in FLAVOURS:
+        raise InputError(f"unknown flavour {options.flavour!r}; choose one of {', '.join(FLAVOURS)}")
     info = read_adapter(adapter)
+    card = PeftCard.for_adapter(info.meta, options)
     out = Path(out)
     if out.exists() and not (out.is_dir() and (out / PEFT_CONFIG).is_file()):
         raise OutputError(f"{out} exists and is not a PEFT export; choose a new folder")  # never replace others' data
@@ -188,6 +243,12 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
     buffers = check_against_peft(export, info.model_type, info.input_size)
     if buffers:
         export.tensors.update(_base_buffers(info, checkpoint, buffers))
+    if options.flavour == "transformers":
+        export = to_transformers_export(export)
+        missing = check_against_peft(export, info.model_type, info.input_size, "transformers")
+        if missing:  # the Sam export already holds every base tensor PEFT stores: renamed, nothing is missing
+            raise CheckpointError(f"PEFT export for SamModel lacks tensors PEFT stores: {missing[:3]}")
+    export.config["base_model_name_or_path"] = card.base_model_name_or_path
     with atomic_path(out, is_dir=True) as tmp:
         LoraConfig(**export.config).save_pretrained(str(tmp))
         save_file(export.tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
@@ -198,12 +259,14 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
                 "layers": "Conv2d(in,hidden,3,padding=1) GELU Conv2d(hidden,1,1)",
                 "input": "image embedding (B, C, h, w)", "output": "nucleus foreground logits (B, 1, h, w)"})
         write_json(tmp / PROVENANCE, {
+            "flavour": options.flavour,
+            "rank_per_slice": export.config["r"] if "rank_pattern" in export.config else None,  # q/k/v slices
             "source_adapter": str(info.path), "source_weights_sha256": sha,
             "peft_weights_sha256": sha256_file(tmp / PEFT_WEIGHTS),
             "fg_head_sha256": sha256_file(tmp / FG_HEAD) if export.fg_head else None,
             "nucseg": info.meta,
         })
-        write_model_card(tmp, info.meta, peft_export=True)
+        write_model_card(tmp, info.meta, peft=card)
     return out
 
 
