@@ -126,6 +126,43 @@ def test_min_caliper_matches_a_brute_force_over_directions():
         assert w <= brute + 1e-9 and w == pytest.approx(brute, abs=40 * np.pi / 20000)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_convex_hulls_are_shapelys_for_outlines_and_any_points(seed):
+    """The numpy hulls (all rings at once) are GEOS's own: the same vertices, no collinear ones, for the
+    outlines of irregular, touching and single-pixel regions (half-pixel grid) and for arbitrary points; the
+    solidity and caliper widths built on them equal the per-ring shapely values."""
+    from scipy import ndimage as ndi
+
+    from nucseg.wsi.export import outline_rings
+    from nucseg.wsi.measure import convex_hulls, hull_measures
+
+    rng = np.random.default_rng(seed)
+    lab, n = ndi.label(ndi.gaussian_filter(rng.standard_normal((150, 170)), 2.5) > 0.1)
+    lab[rng.random(lab.shape) < 0.002] = n + 1
+    labs, xy, off = outline_rings(lab, np.ones(n + 2, bool) & (np.arange(n + 2) > 0))
+    pts = [rng.normal(size=(int(rng.integers(1, 30)), 2)) * rng.uniform(1, 20) for _ in range(40)]
+    pts += [np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), np.array([[3.0, 1.0], [3.0, 1.0]])]  # degenerate
+    for xy_, off_ in ((xy, off), (np.concatenate(pts), np.r_[0, np.cumsum([len(q) for q in pts])])):
+        hxy, hoff = convex_hulls(xy_, off_)
+        width, longest, solidity = hull_measures(xy_, off_)
+        for i in range(len(off_) - 1):
+            ring = xy_[off_[i]:off_[i + 1]]
+            ref = shapely.MultiPoint(ring).convex_hull
+            mine = hxy[hoff[i]:hoff[i + 1]]
+            if ref.geom_type == "Polygon":
+                assert len(mine) == len(ref.exterior.coords) - 1
+                assert shapely.Polygon(mine).equals(ref)
+                if len(ring) >= 3:
+                    assert solidity[i] == pytest.approx(abs(shapely.Polygon(ring).area) / ref.area, rel=1e-12)
+            else:  # a point or a segment: its end points, width 0, the segment's length
+                assert shapely.MultiPoint(mine).convex_hull.equals(ref) and width[i] == 0
+                assert longest[i] == pytest.approx(ref.length, abs=1e-12)
+            if ref.geom_type == "Polygon":
+                hull = np.asarray(ref.exterior.coords)
+                assert longest[i] == pytest.approx(np.hypot(*(hull[:, None] - hull[None]).transpose(2, 0, 1)).max(),
+                                                   rel=1e-12)
+
+
 def test_stain_od_is_rgb2hed_of_the_pixels():
     L = _shapes()
     rgb = np.full(L.shape + (3,), 235, np.uint8)
