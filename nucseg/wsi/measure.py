@@ -1,22 +1,24 @@
-"""Per-nucleus measurements named as QuPath names them, in one vectorised pass per tile.
+"""Per-nucleus measurements named as QuPath names them, in one vectorised pass per tile; each defined once.
 
 ``--measurements none|shape|full``:
 
-* ``none``: only the three measurements nucseg always writes (``Area µm^2``, ``Perimeter µm``, ``Score``).
+* ``none``: only the three measurements nucseg always writes: ``Area µm^2`` (pixel count x (µm/px)², at the
+  target µm/px: rasterising the exported polygon gives back those pixels), ``Perimeter µm`` (length of the
+  exported polygon) and ``Score``. They are the nucleus's one area and one perimeter: nothing below repeats
+  them under another name or another estimator.
 * ``shape`` adds :data:`SHAPE`, for all nuclei of a tile at once in numpy (no loop over nuclei; the label
-  map is at the target µm/px, converted to µm). Area, perimeter and eccentricity are scikit-image's
-  ``regionprops`` values exactly: the pixel count, ``skimage.measure.perimeter``'s 4-neighbourhood estimator
-  (border pixels weighted by their border neighbours) and the eccentricity of the ellipse with the same
-  second central moments. ``Nucleus: Circularity`` is 4πA/P² with that area and perimeter (the perimeter is
-  an estimate of the digital boundary, so a digital disk scores within a few percent of 1, possibly slightly
-  above). Solidity, max and min diameter are QuPath's definitions on the nucleus's outline (the
-  marching-squares contour at level 0.5 that the polygons are made from): outline area over its convex
-  hull's area, and the largest and smallest caliper widths of that hull. On compact shapes they agree with
-  scikit-image's ``solidity`` (pixel counts) within about 0.01 and its ``feret_diameter_max`` within a pixel;
-  thin, branched regions differ more (their outline area is well below their pixel count).
+  map is at the target µm/px, converted to µm). ``Nucleus: Circularity`` is 4π·Area/Perimeter² of those two
+  (QuPath's formula, on its ROI's area and length); a digital disk scores 0.90-0.91 (its outline's 45° steps
+  are longer than the arc). Solidity, max and min
+  diameter are QuPath's definitions on the nucleus's outline (the marching-squares contour at level 0.5 that
+  the polygons are made from): outline area over its convex hull's area, and the largest and smallest caliper
+  widths of that hull. On compact shapes they agree with scikit-image's ``solidity`` (pixel counts) within
+  about 0.01 and its ``feret_diameter_max`` within a pixel; thin, branched regions differ more (their outline
+  area is well below their pixel count). ``Nucleus: Eccentricity`` is scikit-image's ``regionprops`` value:
+  that of the ellipse with the same second central moments.
 * ``full`` adds :data:`STAIN`: optical densities from ``skimage.color.rgb2hed`` (Ruifrok & Johnston colour
   deconvolution) of the tile's RGB pixels; per-nucleus mean, standard deviation (population, ddof=0) and
-  maximum over the nucleus's pixels by ``np.bincount`` / ``np.maximum.at``. These are scikit-image's
+  maximum over the nucleus's pixels (``np.bincount``, ``np.maximum``). These are scikit-image's
   stain vectors, not QuPath's per-image estimated ones, so values are comparable between nucseg runs, not
   numerically equal to QuPath's own.
 
@@ -30,15 +32,13 @@ import shapely
 
 MODES = ("none", "shape", "full")
 
-SHAPE = ("Nucleus: Area µm^2", "Nucleus: Perimeter µm", "Nucleus: Circularity", "Nucleus: Solidity",
-         "Nucleus: Max diameter µm", "Nucleus: Min diameter µm", "Nucleus: Eccentricity")
+SHAPE = ("Nucleus: Circularity", "Nucleus: Solidity", "Nucleus: Max diameter µm", "Nucleus: Min diameter µm",
+         "Nucleus: Eccentricity")
 STAIN = ("Nucleus: Hematoxylin OD mean", "Nucleus: Hematoxylin OD std dev", "Nucleus: Hematoxylin OD max",
          "Nucleus: Eosin OD mean")
 
 # QuPath measurement name -> CSV / GeoParquet column name
 COLUMNS = {
-    "Nucleus: Area µm^2": "nucleus_area_um2",
-    "Nucleus: Perimeter µm": "nucleus_perimeter_um",
     "Nucleus: Circularity": "nucleus_circularity",
     "Nucleus: Solidity": "nucleus_solidity",
     "Nucleus: Max diameter µm": "nucleus_max_diameter_um",
@@ -193,42 +193,19 @@ def min_caliper(xy: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return hull_measures(xy, offsets)[0]
 
 
-# skimage.measure.perimeter's weights for the 4-neighbourhood: a border pixel's code is 1 + 2 per border
-# 4-neighbour + 10 per border diagonal neighbour of the same region
-_PERIMETER_WEIGHTS = np.zeros(50)
-_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
-_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
-_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
-_NEIGHBOURS = ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10))
-
-
 def pixel_measures(labels: np.ndarray, n: int, runs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(area, perimeter, eccentricity) of every label 0..n-1 of ``labels``, equal to scikit-image's regionprops.
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(area, eccentricity) of every label 0..n-1 of ``labels``, equal to scikit-image's regionprops.
 
-    One pass over the tile, instead of regionprops' Python loop per region: the perimeter is
-    ``skimage.measure.perimeter(region, 4)`` evaluated on the whole label map (a pixel's neighbours count only
-    when they belong to the same label, so other labels around a region change nothing); the eccentricity is
-    that of ``inertia_tensor_eigvals``, from the second central moments summed in closed form over the runs of
-    one label along the rows (:func:`nucseg.wsi.stitch.row_runs`): ``n·Σx² − (Σx)²`` is an exact integer (in
-    float64 for any region below ~10^7 / tile side pixels), so nothing cancels.
+    One pass over the runs of one label along the rows (:func:`nucseg.wsi.stitch.row_runs`; ``runs`` when the
+    caller has them) instead of regionprops' Python loop per region: the pixel count and the eccentricity of
+    ``inertia_tensor_eigvals``, from the second central moments summed in closed form per run.
+    ``n·Σx² − (Σx)²`` is an exact integer (in float64 for any region below ~10^7 / tile side pixels), so
+    nothing cancels.
     """
     from .stitch import row_runs
 
-    H, W = labels.shape
-    pad = np.pad(labels, 1)  # outside the tile counts as background, as outside regionprops' bounding-box crop
-    c = pad[1:-1, 1:-1]
-    border = (c > 0) & ((pad[:-2, 1:-1] != c) | (pad[2:, 1:-1] != c) | (pad[1:-1, :-2] != c) | (pad[1:-1, 2:] != c))
-    # the perimeter code at border pixels only (a small fraction of the tile), by flat index into the padded map
-    by, bx = np.nonzero(border)
-    at = (by + 1) * (W + 2) + (bx + 1)
-    pflat, bflat = pad.ravel(), np.pad(border, 1).ravel()
-    lab = pflat[at]
-    code = np.ones(len(at), dtype=np.int32)
-    for dy, dx, w in _NEIGHBOURS:
-        q = at + dy * (W + 2) + dx
-        code += w * (bflat[q] & (pflat[q] == lab))
-    perimeter = np.bincount(lab, weights=_PERIMETER_WEIGHTS[code], minlength=n)
+    W = labels.shape[1]
     # moments over the runs c, ..., e = c + l - 1 of row r: Σx = l(c + e)/2, Σx² = S(e) - S(c - 1) with
     # S(m) = m(m + 1)(2m + 1)/6, Σy = rl, Σy² = r²l, Σxy = rΣx (integers)
     starts, length, lab = row_runs(labels) if runs is None else runs
@@ -247,37 +224,43 @@ def pixel_measures(labels: np.ndarray, n: int, runs: tuple[np.ndarray, np.ndarra
     l1 = np.maximum((a + d) / 2 + root, 0)
     l2 = np.maximum((a + d) / 2 - root, 0)
     eccentricity = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / np.where(l1 > 0, l1, 1), 0, 1)), 0.0)
-    return area, perimeter, eccentricity
+    return area, eccentricity
 
 
 def measure_tile(labels: np.ndarray, local: np.ndarray, mpp: float, mode: str,
                  rgb: np.ndarray | None = None,
-                 rings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 rings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 perimeter_um: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The ``mode`` measurements of instances ``local`` (ascending label ids) of one tile's label map.
 
-    labels: (T, T) int label map at ``mpp`` µm/px; rgb: the tile's (T, T, 3) uint8 pixels (``full`` only).
+    labels: (T, T) int label map at ``mpp`` µm/px; rgb: the tile's (T, T, 3) uint8 pixels (``full`` only);
+    rings: the tile's :func:`nucseg.wsi.export.outline_rings` when the caller has them; perimeter_um: the
+    ``Perimeter µm`` written for each of ``local`` (the exported polygon's length; by default that of the
+    outline simplified as the exports do by default, :func:`nucseg.wsi.export.tile_polygons`).
     Returns name -> float64 array in the order of ``local``.
     """
     if mode == "none" or not len(local):
         return {n: np.zeros(0) for n in names(mode)}
-    from .export import outline_rings
+    from .export import outline_rings, tile_polygons
+    from .stitch import row_runs
 
     local = np.asarray(local, dtype=np.int64)
     n = max(int(labels.max()), int(local.max())) + 1
     # every label of the tile is measured (the ones not kept lie in a neighbour's share of the overlap), which
     # costs less than a label map of the kept ones only and gives the kept ones the same values
-    from .stitch import row_runs
-
     runs = row_runs(labels)  # shared by the moments and the stain pass
-    area, perim, ecc = (v[local] for v in pixel_measures(labels, n, runs))
+    area, ecc = (v[local] for v in pixel_measures(labels, n, runs))
     keep = np.zeros(n, dtype=bool)
     keep[local] = True
-    labs, xy, offsets = outline_rings(labels, keep) if rings is None else rings
-    width, longest, solidity = (v[np.searchsorted(labs, local)] for v in hull_measures(xy, offsets))
+    rings = outline_rings(labels, keep) if rings is None else rings
+    labs, xy, offsets = rings
+    at = np.searchsorted(labs, local)
+    width, longest, solidity = (v[at] for v in hull_measures(xy, offsets))
+    if perimeter_um is None:
+        perimeter_um = shapely.length(tile_polygons(labels, keep, rings=rings)[1][at]) * mpp
+    perim = np.asarray(perimeter_um, dtype=np.float64)
     out = {
-        "Nucleus: Area µm^2": area * mpp**2,
-        "Nucleus: Perimeter µm": perim * mpp,
-        "Nucleus: Circularity": np.where(perim > 0, 4 * np.pi * area / np.maximum(perim, 1e-12) ** 2, 0.0),
+        "Nucleus: Circularity": np.where(perim > 0, 4 * np.pi * area * mpp**2 / np.maximum(perim, 1e-12) ** 2, 0.0),
         "Nucleus: Solidity": solidity,
         "Nucleus: Max diameter µm": longest * mpp,
         "Nucleus: Min diameter µm": width * mpp,
