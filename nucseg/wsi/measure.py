@@ -168,21 +168,30 @@ def hull_measures(xy: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.n
     solidity = np.where(hull_area > 0, _ring_areas(xy, offsets) / np.where(hull_area > 0, hull_area, 1.0), 1.0)
     h = np.diff(hoff)
     width, longest = np.zeros(k), np.zeros(k)
-    size = -(-h // 8) * 8  # pad to a multiple of 8 vertices: few groups, little padding
+    size = -(-h // 4) * 4  # pad to a multiple of 4 vertices: few groups, little padding
     for s in np.unique(size[h >= 2]):
         which = np.flatnonzero((size == s) & (h >= 2))
+        g = len(which)
         col = np.minimum(np.arange(s), h[which, None] - 1)  # past a hull's end: its last vertex again
-        pts = hxy[hoff[which, None] + col]  # (g, s, 2)
-        d = np.roll(pts, -1, axis=1) - pts  # edge j: pts[j] -> pts[j + 1] (the last real one wraps to pts[0])
-        wrap = h[which] - 1
-        d[np.arange(len(which)), wrap] = pts[:, 0] - pts[np.arange(len(which)), wrap]
-        rel_x = pts[:, None, :, 0] - pts[:, :, None, 0]  # [g, edge j, vertex v]: vertex v relative to pts[j]
-        rel_y = pts[:, None, :, 1] - pts[:, :, None, 1]
-        span = np.hypot(rel_x, rel_y).max(axis=(1, 2))
-        cross = np.abs(d[:, :, None, 0] * rel_y - d[:, :, None, 1] * rel_x).max(axis=2)
-        norm = np.hypot(d[..., 0], d[..., 1])
+        px, py = (np.ascontiguousarray(hxy[hoff[which, None] + col, j]) for j in (0, 1))  # (g, s) each
+        wrap = h[which] - 1  # edge j: pts[j] -> pts[j + 1], the last real one back to pts[0]
+        dx, dy = np.roll(px, -1, axis=1) - px, np.roll(py, -1, axis=1) - py
+        dx[np.arange(g), wrap] = px[:, 0] - px[np.arange(g), wrap]
+        dy[np.arange(g), wrap] = py[:, 0] - py[np.arange(g), wrap]
+        rel_x = px[:, None, :] - px[:, :, None]  # [g, edge j, vertex v]: vertex v relative to pts[j]
+        rel_y = py[:, None, :] - py[:, :, None]
+        # |d x rel| / |d| is the distance of v from edge j's line; (on a half-pixel grid all exact but the last step)
+        cross = dx[:, :, None] * rel_y
+        cross -= dy[:, :, None] * rel_x
+        np.abs(cross, out=cross)
+        far = cross.max(axis=2)
+        rel_x *= rel_x
+        rel_y *= rel_y
+        rel_x += rel_y
+        span = np.sqrt(rel_x.max(axis=(1, 2)))
+        norm = np.hypot(dx, dy)
         real = np.arange(s) < h[which, None]
-        dist = np.where(real, cross / np.maximum(norm, 1e-12), np.inf)  # padding edges are no edges
+        dist = np.where(real, far / np.maximum(norm, 1e-12), np.inf)  # padding edges are no edges
         width[which] = np.where(h[which] >= 3, dist.min(axis=1), 0.0)
         longest[which] = span
     return width, longest, solidity
