@@ -358,3 +358,16 @@ def test_geoparquet_bbox_covering_and_region_reads(tmp_path, monkeypatch):
     kept = frag.split_by_row_group(f)
     assert 0 < len(kept) <= len(sizes) // 2
     assert sum(g.count_rows() for g in kept) >= hit.sum()
+
+
+def test_measurement_rounding_in_numpy_is_pythons_exact_rounding():
+    """The vectorised 6-decimal rounding of the measurements equals Python's round value for value (and its
+    repr), including decimal half-way cases, signed zeros, huge values and NaN (null)."""
+    from nucseg.wsi.export import _json_number, _json_numbers
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.random(20000), rng.normal(0, 100, 20000), (rng.integers(0, 10**7, 20000) + 0.5) / 1e6,
+                        [np.nan, 0.0, -0.0, 1e-7, -1e-7, 5e-7, 2.5e-6, 1e300, -1e20, np.inf]])
+    got = _json_numbers(v)
+    want = [_json_number(x) for x in v.tolist()]
+    assert [repr(x) for x in got] == [repr(x) for x in want]

@@ -458,7 +458,7 @@ def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
     area = [round(v, 4) for v in batch.area_um2.tolist()]
     perim = [round(v, 4) for v in batch.perimeter_um.tolist()]
     score = [round(v, 5) for v in batch.score.tolist()]
-    extra = [(name, [_json_number(v) for v in values.tolist()]) for name, values in batch.measurements.items()]
+    extra = [(name, _json_numbers(values)) for name, values in batch.measurements.items()]
     gids = batch.ids.tolist()
     uuids = feature_ids(slide_key, gids)
     for i, (gid, ring) in enumerate(zip(gids, batch.rings())):
@@ -485,6 +485,22 @@ MEASUREMENT_DIGITS = 6
 def _json_number(v: float):
     """A measurement as JSON: rounded to ``MEASUREMENT_DIGITS`` (Python's exact rounding); NaN becomes null."""
     return None if v != v else round(v, MEASUREMENT_DIGITS)
+
+
+def _json_numbers(values: np.ndarray) -> list:
+    """:func:`_json_number` of each value, equal to it value for value (tested) and ~5x faster: numpy's
+    ``round`` is ``rint(v * 10**d) / 10**d``, which is Python's exact decimal rounding unless the product's
+    own rounding moved it across a half (or it is huge or NaN); those few values go through Python's."""
+    v = np.asarray(values, dtype=np.float64)
+    scale = 10.0**MEASUREMENT_DIGITS
+    scaled = v * scale
+    out = (np.rint(scaled) / scale).tolist()
+    with np.errstate(invalid="ignore"):
+        near = np.abs(scaled - np.floor(scaled) - 0.5) <= 4 * np.spacing(np.abs(scaled))
+        unsure = near | ~(np.abs(scaled) < 2.0**52)
+    for i in np.flatnonzero(unsure).tolist():
+        out[i] = _json_number(float(v[i]))
+    return out
 
 
 def feature(rec: NucleusRecord, slide_key: str) -> dict:
@@ -695,7 +711,7 @@ class CSVWriter(_BatchWriter):
                    b.perimeter_um.tolist(), b.score.tolist())
         lines = [f"{i},{x:.2f},{y:.2f},{a:.4f},{p:.4f},{s:.5f}" for i, x, y, a, p, s in rows]
         if self.measurements:
-            cols = [[_json_number(v) for v in _column(b, m).tolist()] for m in self.measurements]
+            cols = [_json_numbers(_column(b, m)) for m in self.measurements]
             lines = [line + "".join("," if v is None else f",{v!r}" for v in extra)
                      for line, extra in zip(lines, zip(*cols))]
         self._fh.write("".join([line + "\n" for line in lines]))

@@ -255,12 +255,14 @@ def measure_tile(labels: np.ndarray, local: np.ndarray, mpp: float, mode: str,
 
     local = np.asarray(local, dtype=np.int64)
     n = max(int(labels.max()), int(local.max())) + 1
-    # every label of the tile is measured (the ones not kept lie in a neighbour's share of the overlap), which
-    # costs less than a label map of the kept ones only and gives the kept ones the same values
-    runs = row_runs(labels)  # shared by the moments and the stain pass
-    area, ecc = (v[local] for v in pixel_measures(labels, n, runs))
     keep = np.zeros(n, dtype=bool)
     keep[local] = True
+    # the runs of the kept labels only (the others lie in a neighbour's share of the overlap), shared by the
+    # moments and the stain pass: a label's runs, and so its sums, are the same as in the whole map
+    starts, length, run_lab = row_runs(labels)
+    kept = keep[run_lab]
+    runs = starts[kept], length[kept], run_lab[kept]
+    area, ecc = (v[local] for v in pixel_measures(labels, n, runs))
     rings = outline_rings(labels, keep) if rings is None else rings
     labs, xy, offsets = rings
     at = np.searchsorted(labs, local)
@@ -288,19 +290,36 @@ def _rgb2hed(rgb: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb)
 
 
-def _rgb2hed_uint8(px: np.ndarray) -> np.ndarray:
-    """The H and E columns of ``skimage.color.rgb2hed`` of (m, 3) uint8 pixels (equal to within rounding, ~1e-16): its per-channel
-    optical density (log of the value in [0, 1], floored at 1e-6) read from a 256-entry table instead of a log
-    per pixel, then its matrix product."""
-    from skimage.color.colorconv import hed_from_rgb
+def _he_od_uint8(rgb: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The H and E optical densities of ``skimage.color.rgb2hed`` at flat pixel indices ``at`` of a (T, T, 3)
+    uint8 image (equal to within rounding, ~1e-16).
 
-    global _OD_TABLE
-    if _OD_TABLE is None:
-        _OD_TABLE = np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)
-    return np.maximum(np.take(_OD_TABLE, px) @ hed_from_rgb[:, :2], 0)  # H and E (DAB is not used)
+    rgb2hed is a linear map of each channel's optical density (log of the value in [0, 1], floored at 1e-6,
+    over log 1e-6), floored at 0. So H = max(T[r, g] + U[b], 0) with tables of the (red, green) pairs (65,536
+    entries, read through a view of each pixel's first two bytes as one little-endian uint16) and of blue:
+    two gathers from the image and two from each table per pixel, instead of a log per channel and a matrix
+    product.
+    """
+    global _HE_TABLES
+    if _HE_TABLES is None:
+        from skimage.color.colorconv import hed_from_rgb
+
+        od = np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)
+        r, g = np.meshgrid(np.arange(256), np.arange(256), indexing="xy")  # entry g * 256 + r
+        _HE_TABLES = tuple(t for j in (0, 1) for t in (
+            (od[r] * hed_from_rgb[0, j] + od[g] * hed_from_rgb[1, j]).ravel(), od * hed_from_rgb[2, j]))
+    flat = np.ascontiguousarray(rgb[..., :3]).reshape(-1)
+    rg = np.ndarray((flat.size // 3,), dtype="<u2", buffer=flat, strides=(3,))
+    i, j = np.take(rg, at), np.take(flat[2::3], at)
+    out = []
+    for pair, blue in (_HE_TABLES[:2], _HE_TABLES[2:]):
+        v = np.take(pair, i)
+        v += np.take(blue, j)
+        out.append(np.maximum(v, 0, out=v))
+    return out[0], out[1]
 
 
-_OD_TABLE: np.ndarray | None = None
+_HE_TABLES: tuple | None = None
 
 
 def stain_od(labels: np.ndarray, local: np.ndarray, rgb: np.ndarray,
@@ -318,16 +337,19 @@ def stain_od(labels: np.ndarray, local: np.ndarray, rgb: np.ndarray,
     first = np.cumsum(length) - length  # each run's first pixel among the nuclei's pixels
     at = np.repeat(starts - first, length) + np.arange(int(length.sum()))
     lab = np.repeat(run_lab, length)
-    px = np.take(np.asarray(rgb)[..., :3].reshape(-1, 3), at, axis=0)
-    hed = _rgb2hed_uint8(px) if px.dtype == np.uint8 else _rgb2hed(px[None])[0]
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8:
+        h, e = _he_od_uint8(rgb, at)
+    else:
+        hed = _rgb2hed(np.take(rgb[..., :3].reshape(-1, 3), at, axis=0)[None])[0]
+        h, e = np.ascontiguousarray(hed[:, 0]), hed[:, 1]
     count = np.maximum(np.bincount(run_lab, weights=length, minlength=n), 1).astype(np.float64)
-    h = np.ascontiguousarray(hed[:, 0])
     mean = np.bincount(lab, weights=h, minlength=n) / count
     # two passes (deviations from the mean), not E[x²] - E[x]², which cancels badly for near-uniform nuclei
     dev = h - np.repeat(mean[run_lab], length)
     h_var = np.bincount(lab, weights=dev * dev, minlength=n)[local] / count[local]
     h_mean = mean[local]
-    e_mean = np.bincount(lab, weights=hed[:, 1], minlength=n)[local] / count[local]
+    e_mean = np.bincount(lab, weights=e, minlength=n)[local] / count[local]
     top = np.full(n, -np.inf)
     if len(first):  # the maximum of each run, then of each label's runs
         np.maximum.at(top, run_lab, np.maximum.reduceat(h, first))
