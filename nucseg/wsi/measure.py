@@ -156,9 +156,10 @@ def hull_measures(xy: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.n
 
     xy: (m, 2) vertices; ring i is ``xy[offsets[i]:offsets[i+1]]``. For a convex polygon the minimum width is
     attained with one line through a hull edge, so it is min over edges of the max vertex distance to that
-    edge's line; the maximum width is the largest distance between two hull vertices. Hulls of about the same
-    size are padded to one size (repeating their last vertex) and every (edge, vertex) pair taken at once by
-    broadcasting. Solidity is the ring's area over its hull's (1 for a hull with no area).
+    edge's line; the maximum width is the largest distance between two hull vertices, an antipodal pair. Both
+    by rotating calipers, all hulls at once (O(hull vertices), no pairs of all vertices). Solidity is the
+    ring's area over its hull's (1 for a hull with no area). On a half-pixel grid (outlines) every step is
+    exact but the square root and the division by the edge length.
     """
     k = len(offsets) - 1
     if k == 0:
@@ -168,32 +169,48 @@ def hull_measures(xy: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.n
     solidity = np.where(hull_area > 0, _ring_areas(xy, offsets) / np.where(hull_area > 0, hull_area, 1.0), 1.0)
     h = np.diff(hoff)
     width, longest = np.zeros(k), np.zeros(k)
-    size = -(-h // 4) * 4  # pad to a multiple of 4 vertices: few groups, little padding
-    for s in np.unique(size[h >= 2]):
-        which = np.flatnonzero((size == s) & (h >= 2))
-        g = len(which)
-        col = np.minimum(np.arange(s), h[which, None] - 1)  # past a hull's end: its last vertex again
-        px, py = (np.ascontiguousarray(hxy[hoff[which, None] + col, j]) for j in (0, 1))  # (g, s) each
-        wrap = h[which] - 1  # edge j: pts[j] -> pts[j + 1], the last real one back to pts[0]
-        dx, dy = np.roll(px, -1, axis=1) - px, np.roll(py, -1, axis=1) - py
-        dx[np.arange(g), wrap] = px[:, 0] - px[np.arange(g), wrap]
-        dy[np.arange(g), wrap] = py[:, 0] - py[np.arange(g), wrap]
-        rel_x = px[:, None, :] - px[:, :, None]  # [g, edge j, vertex v]: vertex v relative to pts[j]
-        rel_y = py[:, None, :] - py[:, :, None]
-        # |d x rel| / |d| is the distance of v from edge j's line; (on a half-pixel grid all exact but the last step)
-        cross = dx[:, :, None] * rel_y
-        cross -= dy[:, :, None] * rel_x
-        np.abs(cross, out=cross)
-        far = cross.max(axis=2)
-        rel_x *= rel_x
-        rel_y *= rel_y
-        rel_x += rel_y
-        span = np.sqrt(rel_x.max(axis=(1, 2)))
-        norm = np.hypot(dx, dy)
-        real = np.arange(s) < h[which, None]
-        dist = np.where(real, far / np.maximum(norm, 1e-12), np.inf)  # padding edges are no edges
-        width[which] = np.where(h[which] >= 3, dist.min(axis=1), 0.0)
-        longest[which] = span
+    two = h == 2  # a segment: its length; a point: 0
+    if two.any():
+        d = hxy[hoff[:-1][two] + 1] - hxy[hoff[:-1][two]]
+        longest[two] = np.sqrt(d[:, 0] ** 2 + d[:, 1] ** 2)
+    poly = np.flatnonzero(h >= 3)
+    if not len(poly):
+        return width, longest, solidity
+    # rotating calipers, all hulls at once: the vertex farthest from edge j's line is where the edge directions
+    # pass direction(j) + 180°, found by one searchsorted over the hulls' turning angles; it and its two
+    # neighbours are evaluated (so an angle's rounding cannot pick the wrong one), and every pair of a
+    # vertex and an edge end it is antipodal to gives the diameter candidates
+    hh = h[poly]
+    start = hoff[:-1][poly]
+    m = int(hh.sum())
+    which = np.repeat(np.arange(len(poly)), hh)
+    first = np.cumsum(hh) - hh
+    j = np.arange(m) - first[which]  # vertex / edge index within its hull
+    at = start[which] + j
+    nxt = start[which] + (j + 1) % hh[which]
+    px, py = hxy[at, 0], hxy[at, 1]
+    dx, dy = hxy[nxt, 0] - px, hxy[nxt, 1] - py
+    ang = np.arctan2(dy, dx)
+    sign = np.sign(np.bincount(which, weights=px * hxy[nxt, 1] - hxy[nxt, 0] * py))  # orientation per hull
+    turn = np.mod((ang - ang[first[which]]) * sign[which], 2 * np.pi)  # 0 .. 2π, rising along the hull
+    key = np.concatenate([which * 16.0 + turn, which * 16.0 + turn + 2 * np.pi])  # each hull's angles twice
+    order = np.argsort(key, kind="stable")
+    pos = np.searchsorted(key[order], which * 16.0 + turn + np.pi)
+    far = order[np.minimum(pos, 2 * m - 1)] % m  # the first edge past the turn: its start is the far vertex
+    far -= first[which]  # (in the same hull: hulls are 16 apart in key, their angles span 4π < 16)
+    norm = np.hypot(dx, dy)
+    best = np.zeros(m)
+    span2 = np.zeros(m)
+    for shift in (-1, 0, 1):
+        v = start[which] + (far + shift) % hh[which]
+        rel_x, rel_y = hxy[v, 0] - px, hxy[v, 1] - py
+        cross = np.abs(dx * rel_y - dy * rel_x)
+        best = np.maximum(best, cross)
+        span2 = np.maximum(span2, np.maximum(rel_x * rel_x + rel_y * rel_y,
+                                             (hxy[v, 0] - hxy[nxt, 0]) ** 2 + (hxy[v, 1] - hxy[nxt, 1]) ** 2))
+    dist = best / np.maximum(norm, 1e-12)
+    width[poly] = np.minimum.reduceat(dist, first)
+    longest[poly] = np.sqrt(np.maximum.reduceat(span2, first))
     return width, longest, solidity
 
 
