@@ -71,7 +71,7 @@ def convex_hulls(xy: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.nd
     ring = np.repeat(np.arange(k), nv)
     x, y = xy[:, 0], xy[:, 1]
     y2 = y * 2
-    if k and np.array_equal(y2, np.floor(y2)) and np.abs(y2).max() < 2**40:
+    if len(xy) and np.array_equal(y2, np.floor(y2)) and np.abs(y2).max() < 2**40:
         # outline vertices: heights on a half-pixel grid, so a level is a slot in a per-ring table
         y2 = y2.astype(np.int64)
         nz = nv > 0
