@@ -18,7 +18,7 @@
   that of the ellipse with the same second central moments.
 * ``full`` adds :data:`STAIN`: optical densities from ``skimage.color.rgb2hed`` (Ruifrok & Johnston colour
   deconvolution) of the tile's RGB pixels; per-nucleus mean, standard deviation (population, ddof=0) and
-  maximum over the nucleus's pixels (``np.bincount``, ``np.maximum``). These are scikit-image's
+  maximum over the nucleus's pixels (``np.bincount``, ``np.maximum.reduceat``). These are scikit-image's
   stain vectors, not QuPath's per-image estimated ones, so values are comparable between nucseg runs, not
   numerically equal to QuPath's own.
 
