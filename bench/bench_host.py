@@ -11,11 +11,14 @@ Two implementations, each in its own fresh process, alternating, in the same run
   ``git archive`` into a temporary folder and imported from there (so a clean clone with its history
   reproduces the comparison); its stages are timed by wrapping its functions;
 * ``new``: this checkout, with 1 export process (the export thread does everything) and 2 worker processes;
-  its stages come from ``SlideSummary.stages``.
+  its stages come from ``SlideSummary.stages``. It runs once per ``--measurements`` mode: ``none`` (like
+  with like: the legacy code wrote only area, perimeter and score) and ``full`` (the default of
+  ``nucseg predict``), so the cost of the default measurements is read off the same run.
 
 The configurations are interleaved: in each of ``--repeat`` rounds every configuration runs once (legacy in the
-first ``--legacy-repeat`` rounds only), each in a fresh process that first makes one untimed warm-up run (imports,
-caches), then the timed run. So a slow spell of a shared or throttled machine falls on all configurations
+first ``--legacy-repeat`` rounds only), each in a fresh process that makes a cold run (the process's first:
+first-call costs included, as a one-slide ``nucseg predict`` pays them) and then a warm run; both are reported
+(``cpu_us_per_nucleus_cold`` and ``cpu_us_per_nucleus``, warm; the speed-ups compare warm runs). So a slow spell of a shared or throttled machine falls on all configurations
 alike, rather than on whichever ran then (the blocks-in-sequence version of this script gave 7.6x and 9.3x for
 the same code an hour apart). The fastest and the median run are reported, all runs are kept.
 
@@ -28,6 +31,8 @@ worker processes'. The outputs are compared: same nuclei (ids, areas), polygons 
 new outputs with 1 and 2 workers byte-identical.
 
     .venv/bin/python bench/bench_host.py          # a few minutes on 2 cores -> bench/results/host_cpu.json
+    .venv/bin/python bench/bench_host.py --mpps 0.125 --workers 1 --legacy-repeat 0 --out bench/results/host_cpu_0125.json
+                                                   # issue 23's figure: the default measurements' cost at 0.125 µm/px
     .venv/bin/python bench/bench_host.py --work-dir --out bench/results/host_cpu_workdir.json
 """
 
@@ -169,13 +174,13 @@ def child(args: argparse.Namespace) -> int:
                     return inner(tiles)
 
         seg = Timed()
-    runs = []
+    runs, cold = [], []  # cold: the process's first run(s), ``--warmup`` of them
     for r in range(args.warmup + args.repeat):
         with tempfile.TemporaryDirectory(prefix="nucseg-host-", dir=args.tmp) as d:
             times.d.clear()
-            # like with like: the legacy code wrote only area, perimeter and score (issue 11's measurements are
-            # measured by bench_measurements.py)
-            extra = {} if args.impl == "legacy" else {"export_workers": int(args.workers), "measurements": "none"}
+            # the legacy code wrote only area, perimeter and score: it is compared with measurements "none"
+            extra = {} if args.impl == "legacy" else {"export_workers": int(args.workers),
+                                                      "measurements": args.measurements}
             if args.work_dir:  # a persistent cache (``--work-dir``)
                 extra["work_dir"] = Path(d) / "work"
             cfg = P.PredictConfig(target_mpp=args.mpp, **extra)  # else no work_dir: a temporary cache, as the CLI
@@ -186,9 +191,7 @@ def child(args: argparse.Namespace) -> int:
             stages = dict(times.d) if args.impl == "legacy" else dict(summary.stages)
             worker = stages.pop("worker_cpu", {"cpu": 0.0})["cpu"]
             plan_wall = stages.get("plan", {}).get("wall", 0.0)
-            if r < args.warmup:
-                continue
-            runs.append({
+            (cold if r < args.warmup else runs).append({
                 "wall_s": round(wall, 3), "cpu_s": round(cpu + worker, 3), "worker_cpu_s": round(worker, 3),
                 "plan_wall_s": round(plan_wall, 3), "tiles": summary.tissue_tiles, "nuclei": summary.nuclei,
                 "target_mpp": summary.target_mpp, "output_bytes": out.stat().st_size,
@@ -202,7 +205,8 @@ def child(args: argparse.Namespace) -> int:
                 P.predict_slide(SLIDE, pq, seg, cfg)
                 runs[-1]["parquet_bytes"] = pq.stat().st_size
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the export processes are not included
-    print(json.dumps({"impl": args.impl, "workers": int(args.workers), "nucseg_file": str(where), "runs": runs,
+    print(json.dumps({"impl": args.impl, "workers": int(args.workers), "measurements": args.measurements,
+                      "nucseg_file": str(where), "runs": runs, "cold_runs": cold,
                       "peak_rss_mib_main_process": round(rss, 1)}))
     return 0
 
@@ -222,9 +226,10 @@ def legacy_package(dest: Path) -> Path:
 
 
 def run_child(impl: str, mpp: float | None, workers: int, repeat: int, tmp: Path, legacy_root: Path,
-              keep: Path | None, warmup: int = 1, work_dir: bool = False) -> dict:
+              keep: Path | None, warmup: int = 1, work_dir: bool = False, measurements: str = "none") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--workers", str(workers),
-           "--repeat", str(repeat), "--warmup", str(warmup), "--tmp", str(tmp), "--legacy-root", str(legacy_root)]
+           "--repeat", str(repeat), "--warmup", str(warmup), "--tmp", str(tmp), "--legacy-root", str(legacy_root),
+           "--measurements", measurements]
     if work_dir:
         cmd.append("--work-dir")
     if mpp is not None:
@@ -248,8 +253,10 @@ def summarise(res: dict) -> dict:
     st = best["stages"]
     cpu = lambda k: st.get(k, {}).get("cpu", 0.0)  # noqa: E731
     n = best["nuclei"]
+    cold = min(res.get("cold_runs") or [None], key=lambda r: r["cpu_s"] if r else 0)
     return {
         "impl": res["impl"], "workers": res["workers"] if res["impl"] != "legacy" else None,
+        "measurements": res.get("measurements", "none") if res["impl"] != "legacy" else "-",
         "tiles": best["tiles"], "nuclei": n, "nuclei_per_tile": round(n / best["tiles"], 1),
         "wall_s": best["wall_s"], "tiles_per_s": round(best["tiles"] / best["wall_s"], 1),
         # the spread over the runs, so a reader can tell a difference from the noise
@@ -257,6 +264,9 @@ def summarise(res: dict) -> dict:
         "tiles_per_s_median": round(best["tiles"] / float(np.median(walls)), 1),
         "tiles_per_s_after_plan": round(best["tiles"] / max(best["wall_s"] - best["plan_wall_s"], 1e-9), 1),
         "cpu_us_per_nucleus": round(best["cpu_s"] / n * 1e6, 1),
+        "cpu_us_per_nucleus_median": round(float(np.median([r["cpu_s"] for r in res["runs"]])) / n * 1e6, 1),
+        # the process's first run (first-call costs included); the least of them over the rounds
+        "cpu_us_per_nucleus_cold": round(cold["cpu_s"] / cold["nuclei"] * 1e6, 1) if cold else None,
         "polygons_write_cpu_us_per_nucleus": round((cpu("polygons") + cpu("write")) / n * 1e6, 1),
         "stage_cpu_s": {k: round(cpu(k), 3) for k in STAGES if k in st},
         "stage_wall_s": {k: round(st[k]["wall"], 3) for k in STAGES if k in st},
@@ -305,6 +315,8 @@ def main() -> int:
     ap.add_argument("--legacy-repeat", type=int, default=5, help="rounds that also run the legacy code")
     ap.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)  # untimed runs in a child
     ap.add_argument("--workers", default="1,2", help="export processes of the new code to compare")
+    ap.add_argument("--measurements", default="none,full",
+                    help="measurement modes of the new code to compare ('none' is the legacy code's like)")
     ap.add_argument("--work-dir", action="store_true",
                     help="run both codes with a persistent work dir (today's code then caches the RGB tiles too), "
                          "not as the CLI does by default (a temporary cache)")
@@ -324,36 +336,49 @@ def main() -> int:
     from common import provenance, write_report
 
     workers = [int(w) for w in args.workers.split(",")]
+    modes = args.measurements.split(",")
+    legacy_on = args.legacy_repeat > 0 and "none" in modes
     results = []
     with tempfile.TemporaryDirectory(prefix="nucseg-bench-host-") as tmp:
         tmp = Path(tmp)
         root = legacy_package(tmp / "legacy")
         for m in args.mpps.split(","):
             mpp = None if m == "native" else float(m)
-            keep = {"legacy": tmp / f"legacy-{m}.geojson", **{w: tmp / f"new-{m}-{w}.geojson" for w in workers}}
-            configs = [("legacy", 1), *(("new", w) for w in workers)]
+            keep = {"legacy": tmp / f"legacy-{m}.geojson",
+                    **{(w, mode): tmp / f"new-{m}-{w}-{mode}.geojson" for w in workers for mode in modes}}
+            configs = [("legacy", 1, "none")] if legacy_on else []
+            configs += [("new", w, mode) for mode in modes for w in workers]
             got: dict = {}
             for r in range(args.repeat):  # rounds: every configuration once per round, in fresh processes
-                for impl, w in configs:
+                for c in configs:
+                    impl, w, mode = c
                     if impl == "legacy" and r >= args.legacy_repeat:
                         continue
-                    res = run_child(impl, mpp, w, 1, tmp, root, keep["legacy" if impl == "legacy" else w],
-                                    work_dir=args.work_dir)
-                    print(f"round {r + 1}: {impl} {w}: {res['runs'][0]['wall_s']} s", file=sys.stderr, flush=True)
-                    if (impl, w) in got:
-                        got[(impl, w)]["runs"] += res["runs"]
-                        got[(impl, w)]["peak_rss_mib_main_process"] = max(
-                            got[(impl, w)]["peak_rss_mib_main_process"], res["peak_rss_mib_main_process"])
+                    res = run_child(impl, mpp, w, 1, tmp, root, keep["legacy" if impl == "legacy" else (w, mode)],
+                                    work_dir=args.work_dir, measurements=mode)
+                    print(f"round {r + 1}: {impl} {w} {mode}: {res['runs'][0]['wall_s']} s", file=sys.stderr, flush=True)
+                    if c in got:
+                        got[c]["runs"] += res["runs"]
+                        got[c]["cold_runs"] += res["cold_runs"]
+                        got[c]["peak_rss_mib_main_process"] = max(
+                            got[c]["peak_rss_mib_main_process"], res["peak_rss_mib_main_process"])
                     else:
-                        got[(impl, w)] = res
+                        got[c] = res
             rows = [summarise(got[c]) for c in configs]
-            legacy = rows[0]
-            for row in rows[1:]:
-                row["speedup_vs_legacy"] = round(legacy["wall_s"] / row["wall_s"], 2)
-                row["speedup_vs_legacy_median"] = round(legacy["wall_s_median"] / row["wall_s_median"], 2)
-                row["cpu_per_nucleus_ratio_vs_legacy"] = round(legacy["cpu_us_per_nucleus"] / row["cpu_us_per_nucleus"], 2)
-            check = compare(keep["legacy"], keep[workers[0]])
-            check["new_outputs_identical_across_workers"] = len({keep[w].read_bytes() for w in workers}) == 1
+            none_rows = {r["workers"]: r for r in rows if r["impl"] == "new" and r["measurements"] == "none"}
+            for row in rows:
+                if legacy_on and row["impl"] == "new":
+                    legacy = rows[0]
+                    row["speedup_vs_legacy"] = round(legacy["wall_s"] / row["wall_s"], 2)
+                    row["speedup_vs_legacy_median"] = round(legacy["wall_s_median"] / row["wall_s_median"], 2)
+                    row["cpu_per_nucleus_ratio_vs_legacy"] = round(legacy["cpu_us_per_nucleus"] / row["cpu_us_per_nucleus"], 2)
+                base = none_rows.get(row["workers"])
+                if row["impl"] == "new" and base is not None and row is not base:  # the measurements' cost
+                    row["cpu_ratio_vs_none"] = round(row["cpu_us_per_nucleus"] / base["cpu_us_per_nucleus"], 3)
+            check = compare(keep["legacy"], keep[(workers[0], "none")]) if legacy_on else {}
+            for mode in modes:
+                check[f"new_outputs_identical_across_workers_{mode}"] = \
+                    len({keep[(w, mode)].read_bytes() for w in workers}) == 1
             results.append({"target_mpp": rows[0]["tiles"] and (mpp or "native"), "rows": rows, "outputs": check})
     report = {"benchmark": "whole-slide host path, instant segmenter (no model)", **provenance(),
               "slide": str(SLIDE.name), "legacy_commit": LEGACY_COMMIT,
@@ -371,15 +396,17 @@ def main() -> int:
 
 
 def table(report: dict) -> str:
-    lines = ["| µm/px | code | export processes | tiles | kept nuclei/tile | wall s | tiles/s | tiles/s (median run) | "
-             "tiles/s after plan | CPU µs/nucleus | polygons+write CPU µs/nucleus | speed-up |", "|" + "---|" * 12]
+    lines = ["| µm/px | code | export processes | measurements | tiles | kept nuclei/tile | wall s | tiles/s | "
+             "tiles/s (median run) | tiles/s after plan | CPU µs/nucleus warm | cold | polygons+write CPU µs/nucleus | "
+             "speed-up |", "|" + "---|" * 14]
     for res in report["results"]:
         for r in res["rows"]:
-            lines.append(f"| {res['target_mpp']} | {r['impl']} | {r['workers'] or '-'} | {r['tiles']} | "
+            lines.append(f"| {res['target_mpp']} | {r['impl']} | {r['workers'] or '-'} | {r.get('measurements', '-')} | "
+                         f"{r['tiles']} | "
                          f"{r['nuclei_per_tile']} | {r['wall_s']} | {r['tiles_per_s']} | {r.get('tiles_per_s_median', '-')} | "
                          f"{r['tiles_per_s_after_plan']} | "
-                         f"{r['cpu_us_per_nucleus']} | {r['polygons_write_cpu_us_per_nucleus']} | "
-                         f"{r.get('speedup_vs_legacy', 1.0)}x |")
+                         f"{r['cpu_us_per_nucleus']} | {r.get('cpu_us_per_nucleus_cold', '-')} | "
+                         f"{r['polygons_write_cpu_us_per_nucleus']} | {r.get('speedup_vs_legacy', '-')}x |")
     return "\n".join(lines)
 
 

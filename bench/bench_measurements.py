@@ -82,18 +82,31 @@ def main() -> None:
 
 
 def kernel_vs_legacy(commit: str, seg, repeat: int) -> dict:
-    """CPU µs per nucleus of measure_tile, ``commit``'s vs today's, on the slide's tiles at native µm/px."""
+    """CPU µs per nucleus of measure_tile, ``commit``'s vs today's, on the slide's tiles at native µm/px, and
+    how far apart their values are (the names both write).
+
+    As in ``predict_slide``, both get the tile's outlines (traced once for the polygons too) and today's the
+    exported polygons' perimeters, made outside the timed calls.
+    """
     import importlib.util
     import subprocess
     import sys
 
     import numpy as np
+    import shapely
 
-    from nucseg import measure
+    from nucseg.wsi import measure
+    from nucseg.wsi.export import outline_rings, tile_polygons
     from nucseg.wsi.slide import open_slide
 
-    src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{commit}:nucseg/measure.py"], check=True,
-                         capture_output=True, text=True).stdout.replace("from .export import", "from nucseg.wsi.export import")
+    src = None
+    for where in ("nucseg/wsi/measure.py", "nucseg/measure.py"):  # the package layout before and after issue 17
+        r = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{commit}:{where}"], capture_output=True, text=True)
+        if r.returncode == 0:
+            src = r.stdout.replace("from .export import", "from nucseg.wsi.export import")
+            break
+    if src is None:
+        raise SystemExit(f"no measure.py at commit {commit}")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "legacy_measure.py"
         path.write_text(src)
@@ -105,20 +118,38 @@ def kernel_vs_legacy(commit: str, seg, repeat: int) -> dict:
     T = 512
     tiles = [np.asarray(slide.read_region((x, y), 0, (T, T)).convert("RGB"))
              for y in range(0, slide.dimensions[1] - T + 1, T) for x in range(0, slide.dimensions[0] - T + 1, T)]
-    maps = [(lab, rgb, np.unique(lab)[1:]) for lab, rgb in zip(seg(np.stack(tiles)).labels, tiles)]
-    maps = [m for m in maps if len(m[2])]
-    nuclei = sum(len(ids) for _, _, ids in maps)
+    maps = []
+    for lab, rgb in zip(seg(np.stack(tiles)).labels, tiles):
+        ids = np.unique(lab)[1:]
+        if not len(ids):
+            continue
+        keep = np.zeros(int(lab.max()) + 1, bool)
+        keep[ids] = True
+        rings = outline_rings(lab, keep)
+        perim = shapely.length(tile_polygons(lab, keep, rings=rings)[1]) * 0.5
+        maps.append((lab, rgb, ids, rings, perim))
+    nuclei = sum(len(m[2]) for m in maps)
     out = {"tiles": len(maps), "nuclei": nuclei}
+    calls = {"legacy": lambda m, mode: legacy.measure_tile(m[0], m[2], 0.5, mode, m[1], m[3]),
+             "new": lambda m, mode: measure.measure_tile(m[0], m[2], 0.5, mode, m[1], m[3], m[4])}
     for mode in ("shape", "full"):
         best = {"legacy": np.inf, "new": np.inf}
         for _ in range(repeat):
-            for name, mod in (("legacy", legacy), ("new", measure)):
+            for name, call in calls.items():
                 c0 = time.process_time()
-                for lab, rgb, ids in maps:
-                    mod.measure_tile(lab, ids, 0.5, mode, rgb)
+                for m in maps:
+                    call(m, mode)
                 best[name] = min(best[name], time.process_time() - c0)
         out[mode] = {k: round(1e6 * v / nuclei, 1) for k, v in best.items()}
         out[mode]["speedup"] = round(best["legacy"] / best["new"], 2)
+    diff = {}
+    for m in maps:
+        a, b = calls["legacy"](m, "full"), calls["new"](m, "full")
+        for k in set(a) & set(b):
+            d = diff.setdefault(k, {"max_abs_diff": 0.0, "differ_at_6_decimals": 0})
+            d["max_abs_diff"] = max(d["max_abs_diff"], float(np.abs(a[k] - b[k]).max()))
+            d["differ_at_6_decimals"] += sum(round(x, 6) != round(y, 6) for x, y in zip(a[k].tolist(), b[k].tolist()))
+    out["values"] = {k: diff[k] for k in sorted(diff)}
     return out
 
 

@@ -19,6 +19,7 @@ bench/results/*.json); this only runs them in turn and prints the headline figur
 * bench_host.py: the whole-slide host path (read, cache, stitch, polygons, write) with an instant segmenter
   on the real .svs, the legacy code (from git) vs today's, 1 and 2 export processes;
 * bench_measurements.py (with host): cost per nucleus of --measurements shape / full vs none;
+* bench_geoparquet.py (with host): GeoParquet bytes/nucleus and 1 mm² window reads of a million nuclei;
 * bench_gpu.py: only when torch sees a CUDA device.
 
     .venv/bin/python bench/run_all.py [--only pareto,amg,decoder,native,slide,host,gpu] [--threads 1] [--train]
@@ -166,6 +167,7 @@ def main() -> int:
     if "host" in only:
         run("bench_host.py")
         run("bench_measurements.py")
+        run("bench_geoparquet.py")
     if "gpu" in only:
         if torch.cuda.is_available():
             run("bench_gpu.py", "--out", str(RESULTS / "gpu.json"))

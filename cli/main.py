@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", action="store_true", help="also write <out>.csv, one row per nucleus")
     p.add_argument("--measurements", choices=MEASUREMENT_MODES, default="full",
                    help="per-nucleus measurements, named as QuPath names them: none (area, perimeter, score "
-                   "only), shape (+ Nucleus: area, perimeter, circularity, solidity, min/max diameter, "
+                   "only), shape (+ Nucleus: circularity, solidity, min/max diameter, "
                    "eccentricity) or full (+ hematoxylin OD mean/std dev/max, eosin OD mean; default)")
     p.add_argument("--preview", action="store_true", help="also write <out>.preview.png with outlines")
     _add_json(p)

@@ -296,3 +296,78 @@ def test_label_colors_are_distinct_for_neighbouring_ids_and_capped():
     assert (np.abs(np.diff(rgb, axis=0)).sum(axis=1) > 60).all()  # ids n and n+1 (often touching) differ clearly
     assert all(c["rgba"][3] == 255 for c in colors[1:]) and rgb.min() >= 0 and rgb.max() <= 255
     assert label_colors(LABEL_COLOR_LIMIT + 1) == [] and len(label_colors(0)) == 1
+
+
+def _square_batches(nx: int, ny: int, per_tile: int, tile: float = 100.0) -> list:
+    """Batches of small squares, one per tile of an nx x ny raster, in tile order (as predict writes them)."""
+    from nucseg.wsi.export import NucleusBatch
+
+    rng = np.random.default_rng(0)
+    out, gid = [], 1
+    for ty in range(ny):
+        for tx in range(nx):
+            x = tx * tile + rng.uniform(5, tile - 15, per_tile)
+            y = ty * tile + rng.uniform(5, tile - 15, per_tile)
+            polys = shapely.box(x, y, x + rng.uniform(2, 8, per_tile), y + rng.uniform(2, 8, per_tile), ccw=True)
+            ids = np.arange(gid, gid + per_tile)
+            gid += per_tile
+            c = shapely.get_coordinates(shapely.centroid(polys))
+            out.append(NucleusBatch.from_polygons(ids, polys, c[:, 0], c[:, 1], shapely.area(polys),
+                                                  shapely.length(polys), np.full(per_tile, 0.9)))
+    return out
+
+
+def test_geoparquet_bbox_covering_and_region_reads(tmp_path, monkeypatch):
+    """GeoParquet 1.1 covering: a ``bbox`` struct column (the polygons' bounds) declared in the ``geo`` metadata,
+    rows in tile order in row groups of exactly ROW_GROUP rows, so ``geopandas.read_parquet(bbox=...)`` works
+    and a pyarrow filter on ``bbox`` keeps only the row groups the region touches."""
+    gpd = pytest.importorskip("geopandas")
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as papq
+
+    from nucseg.wsi.export import GeoParquetWriter
+
+    monkeypatch.setattr(GeoParquetWriter, "ROW_GROUP", 40)
+    path = tmp_path / "n.parquet"
+    batches = _square_batches(6, 6, 7)
+    with GeoParquetWriter(path, slide_key="s", measurements=measure.names("full")) as w:
+        for b in batches:
+            w.write_batch(b)
+    n = sum(len(b) for b in batches)
+    meta = json.loads(papq.read_schema(path).metadata[b"geo"])
+    assert meta["version"] == "1.1.0"
+    assert meta["columns"]["geometry"]["covering"] == {
+        "bbox": {f: ["bbox", f] for f in ("xmin", "ymin", "xmax", "ymax")}}
+    md = papq.ParquetFile(path).metadata
+    sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    assert sum(sizes) == n == 252 and sizes[:-1] == [40] * (len(sizes) - 1) and 0 < sizes[-1] <= 40
+    df = gpd.read_parquet(path)  # geopandas reads the covering, not as a column
+    bbox = papq.read_table(path, columns=["bbox"])["bbox"].combine_chunks()
+    bounds = np.stack([bbox.field(f).to_numpy() for f in ("xmin", "ymin", "xmax", "ymax")], axis=1)
+    np.testing.assert_array_equal(bounds, shapely.bounds(df.geometry.values))
+    assert list(df["nucleus_id"]) == list(range(1, n + 1))  # tile order
+
+    box = (120.0, 220.0, 290.0, 330.0)
+    got = gpd.read_parquet(path, bbox=box)
+    hit = (bounds[:, 0] <= box[2]) & (bounds[:, 2] >= box[0]) & (bounds[:, 1] <= box[3]) & (bounds[:, 3] >= box[1])
+    assert 0 < hit.sum() < n and sorted(got["nucleus_id"]) == sorted(df["nucleus_id"][hit])
+    # the same filter on the row-group statistics: only the row groups of the region's band of tiles
+    f = ((ds.field("bbox", "xmin") <= box[2]) & (ds.field("bbox", "xmax") >= box[0])
+         & (ds.field("bbox", "ymin") <= box[3]) & (ds.field("bbox", "ymax") >= box[1]))
+    [frag] = ds.dataset(path).get_fragments()
+    kept = frag.split_by_row_group(f)
+    assert 0 < len(kept) <= len(sizes) // 2
+    assert sum(g.count_rows() for g in kept) >= hit.sum()
+
+
+def test_measurement_rounding_in_numpy_is_pythons_exact_rounding():
+    """The vectorised 6-decimal rounding of the measurements equals Python's round value for value (and its
+    repr), including decimal half-way cases, signed zeros, huge values and NaN (null)."""
+    from nucseg.wsi.export import _json_number, _json_numbers
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.random(20000), rng.normal(0, 100, 20000), (rng.integers(0, 10**7, 20000) + 0.5) / 1e6,
+                        [np.nan, 0.0, -0.0, 1e-7, -1e-7, 5e-7, 2.5e-6, 1e300, -1e20, np.inf]])
+    got = _json_numbers(v)
+    want = [_json_number(x) for x in v.tolist()]
+    assert [repr(x) for x in got] == [repr(x) for x in want]

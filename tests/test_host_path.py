@@ -176,6 +176,13 @@ def test_geoparquet_has_the_same_rows_as_the_geojson(busy_slide, tmp_path):
     meta = papq.read_schema(tmp_path / "n.parquet").metadata
     assert json.loads(meta[b"geo"])["primary_column"] == "geometry"
     assert json.loads(meta[b"nucseg"]) == fc["nucseg"]
+    # queryable by region (the bbox covering): a window of the slide gives the nuclei whose bounds meet it
+    x0, y0, x1, y1 = df.total_bounds
+    box = (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2)
+    part = gpd.read_parquet(tmp_path / "n.parquet", bbox=box)
+    b = df.geometry.bounds
+    meets = (b.minx <= box[2]) & (b.maxx >= box[0]) & (b.miny <= box[3]) & (b.maxy >= box[1])
+    assert 0 < len(part) < len(df) and sorted(part["nucleus_id"]) == sorted(df["nucleus_id"][meets])
 
 
 def test_provenance_in_outputs_and_summary(small_slide, tmp_path):

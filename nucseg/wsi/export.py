@@ -459,7 +459,7 @@ def _feature_dicts(batch: NucleusBatch, slide_key: str) -> Iterator[dict]:
     area = [round(v, 4) for v in batch.area_um2.tolist()]
     perim = [round(v, 4) for v in batch.perimeter_um.tolist()]
     score = [round(v, 5) for v in batch.score.tolist()]
-    extra = [(name, [_json_number(v) for v in values.tolist()]) for name, values in batch.measurements.items()]
+    extra = [(name, _json_numbers(values)) for name, values in batch.measurements.items()]
     gids = batch.ids.tolist()
     uuids = feature_ids(slide_key, gids)
     for i, (gid, ring) in enumerate(zip(gids, batch.rings())):
@@ -486,6 +486,22 @@ MEASUREMENT_DIGITS = 6
 def _json_number(v: float):
     """A measurement as JSON: rounded to ``MEASUREMENT_DIGITS`` (Python's exact rounding); NaN becomes null."""
     return None if v != v else round(v, MEASUREMENT_DIGITS)
+
+
+def _json_numbers(values: np.ndarray) -> list:
+    """:func:`_json_number` of each value, equal to it value for value (tested) and ~5x faster: numpy's
+    ``round`` is ``rint(v * 10**d) / 10**d``, which is Python's exact decimal rounding unless the product's
+    own rounding moved it across a half (or it is huge or NaN); those few values go through Python's."""
+    v = np.asarray(values, dtype=np.float64)
+    scale = 10.0**MEASUREMENT_DIGITS
+    scaled = v * scale
+    out = (np.rint(scaled) / scale).tolist()
+    with np.errstate(invalid="ignore"):
+        near = np.abs(scaled - np.floor(scaled) - 0.5) <= 4 * np.spacing(np.abs(scaled))
+        unsure = near | ~(np.abs(scaled) < 2.0**52)
+    for i in np.flatnonzero(unsure).tolist():
+        out[i] = _json_number(float(v[i]))
+    return out
 
 
 def feature(rec: NucleusRecord, slide_key: str) -> dict:
@@ -550,15 +566,23 @@ class GeoJSONWriter(_BatchWriter):
 
 
 class GeoParquetWriter(_BatchWriter):
-    """GeoParquet 1.1 (WKB geometry, pyarrow), one row per nucleus, streamed in row groups.
+    """GeoParquet 1.1 (WKB geometry, pyarrow), one row per nucleus, streamed in row groups, queryable by region.
 
     Columns: ``id`` (the Feature's UUID), ``nucleus_id``, ``object_type``, ``classification``, ``area_um2``,
     ``perimeter_um``, ``score``, ``centroid_x``, ``centroid_y``, then one float64 column per name in
-    ``measurements`` (snake case, ``nucseg.wsi.measure.COLUMNS``), ``geometry`` (level-0 pixels, no CRS). The
-    schema metadata holds the GeoParquet ``geo`` key and ``nucseg`` (provenance).
+    ``measurements`` (snake case, ``nucseg.wsi.measure.COLUMNS``), ``bbox`` (struct of float64 ``xmin``,
+    ``ymin``, ``xmax``, ``ymax``: the polygon's bounds) and ``geometry`` (level-0 pixels, no CRS). The schema
+    metadata holds the GeoParquet ``geo`` key, with ``bbox`` declared as the geometry's covering (GeoParquet
+    1.1), and ``nucseg`` (provenance).
+
+    Rows come in tile order (a raster of tiles: spatially coherent) in row groups of exactly
+    :attr:`ROW_GROUP` rows (the last one fewer), so every row group covers a bounded band of the slide and its
+    ``bbox`` column statistics let a reader skip the others: ``geopandas.read_parquet(path, bbox=...)`` and
+    ``pyarrow.dataset`` filters on ``bbox`` read only the row groups a region touches.
     """
 
-    ROW_GROUP = 65536
+    ROW_GROUP = 16384  # rows per row group: docs/PERFORMANCE.md (GeoParquet) measures 16k against 4k and 64k
+    BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
     def __init__(self, path: str | os.PathLike, slide_key: str = "", provenance: dict | None = None,
                  measurements: Sequence[str] = ()):
@@ -569,25 +593,28 @@ class GeoParquetWriter(_BatchWriter):
         self.count = 0
         self._pending: list[NucleusBatch] = []
         self._pending_n = 0
+        self._carry = None  # rows built but not yet written (less than a row group)
 
     def _schema(self):
         import orjson
         import pyarrow as pa
 
+        covering = {"bbox": {f: ["bbox", f] for f in self.BBOX_FIELDS}}
         geo = {"version": "1.1.0", "primary_column": "geometry",
                "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None,
-                                        "orientation": "counterclockwise"}}}
+                                        "orientation": "counterclockwise", "covering": covering}}}
         meta = {b"geo": orjson.dumps(geo)}
         if self.provenance is not None:
             meta[b"nucseg"] = orjson.dumps(self.provenance, option=orjson.OPT_SORT_KEYS)
         else:  # always present: it is how a rerun knows the file is nucseg's to replace
             meta[b"nucseg"] = orjson.dumps({"nucseg_version": __version__})
+        bbox = pa.struct([(f, pa.float64()) for f in self.BBOX_FIELDS])
         return pa.schema([
             ("id", pa.string()), ("nucleus_id", pa.int64()), ("object_type", pa.string()),
             ("classification", pa.string()), ("area_um2", pa.float64()), ("perimeter_um", pa.float64()),
             ("score", pa.float64()), ("centroid_x", pa.float64()), ("centroid_y", pa.float64()),
             *[(MEASUREMENT_COLUMNS[m], pa.float64()) for m in self.measurements],
-            ("geometry", pa.binary()),
+            ("bbox", bbox), ("geometry", pa.binary()),
         ], metadata=meta)
 
     def __enter__(self) -> "GeoParquetWriter":
@@ -608,33 +635,54 @@ class GeoParquetWriter(_BatchWriter):
         if self._pending_n >= self.ROW_GROUP:
             self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
+        """Write the pending rows as whole row groups (all of them when ``last``); keep the rest for the next."""
         import pyarrow as pa
 
-        if not self._pending:
+        table = self._carry
+        if self._pending:
+            table = self._table() if table is None else pa.concat_tables([table, self._table()])
+            self._pending, self._pending_n = [], 0
+        if table is None:
             return
+        whole = len(table) if last else len(table) // self.ROW_GROUP * self.ROW_GROUP
+        if whole:
+            self._pq.write_table(table.slice(0, whole), row_group_size=self.ROW_GROUP)
+        self._carry = table.slice(whole) if whole < len(table) else None
+
+    def _table(self):
+        import pyarrow as pa
+
         cat = lambda name: np.concatenate([getattr(b, name) for b in self._pending])  # noqa: E731
         ids = cat("ids")
         wkb = np.concatenate([shapely.to_wkb(b.polygons()) for b in self._pending])
+        bounds = np.concatenate([_ring_bounds(b) for b in self._pending])
         n = len(ids)
-        table = pa.Table.from_arrays([
+        bbox = pa.StructArray.from_arrays([pa.array(bounds[:, j]) for j in range(4)], names=list(self.BBOX_FIELDS))
+        return pa.Table.from_arrays([
             pa.array(feature_ids(self.slide_key, ids.tolist()), pa.string()), pa.array(ids),
             pa.array(["detection"] * n, pa.string()), pa.array(["Nucleus"] * n, pa.string()),
             pa.array(cat("area_um2")), pa.array(cat("perimeter_um")), pa.array(cat("score")),
             pa.array(cat("centroid_x")), pa.array(cat("centroid_y")),
             *[pa.array(np.concatenate([_column(b, m) for b in self._pending])) for m in self.measurements],
-            pa.array(wkb, pa.binary()),
+            bbox, pa.array(wkb, pa.binary()),
         ], schema=self._schema_)
-        self._pq.write_table(table)
-        self._pending, self._pending_n = [], 0
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             if exc_type is None:
-                self._flush()
+                self._flush(last=True)
         finally:
             self._pq.close()
         return bool(self._cm.__exit__(exc_type, exc, tb))
+
+
+def _ring_bounds(b: NucleusBatch) -> np.ndarray:
+    """(k, 4) xmin, ymin, xmax, ymax of each ring of a batch (its polygon's bounds), from the coordinates."""
+    start = b.offsets[:-1]
+    x, y = b.coords[:, 0], b.coords[:, 1]
+    return np.stack([np.minimum.reduceat(x, start), np.minimum.reduceat(y, start),
+                     np.maximum.reduceat(x, start), np.maximum.reduceat(y, start)], axis=1)
 
 
 def _column(b: NucleusBatch, name: str) -> np.ndarray:
@@ -664,7 +712,7 @@ class CSVWriter(_BatchWriter):
                    b.perimeter_um.tolist(), b.score.tolist())
         lines = [f"{i},{x:.2f},{y:.2f},{a:.4f},{p:.4f},{s:.5f}" for i, x, y, a, p, s in rows]
         if self.measurements:
-            cols = [[_json_number(v) for v in _column(b, m).tolist()] for m in self.measurements]
+            cols = [_json_numbers(_column(b, m)) for m in self.measurements]
             lines = [line + "".join("," if v is None else f",{v!r}" for v in extra)
                      for line, extra in zip(lines, zip(*cols))]
         self._fh.write("".join([line + "\n" for line in lines]))

@@ -990,7 +990,7 @@ def _export_chunk(job: _ExportJob, start: int, stop: int, pred: tuple | None = N
         if job.measurements != "none":
             with times("measure"):
                 batch.measurements = measure_tile(labels, local, job.target_mpp, job.measurements,
-                                                  None if rgb is None else rgb[k], rings)
+                                                  None if rgb is None else rgb[k], rings, batch.perimeter_um)
         out.append(_TileNuclei(ci, local, batch))
     if in_worker:
         times.add("worker_cpu", time.process_time() - cpu0, 0.0)

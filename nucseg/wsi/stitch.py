@@ -46,15 +46,13 @@ class KeptInstances:
         return len(self.local_ids)
 
 
-def label_moments(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pixel count, sum of column indices, sum of row indices) of every label 0..n, float64 (exact integers).
+def row_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat start, length, label) of every run of one non-zero label along a row of ``labels``, in raster order.
 
-    Summed over the runs of equal labels along each row rather than over pixels: a 512 px tile of ~200 nuclei
-    has ~10,000 runs against 262,144 pixels (0.4 ms instead of 3 ms). Label 0 (background) gets zeros.
+    A 512 px tile of ~200 nuclei has ~10,000 runs against 262,144 pixels: per-label sums over the runs
+    (:func:`label_moments`, the shape measurements) cost a fraction of sums over the pixels.
     """
-    H, W = labels.shape
-    if not labels.size:
-        return np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
+    W = labels.shape[1]
     flat = labels.ravel()
     change = np.empty(flat.size, dtype=bool)  # a run starts where the label changes or a row starts
     change[0] = True
@@ -64,7 +62,19 @@ def label_moments(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, n
     length = np.diff(starts, append=flat.size)
     lab = flat[starts]
     fg = lab != 0
-    starts, length, lab = starts[fg], length[fg], lab[fg]
+    return starts[fg], length[fg], lab[fg]
+
+
+def label_moments(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel count, sum of column indices, sum of row indices) of every label 0..n, float64 (exact integers).
+
+    Summed over the runs of equal labels along each row (:func:`row_runs`) rather than over pixels (0.4 ms
+    instead of 3 ms on a 512 px tile). Label 0 (background) gets zeros.
+    """
+    H, W = labels.shape
+    if not labels.size:
+        return np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
+    starts, length, lab = row_runs(labels)
     row, col = np.divmod(starts, W)
     # the columns of a run c, ..., c + l - 1 sum to l (2c + l - 1) / 2 (an integer: one factor is even)
     weights = (length, (length * (2 * col + length - 1)) // 2, row * length)
