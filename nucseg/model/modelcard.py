@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..io import atomic_path
+from ..io import TextMark, write_text
 
 CARD = "README.md"
+MODEL_CARD = TextMark("model-card")  # how a rerun (cv writes the fold's metrics in) knows the card is nucseg's
 _METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
 
 
@@ -132,8 +133,7 @@ def render_model_card(meta: dict, peft_export: bool = False) -> str:
 
 
 def write_model_card(folder: str | os.PathLike, meta: dict, peft_export: bool = False) -> Path:
-    """Write ``folder/README.md`` atomically from ``meta``."""
+    """Write ``folder/README.md`` atomically from ``meta`` (replacing only a card nucseg wrote)."""
     path = Path(folder) / CARD
-    with atomic_path(path) as tmp:
-        tmp.write_text(render_model_card(meta, peft_export), encoding="utf-8")
+    write_text(path, render_model_card(meta, peft_export), MODEL_CARD)
     return path

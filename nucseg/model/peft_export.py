@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, InputError, OutputError
-from ..io import atomic_path, sha256_file, write_json
+from ..errors import CheckpointError, InputError
+from ..io import JsonMark, atomic_path, check_output, sha256_file, write_json
 from .adapter import WEIGHTS, AdapterInfo, read_adapter
 from .lora import PEFT_TARGETS, SLICE_TARGETS
 
@@ -38,6 +38,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FG_HEAD = "nucseg_fg_head.safetensors"
 PROVENANCE = "nucseg_export.json"
+EXPORT_MARK = JsonMark("peft-export")  # in PROVENANCE: the folder is an export nucseg wrote (adapter_config.json
+# alone proves nothing: every PEFT adapter has one)
 PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
 QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
 _SLICE_KEY = re.compile(r"^(image_encoder\.blocks\.\d+\.attn\.qkv)\.lora_([AB])\.([qkv])$")
@@ -162,6 +164,11 @@ def check_against_peft(export: PeftExport, model_type: str, input_size: int) -> 
     return sorted((set(want) - set(have)) & buffers)
 
 
+def is_peft_export(path: Path) -> bool:
+    """A folder nucseg's export wrote (what a rerun may replace): its ``nucseg_export.json`` carries the marker."""
+    return path.is_dir() and not path.is_symlink() and EXPORT_MARK(path / PROVENANCE)
+
+
 def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Write ``out/`` with adapter_config.json, adapter_model.safetensors, the foreground head side file,
     the provenance of the source adapter and a model card (README.md). Returns ``out``.
@@ -173,9 +180,8 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
     from .modelcard import write_model_card
 
     info = read_adapter(adapter)
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and (out / PEFT_CONFIG).is_file()):
-        raise OutputError(f"{out} exists and is not a PEFT export; choose a new folder")  # never replace others' data
+    # never replace another tool's PEFT folder, nor write into (or over) the adapter or base read here
+    out = check_output(out, is_peft_export, inputs=[info.path, *([checkpoint] if checkpoint else [])])
     weights = info.path / WEIGHTS
     sha = sha256_file(weights)
     if sha != info.meta.get("weights_sha256"):
@@ -188,7 +194,7 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
     buffers = check_against_peft(export, info.model_type, info.input_size)
     if buffers:
         export.tensors.update(_base_buffers(info, checkpoint, buffers))
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, owned=is_peft_export) as tmp:
         LoraConfig(**export.config).save_pretrained(str(tmp))
         save_file(export.tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         if export.fg_head:
@@ -202,7 +208,7 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
             "peft_weights_sha256": sha256_file(tmp / PEFT_WEIGHTS),
             "fg_head_sha256": sha256_file(tmp / FG_HEAD) if export.fg_head else None,
             "nucseg": info.meta,
-        })
+        }, EXPORT_MARK)
         write_model_card(tmp, info.meta, peft_export=True)
     return out
 

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import DiskFullError, InputError, NucsegError
-from ..io import write_json
+from ..io import JsonMark, check_output, write_json
 from ..segmenter import TileSegmenter
 from .predict import PredictConfig, Progress, SlideOutputs, SlideSummary, predict_slide
 
 log = logging.getLogger(__name__)
+SLIDE_SUMMARY = JsonMark("slide-summary")  # <stem>.summary.json: a rerun replaces only a summary carrying it
 
 
 def check_output_names(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
@@ -121,6 +122,7 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
     finished = None if overwrite else finished_summary(outs)
     if finished is not None:
         return finished
+    check_output(outs["summary"], SLIDE_SUMMARY, inputs=[p])  # with the other outputs, before the slide is read
     slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"),
                                     tissue_preview=outs.get("tissue_preview"))
     t0 = time.perf_counter()
@@ -131,5 +133,5 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
             raise
         log.info("%s failed: %s", p, err)  # the caller reports failures (the CLI: one error line per slide)
         return SlideSummary.failed(p, str(err), time.perf_counter() - t0)
-    write_json(outs["summary"], summary.to_dict())
+    write_json(outs["summary"], summary.to_dict(), SLIDE_SUMMARY)
     return summary

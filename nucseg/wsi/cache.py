@@ -34,12 +34,10 @@ opening a new cache do not both create it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 import warnings
@@ -133,19 +131,11 @@ def _disk_full_is_output_error(root: Path):
         raise
 
 
-@contextlib.contextmanager
 def _locked(path: Path):
-    """Exclusive flock on ``path`` (created if missing) for the duration; a no-op where locks are unsupported."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a filesystem without locks: single-process use is still safe
-            pass
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    """Exclusive flock on ``path`` (created if missing, never written) for the duration (:func:`nucseg.io.locked`)."""
+    from ..io import locked
+
+    return locked(path)
 
 
 class TileCache:
@@ -251,10 +241,9 @@ class TileCache:
                 if not is_nucseg_cache(self.root):
                     raise OutputError(f"{self.root} is in the way of the tile cache and is not one (nucseg never "
                                       "replaces what it did not make): move it away or use another --work-dir")
-                try:
-                    shutil.rmtree(self.root)
-                except OSError as err:
-                    raise OutputError(f"cannot replace the stale tile cache {self.root}: {err.strerror or err}") from None
+                from ..io import remove_owned
+
+                remove_owned(self.root, is_nucseg_cache)  # checked just above; the one way nucseg deletes
         if group is None and not create:
             raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
         if group is None:
