@@ -467,6 +467,17 @@ class TextMark:
 
 
 # ------------------------------------------------------------------------------ appends, deletions, downloads
+def claim(path: str | os.PathLike, owned: Owned, refusal: Callable[[], Exception] | None = None) -> Path:
+    """``path``, for a store nucseg updates in place (the tile cache): absent, or ``owned`` and no symbolic link.
+    Otherwise ``refusal()`` (default: the OutputError of any foreign output) is raised and nothing is touched."""
+    path = Path(path)
+    if os.path.lexists(path) and (path.is_symlink() or not owned(path)):
+        if refusal is not None:
+            raise refusal()
+        _refuse_foreign(path, owned)
+    return path
+
+
 def open_append(path: str | os.PathLike, owned: Owned):
     """A text handle appending to ``path``: created if missing, else only if ``owned(path)``; never through a
     symbolic link (``O_NOFOLLOW``)."""

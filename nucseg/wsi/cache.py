@@ -215,13 +215,23 @@ class TileCache:
             warnings.warn(f"tile cache {self.root}: damaged {', '.join(names[:3])}{more} (a chunk that does not "
                           "decode); its tiles are read and predicted again", UserWarning, stacklevel=3)
 
+    def _refusal(self, create: bool):
+        """What :func:`nucseg.io.claim` raises when something that is not a cache sits at the cache's path."""
+        return lambda: OutputError(
+            f"{self.root} is in the way of the tile cache and is not one (nucseg never replaces what it did not "
+            "make): move it away or use another --work-dir") if create else DataError(
+            f"tile cache {self.root} is missing or does not match this slide and settings")
+
     def _open_group(self, key: dict, coords: np.ndarray, create: bool):
         import zarr
+
+        from ..io import claim  # the store is updated in place: only if it is absent or a cache
 
         group = None
         if self.root.exists() or self.root.is_symlink():
             try:
-                group = zarr.open_group(str(self.root), mode="r+", zarr_format=3)
+                group = zarr.open_group(str(claim(self.root, is_nucseg_cache, self._refusal(create))), mode="r+",
+                                        zarr_format=3)
                 same = group.attrs.get("key") == key
                 if same:
                     try:
@@ -248,7 +258,8 @@ class TileCache:
             raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
         if group is None:
             n, T = self.n, self.tile_size
-            group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
+            group = zarr.open_group(str(claim(self.root, is_nucseg_cache, self._refusal(create))), mode="w",
+                                    zarr_format=3)
             group.create_array("coords", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int64",
                                chunk_key_encoding=_KEYS)
             if n:
