@@ -175,13 +175,13 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
 
     ``checkpoint`` (the base) is read only for adapters that trained the prompt encoder: PEFT stores that
     whole module, including a buffer the adapter takes from the base."""
-    from peft import LoraConfig
-
-    from .modelcard import write_model_card
-
     info = read_adapter(adapter)
     # never replace another tool's PEFT folder, nor write into (or over) the adapter or base read here
     out = check_output(out, is_peft_export, inputs=[info.path, *([checkpoint] if checkpoint else [])])
+    from peft import LoraConfig  # after the cheap checks: importing peft takes seconds
+
+    from .modelcard import write_model_card
+
     weights = info.path / WEIGHTS
     sha = sha256_file(weights)
     if sha != info.meta.get("weights_sha256"):

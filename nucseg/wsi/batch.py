@@ -122,11 +122,11 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
     finished = None if overwrite else finished_summary(outs)
     if finished is not None:
         return finished
-    check_output(outs["summary"], SLIDE_SUMMARY, inputs=[p])  # with the other outputs, before the slide is read
     slide_cfg = dataclasses.replace(cfg, csv=outs.get("csv"), labels=outs.get("labels"), preview=outs.get("preview"),
                                     tissue_preview=outs.get("tissue_preview"))
     t0 = time.perf_counter()
     try:
+        check_output(outs["summary"], SLIDE_SUMMARY, inputs=[p])  # as the other outputs, before the slide is read
         summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress)
     except NucsegError as err:
         if stop_on_error or isinstance(err, DiskFullError):  # a full disk would fail every later slide too
