@@ -68,3 +68,26 @@ def test_its_download_rewritten_since_is_not_replaced(mirror, tmp_path, capsys):
     target.write_bytes(PAYLOAD[:100])
     rc = main(["-q", "weights", "fetch", "vit_b", "--dest", str(tmp_path)])
     one_error(rc, capsys.readouterr().err, 6, str(target))
+
+
+def test_the_library_call_does_not_replace_a_users_file_either(tmp_path, monkeypatch):
+    """The same through ``weights.fetch`` with any opener: the refusal comes before the network."""
+    import io
+
+    from nucseg.errors import OutputError
+
+    monkeypatch.setitem(weights.REGISTRY, "vit_b", replace(
+        weights.REGISTRY["vit_b"], sha256=hashlib.sha256(PAYLOAD).hexdigest(), size_bytes=len(PAYLOAD)))
+    mine = tmp_path / NAME
+    mine.write_bytes(b"mine")
+    calls = []
+
+    def opener(url, timeout=0.0):
+        calls.append(url)
+        response = io.BytesIO(PAYLOAD)
+        response.headers = {"Content-Length": str(len(PAYLOAD))}
+        return response
+
+    with pytest.raises(OutputError, match="did not download"):
+        weights.fetch("vit_b", tmp_path, url_opener=opener)
+    assert mine.read_bytes() == b"mine" and calls == []
