@@ -116,17 +116,17 @@ def test_console_script_has_no_traceback(tmp_path):
 
 
 def test_outputs_respect_umask(tmp_path):
-    from nucseg.io import atomic_path, write_json
+    from nucseg.io import atomic_path, new_only, write_json
 
     old = os.umask(0o022)
     try:
-        write_json(tmp_path / "a.json", {"x": float("nan")})
+        write_json(tmp_path / "a.json", {"x": float("nan")}, new_only)
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": None}  # strict JSON: NaN -> null
     with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "b.txt") as tmp:
+        with atomic_path(tmp_path / "b.txt", owned=new_only) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == [tmp_path / "a.json"]  # nothing half-written left behind
