@@ -40,6 +40,9 @@ none can be produced by accident by another program:
   (and, once complete, size and mtime), so a user's file later put at that name, or a file swapped under the
   same name, is not taken for nucseg's download.
 
+Temporaries (``.<name>.tmp-<12 hex digits>...``) are the one thing recognised by name: atomic_path creates
+them with ``O_EXCL`` under an exclusive ``flock``, and a leftover is removed only when nobody holds its lock.
+
 A symbolic link is never owned (nucseg creates none): writing onto one, appending or resuming through one
 (opened with ``O_NOFOLLOW``) and deleting one are all refused. ``tests/test_ownership_sites.py`` walks the package's syntax tree and fails on any write or
 delete that does not go through these functions.
@@ -259,7 +262,9 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     except FileNotFoundError:
         return []
     for name in names:
-        groups.setdefault(name[len(prefix) : len(prefix) + _ID_LEN], []).append(parent / name)
+        token = name[len(prefix) : len(prefix) + _ID_LEN]
+        if len(token) == _ID_LEN and all(c in "0123456789abcdef" for c in token):  # exactly what atomic_path names
+            groups.setdefault(token, []).append(parent / name)
     removed: list[Path] = []
     for token, entries in groups.items():
         base = f"{prefix}{token}"

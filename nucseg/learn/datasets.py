@@ -120,7 +120,7 @@ def fetch_dataset(name: str, dest: str | os.PathLike, progress: ProgressCallback
     source = mirror(source, base_url)
     dest = Path(dest)
     final = dest / source.folder
-    if is_unpacked_dataset(final):
+    if final.is_dir() and SOURCE_MARK(final / SOURCE_FILE):  # done (read only: a symbolic link to it is fine)
         return dataset_root(final)
     if os.path.lexists(final):
         raise OutputError(f"{final} exists but was not unpacked by nucseg; move it away or choose another folder")

@@ -137,8 +137,8 @@ def fetch(
     if info is None:
         raise InputError(f"unknown SAM checkpoint {name!r}; choose one of: {', '.join(REGISTRY)}")
     dest = Path(dest_dir if dest_dir is not None else cache_dir()) / info.filename
-    if dest.is_file() and not dest.is_symlink() and sha256_file(dest) == info.sha256:
-        return dest
+    if dest.is_file() and sha256_file(dest) == info.sha256:
+        return dest  # read only: a symbolic link to a shared copy is fine
     if os.path.lexists(dest) and not is_download(dest):
         what = "a folder" if dest.is_dir() else "a symbolic link" if dest.is_symlink() else "a file"
         raise OutputError(f"{dest} exists and is {what} nucseg did not download (not the official {name} checkpoint); "

@@ -91,3 +91,13 @@ def test_the_library_call_does_not_replace_a_users_file_either(tmp_path, monkeyp
     with pytest.raises(OutputError, match="did not download"):
         weights.fetch("vit_b", tmp_path, url_opener=opener)
     assert mine.read_bytes() == b"mine" and calls == []
+
+
+def test_a_symlink_to_a_shared_official_copy_is_used_as_it_is(mirror, tmp_path, capsys):
+    """Reading through a link is fine; only writes never follow one."""
+    shared = tmp_path / "shared.pth"
+    shared.write_bytes(PAYLOAD)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / NAME).symlink_to(shared)
+    assert main(["-q", "weights", "fetch", "vit_b", "--dest", str(tmp_path / "cache")]) == 0
+    assert mirror.requests == [] and (tmp_path / "cache" / NAME).is_symlink()
