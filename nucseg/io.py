@@ -23,29 +23,31 @@ to be written, by a *marker nucseg itself wrote*, never by its name (``summary.j
 * :func:`atomic_path` (new files and folders, replacing an owned one), :func:`write_json`, :func:`write_text`,
   :func:`save_png`: the temporary is always new; ``owned`` guards what is at the final path.
 * :func:`open_append` (the run log), :func:`remove_owned` (deletions), :func:`resumable_file` and
-  :func:`promote_download` (resumed downloads), :func:`locked` (lock files, never modified).
+  :func:`promote_download` (resumed downloads), :func:`claim` (a store updated in place: the tile cache),
+  :func:`locked` (lock files, never modified).
 * :func:`check_output`: the same refusal before long work starts, plus "never an input of the same run".
 
-The markers, chosen so that each travels with the file (a copied output folder is still recognised) and
-none can be produced by accident by another program:
+The markers: none is a name, and none is written by accident by another program.
 
-* embedded in the format where it has room for one: the ``Software`` tag of PNG/TIFF (``nucseg``), the
-  ``"nucseg"`` foreign member of GeoJSON and key of GeoParquet/zarr metadata, the ``format`` entry of
-  safetensors metadata and of an adapter's ``nucseg.json``; :class:`JsonMark` for JSON bookkeeping files (a
+* Embedded in the format wherever it has room for one, so it travels with the file (a copied output folder
+  is still recognised): the ``Software`` tag of PNG/TIFF (``nucseg``), the ``"nucseg"`` foreign member of
+  GeoJSON and key of GeoParquet/zarr metadata, nucseg's header row of a CSV, the ``format`` entry of
+  safetensors metadata and of an adapter's ``nucseg.json``, the training state key of a training checkpoint; :class:`JsonMark` for JSON bookkeeping files (a
   top-level ``"nucseg_file": "<kind>"``), :class:`TextMark` for Markdown (a last line
   ``<!-- nucseg_file: <kind> -->``, invisible when rendered) and the JSON-lines run log (every line carries
   ``"nucseg_file"``);
-* a sidecar ``.<name>.nucseg`` (:func:`mark_download`) for files whose bytes are someone else's and must stay
+* A sidecar ``.<name>.nucseg`` (:func:`mark_download`) for files whose bytes are someone else's and must stay
   exactly so: downloaded archives and checkpoints, and their ``.part``. It records the file's device, inode
-  (and, once complete, size and mtime), so a user's file later put at that name, or a file swapped under the
-  same name, is not taken for nucseg's download.
+  (and, once complete, size and mtime), deliberately binding it to that very file: a user's file later put
+  at that name, one written over it, or a copy elsewhere is not taken for nucseg's download.
 
 Temporaries (``.<name>.tmp-<12 hex digits>...``) are the one thing recognised by name: atomic_path creates
 them with ``O_EXCL`` under an exclusive ``flock``, and a leftover is removed only when nobody holds its lock.
 
 A symbolic link is never owned (nucseg creates none): writing onto one, appending or resuming through one
-(opened with ``O_NOFOLLOW``) and deleting one are all refused. ``tests/test_ownership_sites.py`` walks the package's syntax tree and fails on any write or
-delete that does not go through these functions.
+(opened with ``O_NOFOLLOW``) and deleting one are all refused (reading through one is fine: inputs may be
+links). ``tests/test_ownership_sites.py`` walks the package's syntax tree and fails on any write or delete that
+does not go through these functions.
 """
 
 from __future__ import annotations
@@ -588,8 +590,11 @@ def resumable_file(part: str | os.PathLike) -> Iterator[int]:
             raise disk_full_error(err, part) from None
         raise OutputError(f"cannot write {part}: {err.strerror or err}") from None
     try:
-        if not _try_lock(fd):
-            raise OutputError(f"another nucseg is downloading {part}; wait for it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:  # held by another downloader; a filesystem without locks is used unlocked
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputError(f"another nucseg is downloading {part}; wait for it") from None
         if created:
             mark_download(part, complete=False)
         yield fd

@@ -186,7 +186,8 @@ def published_file(source: DatasetSource, timeout: float = 60.0) -> Published:
         raise NucsegError(f"the record {source.record_api} lists no file {source.filename}; the dataset moved?")
     links = entry.get("links", {})
     # a mirror serves the record verbatim: its links point to Zenodo, the archive is beside the record
-    url = source.url if source.mirrored else links.get("self") or links.get("content") or links.get("download") or source.url
+    url = source.url if source.mirrored else (links.get("self") or links.get("content") or links.get("download")
+                                              or source.url)
     algorithm = digest = None
     if isinstance(entry.get("checksum"), str) and ":" in entry["checksum"]:
         algorithm, digest = entry["checksum"].split(":", 1)
