@@ -214,11 +214,12 @@ def run_cv(
         train = [c for i, t in enumerate(tiles) if i not in set(val_idx.tolist())
                  for c in cut_tiles(t, cv_cfg.tile_size) if c.labels.any() or not cv_cfg.drop_empty]
         metrics_path = fdir / "metrics.json"
-        if metrics_path.is_file():
+        if METRICS_JSON(metrics_path):  # finished by nucseg (a foreign metrics.json is refused below, never used)
             if on_fold:
                 on_fold(f, len(folds), "done already, skipped")
             result = json.loads(metrics_path.read_text())
         else:
+            check_output(metrics_path, METRICS_JSON)  # before the fold's training
             if on_fold:
                 on_fold(f, len(folds), f"training on {len(train)} tiles, validating on {len(val)}")
             res = finetune(train, fdir / "train", model_type, checkpoint, method, train_cfg, mpp=mpp,
@@ -241,9 +242,10 @@ def run_cv(
                           "thresholds": result.get("thresholds")})
         if cv_cfg.zero_shot:
             zpath = fdir / "zero_shot_metrics.json"
-            if zpath.is_file():
+            if ZERO_SHOT_JSON(zpath):
                 zres = json.loads(zpath.read_text())
             else:
+                check_output(zpath, ZERO_SHOT_JSON)
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)
                 zres = score_zero_shot(base, train, val, explicit, base_infer, train_cfg, cv_cfg, device, mpp,

@@ -31,3 +31,17 @@ def test_markers_are_what_recognises_the_files():
     assert SUMMARY_JSON.stamp({"a": 1}) == {"a": 1, "nucseg_file": "cv-summary"}
     text = SUMMARY_MD.stamp("| table |\n")
     assert text.endswith("<!-- nucseg_file: cv-summary -->\n") and SUMMARY_MD.strip(text) == "| table |\n"
+
+
+def test_a_foreign_fold_metrics_file_is_neither_used_nor_replaced(tmp_path, capsys):
+    """A ``fold_1/metrics.json`` nucseg did not write does not make the fold "done", and stays."""
+    from nucseg.learn.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", tiles_per_organ=1, size=64)
+    theirs = tmp_path / "cv" / "fold_1" / "metrics.json"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text('{"mean": {"dice": 1.0}}')
+    rc = main(["-q", "cv", "--data", str(data), "--out", str(tmp_path / "cv"), "--folds", "2", "--model",
+               "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "2"])
+    one_error(rc, capsys.readouterr().err, 6, str(theirs))
+    assert theirs.read_text() == '{"mean": {"dice": 1.0}}' and not (theirs.parent / "train").exists()

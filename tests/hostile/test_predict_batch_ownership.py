@@ -65,3 +65,15 @@ def test_a_rerun_appends_to_its_own_log_and_replaces_its_summary(slides, tmp_pat
     lines = [json.loads(line) for line in (out / "nucseg-run.jsonl").read_text().splitlines()]
     assert [e["event"] for e in lines].count("run-start") == 2 and {e["nucseg_file"] for e in lines} == {"run-log"}
     assert json.loads((out / "run-summary.json").read_text())["skipped"] == 2
+
+
+def test_a_symlinked_output_is_not_written_through(slides, tmp_path, capsys):
+    """``<stem>.geojson`` is a link to someone's file: that slide fails, the file it points to is untouched."""
+    victim = tmp_path / "theirs.geojson"
+    victim.write_text('{"type": "FeatureCollection", "features": []}')
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(victim, out / "s0.geojson")
+    rc = main(_argv(slides, out))
+    assert rc == 9 and "s0.geojson" in capsys.readouterr().err
+    assert victim.read_text() == '{"type": "FeatureCollection", "features": []}' and (out / "s0.geojson").is_symlink()
