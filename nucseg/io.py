@@ -146,7 +146,12 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, *, owned: Owned) 
 
 
 def _refuse_foreign(path: Path, owned: Owned) -> None:
-    if os.path.lexists(path) and (path.is_symlink() or not owned(path)):
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink():
+        raise OutputError(f"refusing to replace {path}: it is a symbolic link (nucseg never writes through one); "
+                          "remove it or choose another path")
+    if not owned(path):
         raise OutputError(f"refusing to replace {path}: it exists and is not an output nucseg wrote; remove it or "
                           f"choose another path")
 
