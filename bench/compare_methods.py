@@ -103,7 +103,7 @@ def run_one(name: str, args) -> dict:
         meta = json.loads((out / "fold_1" / "train" / "adapter" / "nucseg.json").read_text())
         trainable, total = meta["parameters"]["trainable"], meta["parameters"]["total"]
         for f in range(1, args.folds + 1):
-            hist = json.loads((out / f"fold_{f}" / "train" / "history.json").read_text())
+            hist = json.loads((out / f"fold_{f}" / "train" / "history.json").read_text())["epochs"]
             train_seconds.append(sum(h["seconds"] for h in hist))
     peak, how = _peak_memory_mib(device.type)
     pq = [f["mean"]["pq"] for f in folds]

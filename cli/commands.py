@@ -124,7 +124,7 @@ def train(args: argparse.Namespace) -> int:
         from nucseg.model.lora import check_mergeable
 
         check_mergeable(method)
-        check_merge_output(args.merge)
+        check_merge_output(args.merge, [args.data, args.checkpoint])
     tiles = _tiles(args)
     writable_dir(args.out)  # after the data checks (a bad dataset leaves no folder), before any training
     print(f"data: {len(tiles)} tiles from {args.data}", file=sys.stderr)
@@ -150,7 +150,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def cv(args: argparse.Namespace) -> int:
-    from nucseg.learn.cv import CVConfig, run_cv
+    from nucseg.learn.cv import CVConfig, run_cv, summary_markdown
     from nucseg.io import check_not_input, writable_dir
 
     method, cfg, icfg = _method(args), _train_cfg(args), _infer_cfg(args)
@@ -175,7 +175,7 @@ def cv(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(json.loads((args.out / "summary.json").read_text()))
     else:
-        print((args.out / "summary.md").read_text())
+        print(summary_markdown(summary))
     print(f"summary: {args.out / 'summary.json'}", file=sys.stderr)
     return 0 if summary else 1
 
@@ -404,7 +404,7 @@ def weights(args: argparse.Namespace) -> int:
             bar.refresh()
 
         try:
-            path = w.fetch(args.name, args.dest, progress=progress)
+            path = w.fetch(args.name, args.dest, progress=progress, base_url=args.base_url)
         finally:
             bar.close()
         print(path)
@@ -422,7 +422,7 @@ def merge(args: argparse.Namespace) -> int:
     from nucseg.errors import CheckpointError
     from nucseg.model.lora import check_mergeable
 
-    check_merge_output(args.out)
+    check_merge_output(args.out, [args.adapter, args.checkpoint])
     check_mergeable(read_adapter(args.adapter).method, CheckpointError)  # before the base is built
     model, _ = load_adapter(args.adapter, args.checkpoint)
     print(export_merged(model, args.out))
@@ -468,7 +468,8 @@ def data(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        root = fetch_dataset(args.name, args.dir, progress=progress, keep_archive=args.keep_archive)
+        root = fetch_dataset(args.name, args.dir, progress=progress, keep_archive=args.keep_archive,
+                             base_url=args.base_url)
     finally:
         bar.close()
     print(root)

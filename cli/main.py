@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=_Formatter)
     f.add_argument("name", choices=list(WEIGHTS), help="which official checkpoint")
     f.add_argument("--dest", type=Path, default=None, help="folder to download into (default: the user cache)")
+    f.add_argument("--base-url", default=None, metavar="URL",
+                   help="a mirror holding the official file names (https://..., file:///...); default: "
+                        "$NUCSEG_WEIGHTS_URL, else the official address")
     v = wsub.add_parser("verify", help="which official checkpoint a file is (by SHA-256)", parents=common)
     v.add_argument("file", type=Path, help="a checkpoint file")
     p.set_defaults(func=commands.weights)
@@ -522,7 +525,10 @@ def _add_sharing_commands(sub, common: list) -> None:
     f.add_argument("name", choices=list(DATASETS), help="the dataset")
     f.add_argument("dir", type=Path, help="destination folder; the dataset lands in DIR/NuInsSeg")
     f.add_argument("--keep-archive", action="store_true",
-                   help="keep the verified .zip after unpacking (default: remove it)")
+                   help="keep the verified .zip after unpacking (default: remove it if nucseg downloaded it)")
+    f.add_argument("--base-url", default=None, metavar="URL",
+                   help="a mirror holding NuInsSeg.zip and NuInsSeg.zip.record.json (https://..., file:///...); "
+                        "default: $NUCSEG_DATA_URL, else Zenodo")
     p.set_defaults(func=commands.data)
 
 

@@ -12,6 +12,42 @@ Outputs get the modes the user's umask gives a plain ``open()`` (0644 files, 075
 whatever wrote them: some writers create private files (safetensors' ``save_file`` writes 0600), which
 colleagues on shared lab storage could not read. :func:`atomic_path` applies the umask to everything under
 the temporary before the rename, so every output benefits.
+
+Ownership: one rule for every path nucseg writes, appends to or deletes
+-----------------------------------------------------------------------
+An existing path is replaced, appended to or deleted only if nucseg recognises it as its own, of the kind about
+to be written, by a *marker nucseg itself wrote*, never by its name (``summary.json``, ``adapter_config.json``,
+``NuInsSeg.zip`` or ``*.part`` are names other tools use too). Every writer states what it may replace by an
+``owned`` predicate, and only the functions of this module touch the filesystem:
+
+* :func:`atomic_path` (new files and folders, replacing an owned one), :func:`write_json`, :func:`write_text`,
+  :func:`save_png`: the temporary is always new; ``owned`` guards what is at the final path.
+* :func:`open_append` (the run log), :func:`remove_owned` (deletions), :func:`resumable_file` and
+  :func:`promote_download` (resumed downloads), :func:`claim` (a store updated in place: the tile cache),
+  :func:`locked` (lock files, never modified).
+* :func:`check_output`: the same refusal before long work starts, plus "never an input of the same run".
+
+The markers: none is a name, and none is written by accident by another program.
+
+* Embedded in the format wherever it has room for one, so it travels with the file (a copied output folder
+  is still recognised): the ``Software`` tag of PNG/TIFF (``nucseg``), the ``"nucseg"`` foreign member of
+  GeoJSON and key of GeoParquet/zarr metadata, nucseg's header row of a CSV, the ``format`` entry of
+  safetensors metadata and of an adapter's ``nucseg.json``, the training state key of a training checkpoint; :class:`JsonMark` for JSON bookkeeping files (a
+  top-level ``"nucseg_file": "<kind>"``), :class:`TextMark` for Markdown (a last line
+  ``<!-- nucseg_file: <kind> -->``, invisible when rendered) and the JSON-lines run log (every line carries
+  ``"nucseg_file"``);
+* A sidecar ``.<name>.nucseg`` (:func:`mark_download`) for files whose bytes are someone else's and must stay
+  exactly so: downloaded archives and checkpoints, and their ``.part``. It records the file's device, inode
+  (and, once complete, size and mtime), deliberately binding it to that very file: a user's file later put
+  at that name, one written over it, or a copy elsewhere is not taken for nucseg's download.
+
+Temporaries (``.<name>.tmp-<12 hex digits>...``) are the one thing recognised by name: atomic_path creates
+them with ``O_EXCL`` under an exclusive ``flock``, and a leftover is removed only when nobody holds its lock.
+
+A symbolic link is never owned (nucseg creates none): writing onto one, appending or resuming through one
+(opened with ``O_NOFOLLOW``) and deleting one are all refused (reading through one is fine: inputs may be
+links). ``tests/test_ownership_sites.py`` walks the package's syntax tree and fails on any write or delete that
+does not go through these functions.
 """
 
 from __future__ import annotations
@@ -27,6 +63,7 @@ import stat
 import threading
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -51,19 +88,24 @@ Owned = Callable[[Path], bool]  # "is this existing path an output nucseg wrote,
 SOFTWARE = "nucseg"  # the Software tag of the PNG and TIFF files nucseg writes (how it recognises its own)
 
 
+def new_only(path: Path) -> bool:
+    """The ``owned`` of an output that never replaces anything: an existing path is always refused (a file
+    inside a folder being built, an official checkpoint, a download's final name)."""
+    return False
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False, owned: Owned | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, is_dir: bool = False, *, owned: Owned) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``, on failure remove it.
 
     The temporary name keeps the final suffix (``.x.geojson.tmp-<id>.geojson``) so writers that look at the
     suffix (gzip, zarr, PIL) behave as for the final name. Leftover temporaries of ``path`` from killed
     writers are removed first. A folder output replaces the previous folder of that name.
-    ``owned``: where given, an existing ``path`` is only replaced if ``owned(path)`` says nucseg wrote it
-    (:func:`check_output` makes the same check before long work starts; this is the last line of defence).
+    ``owned``: an existing ``path`` is only replaced if ``owned(path)`` says nucseg wrote it (:func:`new_only`:
+    never); :func:`check_output` makes the same check before long work starts, this is the last line of defence.
     """
     path = Path(path)
-    if owned is not None:
-        _refuse_foreign(path, owned)
+    _refuse_foreign(path, owned)
     parent = path.parent if str(path.parent) else Path(".")
     token = uuid.uuid4().hex[:_ID_LEN]
     base = parent / f"{temp_prefix(path)}{token}"
@@ -104,7 +146,12 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, owned: Owned | No
 
 
 def _refuse_foreign(path: Path, owned: Owned) -> None:
-    if os.path.lexists(path) and (path.is_symlink() or not owned(path)):
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink():
+        raise OutputError(f"refusing to replace {path}: it is a symbolic link (nucseg never writes through one); "
+                          "remove it or choose another path")
+    if not owned(path):
         raise OutputError(f"refusing to replace {path}: it exists and is not an output nucseg wrote; remove it or "
                           f"choose another path")
 
@@ -165,6 +212,8 @@ def is_nucseg_tiff(path: Path) -> bool:
             return tag is not None and str(tag.value).startswith(SOFTWARE)
     except Exception:
         return False
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (``os.umask`` alone must set it)."""
     try:
@@ -220,7 +269,9 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     except FileNotFoundError:
         return []
     for name in names:
-        groups.setdefault(name[len(prefix) : len(prefix) + _ID_LEN], []).append(parent / name)
+        token = name[len(prefix) : len(prefix) + _ID_LEN]
+        if len(token) == _ID_LEN and all(c in "0123456789abcdef" for c in token):  # exactly what atomic_path names
+            groups.setdefault(token, []).append(parent / name)
     removed: list[Path] = []
     for token, entries in groups.items():
         base = f"{prefix}{token}"
@@ -330,10 +381,265 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write strict JSON atomically (NaN -> null), sorted keys and 2-space indent so reruns give identical bytes."""
-    with atomic_path(path) as tmp:
+def write_json(path: str | os.PathLike, obj: Any, owned: Owned) -> None:
+    """Write strict JSON atomically (NaN -> null), sorted keys and 2-space indent so reruns give identical bytes.
+
+    ``owned``: what an existing ``path`` must be to be replaced; a :class:`JsonMark` also stamps ``obj`` with it.
+    """
+    if isinstance(owned, JsonMark):
+        obj = owned.stamp(obj)
+    with atomic_path(path, owned=owned) as tmp:
         tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str, owned: Owned) -> None:
+    """Write UTF-8 text atomically; a :class:`TextMark` appends its marker line."""
+    if isinstance(owned, TextMark):
+        text = owned.stamp(text)
+    with atomic_path(path, owned=owned) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+MARK_KEY = "nucseg_file"  # the top-level key of a JSON file (or JSON line) that says nucseg wrote it, and as what
+_MARK_READ_LIMIT = 64 << 20  # a "summary.json" of 10 GB is not ours: never parse it to find out
+
+
+@dataclass(frozen=True)
+class JsonMark:
+    """Marker of a JSON bookkeeping file nucseg writes: a top-level ``"nucseg_file": kind``.
+
+    A key, not a file name: ``summary.json`` or ``run-summary.json`` are names other tools write too, the key
+    is nucseg's alone. As an ``owned`` predicate it recognises exactly the files stamped with this kind.
+    """
+
+    kind: str
+
+    def stamp(self, obj: Any) -> dict:
+        if not isinstance(obj, dict):
+            raise TypeError(f"a {self.kind} JSON file must be an object to carry its marker")
+        return {**obj, MARK_KEY: self.kind}
+
+    def __call__(self, path: Path) -> bool:
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MARK_READ_LIMIT:
+                return False
+            with open(path, "rb") as fh:
+                obj = json.loads(fh.read())
+            return isinstance(obj, dict) and obj.get(MARK_KEY) == self.kind
+        except (OSError, ValueError, RecursionError):
+            return False
+
+    def line(self, record: dict) -> dict:
+        """One JSON-lines record carrying the marker (every line of the run log does)."""
+        return {**record, MARK_KEY: self.kind}
+
+    def first_line(self, path: Path) -> bool:
+        """An ``owned`` predicate for a JSON-lines file: its first line carries this marker."""
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            with open(path, "rb") as fh:
+                head = fh.readline(1 << 20)
+            obj = json.loads(head)
+            return isinstance(obj, dict) and obj.get(MARK_KEY) == self.kind
+        except (OSError, ValueError, RecursionError):
+            return False
+
+
+@dataclass(frozen=True)
+class TextMark:
+    """Marker of a Markdown file nucseg writes: the last line ``<!-- nucseg_file: kind -->`` (an HTML
+    comment, so it does not show when the file is rendered)."""
+
+    kind: str
+
+    @property
+    def _line(self) -> str:
+        return f"<!-- {MARK_KEY}: {self.kind} -->\n"
+
+    def stamp(self, text: str) -> str:
+        return text + ("" if text.endswith("\n") else "\n") + self._line
+
+    def strip(self, text: str) -> str:
+        """The text without its marker line (what to show people)."""
+        return text[: -len(self._line)] if text.endswith(self._line) else text
+
+    def __call__(self, path: Path) -> bool:
+        want = self._line.encode()
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < len(want):
+                return False
+            with open(path, "rb") as fh:
+                fh.seek(-len(want), os.SEEK_END)
+                return fh.read() == want
+        except OSError:
+            return False
+
+
+# ------------------------------------------------------------------------------ appends, deletions, downloads
+def claim(path: str | os.PathLike, owned: Owned, refusal: Callable[[], Exception] | None = None) -> Path:
+    """``path``, for a store nucseg updates in place (the tile cache): absent, or ``owned`` and no symbolic link.
+    Otherwise ``refusal()`` (default: the OutputError of any foreign output) is raised and nothing is touched."""
+    path = Path(path)
+    if os.path.lexists(path) and (path.is_symlink() or not owned(path)):
+        if refusal is not None:
+            raise refusal()
+        _refuse_foreign(path, owned)
+    return path
+
+
+def open_append(path: str | os.PathLike, owned: Owned):
+    """A text handle appending to ``path``: created if missing, else only if ``owned(path)``; never through a
+    symbolic link (``O_NOFOLLOW``)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags | os.O_EXCL, 0o666)
+        except FileExistsError:
+            _refuse_foreign(path, owned)
+            fd = os.open(path, flags & ~os.O_CREAT)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, path) from None
+        if err.errno == errno.ELOOP:
+            raise OutputError(f"refusing to append to {path}: it is a symbolic link nucseg did not make") from None
+        raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def remove_owned(path: str | os.PathLike, owned: Owned) -> bool:
+    """Delete ``path`` (a file or folder) only if ``owned(path)``; False if it is not there. A path that is not
+    nucseg's (a symbolic link never is) raises OutputError and stays. Its download marker goes with it."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink() or not owned(path):
+        raise OutputError(f"refusing to delete {path}: it is not something nucseg wrote")
+    try:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot remove {path}: {err.strerror or err}") from None
+    _sidecar(path).unlink(missing_ok=True)
+    return True
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.nucseg")
+
+
+_DOWNLOAD = JsonMark("download")
+
+
+def mark_download(path: str | os.PathLike, complete: bool = True) -> None:
+    """Record that nucseg downloaded ``path`` (a file whose bytes are another publisher's, so it cannot carry
+    an embedded marker): a sidecar ``.<name>.nucseg`` with the file's device and inode, and, once complete,
+    its size and mtime. :func:`is_download` then knows this very file, and no other put at its name, is ours."""
+    path = Path(path)
+    st = os.lstat(path)
+    ident = {"name": path.name, "dev": st.st_dev, "ino": st.st_ino}
+    if complete:
+        ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    write_json(_sidecar(path), ident, _DOWNLOAD)
+
+
+def is_download(path: str | os.PathLike) -> bool:
+    """``path`` is a regular file (not a link) that nucseg downloaded and nobody changed or swapped since."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+        side = _sidecar(path)
+        if not stat.S_ISREG(st.st_mode) or not _DOWNLOAD(side):
+            return False
+        ident = json.loads(side.read_bytes())
+    except (OSError, ValueError):
+        return False
+    if ident.get("name") != path.name or (ident.get("dev"), ident.get("ino")) != (st.st_dev, st.st_ino):
+        return False
+    return "size" not in ident or (ident["size"], ident.get("mtime_ns")) == (st.st_size, st.st_mtime_ns)
+
+
+def _unmark(path: Path) -> None:
+    side = _sidecar(path)
+    if _DOWNLOAD(side):
+        side.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def resumable_file(part: str | os.PathLike) -> Iterator[int]:
+    """A read-write descriptor of a download's partial file, locked against a second downloader.
+
+    A new ``part`` is created (``O_EXCL``) and marked as nucseg's (:func:`mark_download`, incomplete); an
+    existing one is resumed only if it is that same file. Never through a symbolic link (``O_NOFOLLOW``): a
+    ``NuInsSeg.zip.part`` pointing elsewhere (or a browser's own ``.part``) is refused, untouched.
+    """
+    part = Path(part)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(part, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            created = True
+        except FileExistsError:
+            if part.is_symlink() or not is_download(part):
+                raise OutputError(f"refusing to resume into {part}: it exists and is not a download nucseg started; "
+                                  "remove it or choose another folder") from None
+            fd = os.open(part, flags)
+            created = False
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, part) from None
+        raise OutputError(f"cannot write {part}: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:  # held by another downloader; a filesystem without locks is used unlocked
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputError(f"another nucseg is downloading {part}; wait for it") from None
+        if created:
+            mark_download(part, complete=False)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def promote_download(part: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a finished :func:`resumable_file` onto ``final`` (which must not exist, or be an earlier download
+    of nucseg's) and mark it complete."""
+    part, final = Path(part), Path(final)
+    _refuse_foreign(final, is_download)
+    if not is_download(part):
+        raise OutputError(f"refusing to rename {part}: it is not a download nucseg started")
+    os.replace(part, final)
+    mark_download(final)
+    _unmark(part)
+    return final
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive flock on the lock file ``path`` for the duration (created empty if missing, never written, never
+    through a symbolic link); a no-op where the filesystem cannot lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, path) from None
+        raise OutputError(f"cannot create the lock file {path}: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: single-process use is still safe
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def json_safe(obj: Any) -> Any:

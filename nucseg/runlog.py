@@ -6,7 +6,9 @@
 Events: ``run-start`` (slides), ``start`` (slide; with Dask: sent to the cluster), ``done`` (the slide's
 summary: nuclei, tiles, seconds, output, ...; ``skipped: true`` when its outputs were already complete),
 ``failed`` (slide, error), ``run-end`` (the run summary). Every line carries ``time`` (UTC, ISO 8601), ``host``, ``pid`` and
-``shard``, so logs of many jobs can be concatenated and still be told apart.
+``shard``, so logs of many jobs can be concatenated and still be told apart, and ``"nucseg_file": "run-log"``:
+an existing log is appended to only if its first line carries that marker, and ``run-summary.json`` is
+replaced only if it carries ``"nucseg_file": "run-summary"`` (:mod:`nucseg.io`: never a user's file of that name).
 
 A sharded run (``--shard i/n`` or a SLURM array task) writes ``nucseg-run.<i>of<n>.jsonl`` and
 ``run-summary.<i>of<n>.json`` instead: array tasks share ``out_dir``, appends from several nodes to one file
@@ -24,7 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .io import disk_full_error, is_disk_full, json_safe, write_json
+from .io import JsonMark, check_output, disk_full_error, is_disk_full, json_safe, open_append, write_json
+
+
+RUN_LOG, RUN_SUMMARY = JsonMark("run-log"), JsonMark("run-summary")
 
 
 @dataclass
@@ -58,7 +63,8 @@ class RunLog:
 
     def __enter__(self) -> "RunLog":
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        check_output(self.summary_path, RUN_SUMMARY)  # written at the end: refuse a user's file before any work
+        self._fh = open_append(self.path, RUN_LOG.first_line)
         if self._fh.tell() > 0 and not _ends_with_newline(self.path):
             self._fh.write("\n")  # a killed writer's unfinished line stays on its own line
         self.event("run-start", slides=self.summary.slides)
@@ -69,7 +75,7 @@ class RunLog:
         self.summary.seconds = time.perf_counter() - self._t0
         try:
             self.event("run-end", **asdict(self.summary))
-            write_json(self.summary_path, asdict(self.summary))
+            write_json(self.summary_path, asdict(self.summary), RUN_SUMMARY)
         finally:
             self._fh.close()
         return False
@@ -77,7 +83,7 @@ class RunLog:
     def event(self, kind: str, **fields: Any) -> None:
         """Append one event as one line, written by a single flushed write (no torn lines between runs)."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-        record = {"time": now, "event": kind, **self._base, **fields}
+        record = RUN_LOG.line({"time": now, "event": kind, **self._base, **fields})
         try:
             self._fh.write(json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n")
             self._fh.flush()

@@ -52,7 +52,7 @@ def main() -> int:
     from nucseg.errors import CheckpointError
     from nucseg.learn.demo import BASE_DIR, BASE_FILE, FULL, QUICK, Eta, make_demo_dataset
     from nucseg.segmenter import SegmenterSpec
-    from nucseg.io import write_json
+    from nucseg.io import JsonMark, write_json
     from nucseg.wsi.predict import PredictConfig, predict_slide
     from nucseg.wsi.synthslide import make_synthetic_slide
 
@@ -84,7 +84,7 @@ def main() -> int:
     slide, truth = out / "demo_slide.tif", out / "demo_slide.truth.json"
     if not (slide.exists() and truth.exists()):
         labels = make_synthetic_slide(slide, recipe.slide_px, recipe.slide_px, mpp=0.5, seed=1)
-        write_json(truth, {"nuclei": int(labels.max())})
+        write_json(truth, {"nuclei": int(labels.max())}, JsonMark("demo-truth"))
     true_nuclei = json.loads(truth.read_text())["nuclei"]
 
     say(f"2/4 cross-validation: {'LoRA on the pre-trained vit_tiny demo base' if base else 'vit_tiny from scratch'}, "
@@ -134,7 +134,7 @@ def main() -> int:
 def write_report(out: Path, recipe, summary: dict, res, true_nuclei: int, thresholds: dict, seconds: float, threads,
                  full: bool) -> Path:
     from nucseg.learn.calibrate import describe_thresholds
-    from nucseg.io import atomic_path
+    from nucseg.io import TextMark, write_text
 
     ft, zs = summary["fine_tuned"], summary["zero_shot"]
     if recipe.pretrained:
@@ -180,8 +180,7 @@ Open `demo_slide.geojson` in QuPath (File > Import objects) over `demo_slide.tif
 per nucleus; `demo_slide.preview.png` shows the outlines.
 """
     report = out / "REPORT.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(text)
+    write_text(report, text, TextMark("demo-report"))
     return report
 
 

@@ -105,7 +105,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    write_json(a.out / BASE_INFO, info)
+    write_json(a.out / BASE_INFO, info, is_base_info)
     print(json.dumps({k: v for k, v in info.items() if k not in ("train_iou", "loss", "recipe")}))
     if a.install:
         BASE_DIR.mkdir(parents=True, exist_ok=True)

@@ -83,11 +83,6 @@ def test_eval_json_on_real_nuinsseg_examples(nuinsseg_gt, capsys):
     (["weights", "fetch", "vit_b", "--dest", "{tmp}/w"], 1, "--checkpoint"),
 ])
 def test_bad_input_is_one_line_and_exit_code(args, code, needle, demo, tmp_path, capsys, monkeypatch):
-    import nucseg.model.weights as w
-
-    def offline(*a, **k):  # this workplace has no internet anyway; never try
-        raise OSError("network unreachable")
-
     bad = tmp_path / "bad"
     (bad / "organ" / "tissue images").mkdir(parents=True)
     (bad / "organ" / "label masks modify").mkdir()
@@ -97,9 +92,10 @@ def test_bad_input_is_one_line_and_exit_code(args, code, needle, demo, tmp_path,
     junk.write_bytes(b"\x00" * 100)
     fill = {"tmp": str(tmp_path), "demo": str(demo), "missing_label": str(bad), "junk": str(junk)}
     argv = [a.format(**fill) for a in args]
-    if argv[0] == "weights":
-        monkeypatch.setattr(w, "fetch", lambda name, dest, progress=None, _f=w.fetch: _f(name, dest, progress,
-                                                                                         url_opener=offline))
+    if argv[0] == "weights":  # this workplace has no internet anyway: a mirror that refuses at once
+        monkeypatch.setenv("NUCSEG_WEIGHTS_URL", "http://127.0.0.1:9")
+        for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(var, raising=False)
     rc = main(["-q", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == code, err
@@ -116,17 +112,17 @@ def test_console_script_has_no_traceback(tmp_path):
 
 
 def test_outputs_respect_umask(tmp_path):
-    from nucseg.io import atomic_path, write_json
+    from nucseg.io import atomic_path, new_only, write_json
 
     old = os.umask(0o022)
     try:
-        write_json(tmp_path / "a.json", {"x": float("nan")})
+        write_json(tmp_path / "a.json", {"x": float("nan")}, new_only)
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": None}  # strict JSON: NaN -> null
     with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "b.txt") as tmp:
+        with atomic_path(tmp_path / "b.txt", owned=new_only) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == [tmp_path / "a.json"]  # nothing half-written left behind

@@ -19,7 +19,7 @@ import pytest
 import nucseg.wsi.export as export_mod
 import nucseg.wsi.cache as cache_mod
 from nucseg.errors import DiskFullError
-from nucseg.io import atomic_path
+from nucseg.io import atomic_path, new_only
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
@@ -136,7 +136,7 @@ def test_an_unconverted_disk_full_error_is_still_one_line(tmp_path, monkeypatch,
 def test_atomic_path_converts_and_cleans_up(tmp_path):
     target = tmp_path / "x.txt"
     with pytest.raises(DiskFullError, match=f"no space left on device while writing to {tmp_path} "):
-        with atomic_path(target) as tmp:
+        with atomic_path(target, owned=new_only) as tmp:
             tmp.write_text("partial")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []

@@ -180,7 +180,7 @@ def test_cv_survives_random_kills(tmp_path):
 
 def _history(path: Path) -> list[dict]:
     if path.suffix == ".json":
-        return json.loads(path.read_text())
+        return json.loads(path.read_text())["epochs"]
     from nucseg.learn.train import load_training_state
 
     return load_training_state(path)["history"]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from nucseg.learn.demo import make_demo_dataset
-from nucseg.io import apply_umask, atomic_path, current_umask
+from nucseg.io import apply_umask, atomic_path, current_umask, new_only
 from nucseg_cli.main import main
 
 TINY = ["--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4"]
@@ -40,7 +40,7 @@ def test_safetensors_alone_writes_private_files_atomic_path_does_not(tmp_path, u
     umask(0o022)
     save_file({"a": torch.zeros(2)}, str(tmp_path / "raw.safetensors"))
     raw = stat.S_IMODE((tmp_path / "raw.safetensors").stat().st_mode)
-    with atomic_path(tmp_path / "ours.safetensors") as tmp:
+    with atomic_path(tmp_path / "ours.safetensors", owned=new_only) as tmp:
         save_file({"a": torch.zeros(2)}, str(tmp))
     assert stat.S_IMODE((tmp_path / "ours.safetensors").stat().st_mode) == 0o644
     if raw == 0o644:

@@ -108,7 +108,8 @@ def test_fetch_downloads_verifies_and_reports_progress(tmp_path, fake_vit_b):
     assert [url for url, _ in opener.calls] == [fake_vit_b.url]
     assert seen[0] == (0, len(PAYLOAD)) and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sam_vit_b_01ec64.pth"]  # no temporary left
+    # no temporary left; the sidecar marks the file as nucseg's download
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sam_vit_b_01ec64.pth.nucseg", "sam_vit_b_01ec64.pth"]
 
 
 def test_fetch_uses_the_registry_size_when_the_server_sends_none(tmp_path, fake_vit_b):
@@ -127,12 +128,26 @@ def test_fetch_present_and_verified_needs_no_network(tmp_path, fake_vit_b):
     assert weights.fetch("vit_b", tmp_path, url_opener=no_network) == tmp_path / "sam_vit_b_01ec64.pth"
 
 
-def test_fetch_replaces_a_corrupt_cached_file(tmp_path, fake_vit_b):
+def test_fetch_replaces_a_corrupt_cached_file_it_downloaded(tmp_path, fake_vit_b):
+    from nucseg.io import mark_download
+
     target = tmp_path / "sam_vit_b_01ec64.pth"
     target.write_bytes(PAYLOAD[:1000])
+    mark_download(target)  # as if an earlier fetch had written it and it was damaged later
     opener = FakeOpener()
     assert weights.fetch("vit_b", tmp_path, url_opener=opener) == target
     assert len(opener.calls) == 1 and target.read_bytes() == PAYLOAD
+
+
+def test_fetch_never_replaces_a_file_it_did_not_download(tmp_path, fake_vit_b):
+    from nucseg.errors import OutputError
+
+    target = tmp_path / "sam_vit_b_01ec64.pth"
+    target.write_bytes(PAYLOAD[:1000])
+    opener = FakeOpener()
+    with pytest.raises(OutputError, match="did not download"):
+        weights.fetch("vit_b", tmp_path, url_opener=opener)
+    assert opener.calls == [] and target.read_bytes() == PAYLOAD[:1000]
 
 
 def test_fetch_hash_mismatch_leaves_nothing(tmp_path, fake_vit_b):

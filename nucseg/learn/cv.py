@@ -23,8 +23,8 @@ import numpy as np
 
 from ..device import pick_device
 from ..errors import DataError, InputError
-from ..io import atomic_path, read_json, write_json
-from ..model.adapter import load_adapter, read_adapter
+from ..io import SOFTWARE, JsonMark, TextMark, atomic_path, check_output, is_nucseg_png, read_json, write_json, write_text
+from ..model.adapter import is_adapter_meta, load_adapter, read_adapter
 from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
 from ..model.lora import MethodConfig
 from ..model.modelcard import write_model_card
@@ -36,6 +36,9 @@ from .train import TrainConfig, finetune
 
 METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
 GROUP_BY = ("image", "organ")  # what stays together in one fold: the tiles of one image, or one organ's images
+# markers of the files cv writes (nucseg.io: a rerun replaces only files carrying them, never a user's summary.json)
+SUMMARY_JSON, SUMMARY_MD = JsonMark("cv-summary"), TextMark("cv-summary")
+METRICS_JSON, ZERO_SHOT_JSON = JsonMark("cv-metrics"), JsonMark("cv-zero-shot-metrics")
 
 
 @dataclass
@@ -91,8 +94,8 @@ def overlay(tile: Tile, pred: np.ndarray, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+    with atomic_path(path, owned=is_nucseg_png) as tmp:
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SOFTWARE})
     plt.close(fig)
 
 
@@ -119,6 +122,11 @@ def _fmt(value: float | None) -> str:
 
 
 def write_summary_md(summary: dict, path: Path) -> None:
+    write_text(path, summary_markdown(summary), SUMMARY_MD)
+
+
+def summary_markdown(summary: dict) -> str:
+    """The table of ``summary.md`` (what ``nucseg cv`` prints)."""
     cols = METRICS
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, key in (("fine-tuned", "fine_tuned"), ("zero-shot", "zero_shot")):
@@ -144,8 +152,7 @@ def write_summary_md(summary: dict, path: Path) -> None:
             f"seed {summary['seed']}\n\nModel {summary['model']}, method "
             f"{MethodConfig.from_dict(summary['method']).describe()}.\n"
             "Mean ± std over folds of the per-fold mean over validation tiles.\n\n" + "\n".join(lines) + "\n")
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    return text
 
 
 def score_zero_shot(base, train: list[Tile], val: list[Tile], explicit: dict, base_infer: InferConfig,
@@ -195,6 +202,9 @@ def run_cv(
     base_infer = InferConfig(**explicit).validate()
     out_dir = Path(out_dir)
     folds = make_folds(tiles, cv_cfg.folds, cv_cfg.seed, cv_cfg.group_by)
+    # before any training: the files written at the end must not replace anything nucseg did not write
+    check_output(out_dir / "summary.json", SUMMARY_JSON)
+    check_output(out_dir / "summary.md", SUMMARY_MD)
     device = pick_device(train_cfg.device)
     rows, zero_rows, fold_info, zero_used = [], [], [], []
     for f, val_idx in enumerate(folds, start=1):
@@ -203,11 +213,12 @@ def run_cv(
         train = [c for i, t in enumerate(tiles) if i not in set(val_idx.tolist())
                  for c in cut_tiles(t, cv_cfg.tile_size) if c.labels.any() or not cv_cfg.drop_empty]
         metrics_path = fdir / "metrics.json"
-        if metrics_path.is_file():
+        if METRICS_JSON(metrics_path):  # finished by nucseg (a foreign metrics.json is refused below, never used)
             if on_fold:
                 on_fold(f, len(folds), "done already, skipped")
             result = read_json(metrics_path)
         else:
+            check_output(metrics_path, METRICS_JSON)  # before the fold's training
             if on_fold:
                 on_fold(f, len(folds), f"training on {len(train)} tiles, validating on {len(val)}")
             res = finetune(train, fdir / "train", model_type, checkpoint, method, train_cfg, mpp=mpp,
@@ -222,22 +233,23 @@ def run_cv(
             for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
                 overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
             meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
-            write_json(res.adapter / "nucseg.json", meta)
+            write_json(res.adapter / "nucseg.json", meta, is_adapter_meta)
             write_model_card(res.adapter, meta)  # the card shows the fold's metrics too
-            write_json(metrics_path, result)
+            write_json(metrics_path, result, METRICS_JSON)
         rows.append(result["mean"])
         fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"],
                           "thresholds": result.get("thresholds")})
         if cv_cfg.zero_shot:
             zpath = fdir / "zero_shot_metrics.json"
-            if zpath.is_file():
+            if ZERO_SHOT_JSON(zpath):
                 zres = read_json(zpath)
             else:
+                check_output(zpath, ZERO_SHOT_JSON)
                 base, _ = load_sam(model_type, checkpoint, img_size=read_adapter(fdir / "train" / "adapter").input_size,
                                    seed=train_cfg.seed)
                 zres = score_zero_shot(base, train, val, explicit, base_infer, train_cfg, cv_cfg, device, mpp,
                                        (lambda msg, f=f: on_fold(f, len(folds), msg)) if on_fold else None)
-                write_json(zpath, zres)
+                write_json(zpath, zres, ZERO_SHOT_JSON)
             zero_rows.append(zres["mean"])
             zero_used.append({"fold": f, "thresholds": zres.get("thresholds")})
     from .. import __version__
@@ -260,6 +272,6 @@ def run_cv(
         "fine_tuned": summarize_folds(rows),
         "zero_shot": summarize_folds(zero_rows) if zero_rows else None,
     }
-    write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary, SUMMARY_JSON)
     write_summary_md(summary, out_dir / "summary.md")
     return summary

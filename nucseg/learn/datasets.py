@@ -16,13 +16,21 @@ download runs), and the next run asks the server for the rest (HTTP ``Range``); 
 range is answered by starting over. The archive becomes ``NuInsSeg.zip`` only once verified, and the folder
 ``<dest>/NuInsSeg`` appears only once completely unpacked (atomic rename), with ``.nucseg-source.json``
 saying where it came from. A second run finds it and returns at once.
+
+What is the user's stays the user's: an archive nucseg downloaded carries a sidecar marker
+(:func:`nucseg.io.mark_download`), and only such an archive is deleted after unpacking or when it fails its
+checks. An archive the user put in ``<dest>`` is verified and unpacked but never deleted (a bad one is
+reported and left). A ``.part`` nucseg did not start (a browser's, or a symbolic link) is refused untouched.
+
+Mirrors (offline clusters, proxies, tests): ``$NUCSEG_DATA_URL`` (or ``base_url``) is a folder, served over
+http(s) or as ``file://``, holding the archive (``<base>/NuInsSeg.zip``) and the record's answer saved as is
+(``<base>/NuInsSeg.zip.record.json``, from ``https://zenodo.org/api/records/10518968``); the checks are the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import errno
-import fcntl
 import hashlib
 import http.client
 import os
@@ -36,11 +44,14 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import DataError, InputError, NucsegError, OutputError
-from ..io import atomic_path, parse_json, write_json
+from ..io import (JsonMark, atomic_path, check_output, is_download, parse_json, promote_download, remove_owned,
+                  resumable_file, write_json)
 from .data import IMAGES_DIR, LABELS_DIR
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, total bytes; 0 when unknown)
 SOURCE_FILE = ".nucseg-source.json"
+SOURCE_MARK = JsonMark("dataset-source")  # in SOURCE_FILE: the unpacked folder is nucseg's
+MIRROR_ENV = "NUCSEG_DATA_URL"  # base URL of a mirror: <base>/<archive> and <base>/<archive>.record.json
 _CHUNK = 1 << 20
 
 
@@ -55,6 +66,7 @@ class DatasetSource:
     filename: str
     folder: str  # what the unpacked dataset is called under the destination
     url: str  # the file's address, used when the record does not name one
+    mirrored: bool = False  # record and archive come from a mirror (:func:`mirror`): the record's links are ignored
 
 
 SOURCES: dict[str, DatasetSource] = {
@@ -80,28 +92,49 @@ class Published:
     digest: str | None
 
 
+def is_unpacked_dataset(folder: Path) -> bool:
+    """A dataset folder nucseg unpacked (its ``.nucseg-source.json`` carries nucseg's marker)."""
+    return folder.is_dir() and not folder.is_symlink() and SOURCE_MARK(folder / SOURCE_FILE)
+
+
+def mirror(source: DatasetSource, base_url: str | None = None) -> DatasetSource:
+    """``source`` with its addresses on a mirror (``base_url``, else ``$NUCSEG_DATA_URL``), or as it is."""
+    base = (base_url or os.environ.get(MIRROR_ENV) or "").strip().rstrip("/")
+    if not base:
+        return source
+    return dataclasses.replace(source, record_api=f"{base}/{source.filename}.record.json",
+                               url=f"{base}/{source.filename}", mirrored=True)
+
+
 def fetch_dataset(name: str, dest: str | os.PathLike, progress: ProgressCallback | None = None,
-                  keep_archive: bool = False, timeout: float = 60.0) -> Path:
-    """Download, verify and unpack dataset ``name`` under ``dest``; returns the folder to pass to ``--data``."""
+                  keep_archive: bool = False, timeout: float = 60.0, base_url: str | None = None) -> Path:
+    """Download, verify and unpack dataset ``name`` under ``dest``; returns the folder to pass to ``--data``.
+
+    ``base_url``: a mirror (:func:`mirror`). An archive already in ``dest`` is used; it is deleted afterwards
+    (unless ``keep_archive``) only if nucseg downloaded it.
+    """
     source = SOURCES.get(name)
     if source is None:
         raise InputError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
+    source = mirror(source, base_url)
     dest = Path(dest)
     final = dest / source.folder
-    if (final / SOURCE_FILE).is_file():
+    if final.is_dir() and SOURCE_MARK(final / SOURCE_FILE):  # done (read only: a symbolic link to it is fine)
         return dataset_root(final)
-    if final.exists():
+    if os.path.lexists(final):
         raise OutputError(f"{final} exists but was not unpacked by nucseg; move it away or choose another folder")
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"cannot create {dest}: {err.strerror or err}") from None
     archive = dest / source.filename
+    if os.path.lexists(archive) and not archive.is_file():
+        raise OutputError(f"{archive} is in the way of the download and is not a file; move it away")
     published = published_file(source, timeout)
     if not archive.is_file():
         download(published, archive, progress, timeout)
     verify_archive(archive, published)
-    with atomic_path(final, is_dir=True) as tmp:
+    with atomic_path(final, is_dir=True, owned=is_unpacked_dataset) as tmp:
         try:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)  # zipfile drops absolute paths and ".." parts: nothing lands outside tmp
@@ -114,9 +147,9 @@ def fetch_dataset(name: str, dest: str | os.PathLike, progress: ProgressCallback
             if published.digest else None, "root": str(root.relative_to(tmp)),
             "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "nucseg_version": __version__,
-        })
-    if not keep_archive:
-        archive.unlink()  # ours: downloaded and verified by this function
+        }, SOURCE_MARK)
+    if not keep_archive and is_download(archive):
+        remove_owned(archive, is_download)  # only what nucseg downloaded: an archive the user put there stays
     return dataset_root(final)
 
 
@@ -161,8 +194,10 @@ def published_file(source: DatasetSource, timeout: float = 60.0) -> Published:
     if entry is None:
         raise NucsegError(f"the record {source.record_api} lists no file {source.filename}; the dataset moved?")
     links = entry.get("links") if isinstance(entry.get("links"), dict) else {}
-    url = links.get("self") or links.get("content") or links.get("download") or source.url
-    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+    # a mirror serves the record verbatim: its links point to Zenodo, the archive is beside the record
+    url = source.url if source.mirrored else (links.get("self") or links.get("content") or links.get("download")
+                                              or source.url)
+    if not source.mirrored and (not isinstance(url, str) or not url.startswith(("https://", "http://"))):
         raise malformed(f"the file's address is {url!r}")
     algorithm = digest = None
     if isinstance(entry.get("checksum"), str) and ":" in entry["checksum"]:
@@ -177,27 +212,20 @@ def published_file(source: DatasetSource, timeout: float = 60.0) -> Published:
 
 def download(published: Published, archive: Path, progress: ProgressCallback | None = None,
              timeout: float = 60.0) -> Path:
-    """Download to ``<archive>.part`` (resuming what is there with HTTP Range) and rename when complete."""
+    """Download to ``<archive>.part`` (resuming what is there with HTTP Range) and rename when complete.
+
+    The ``.part`` is resumed only if nucseg started it (:func:`nucseg.io.resumable_file`), never through a
+    symbolic link; the archive it becomes is marked as nucseg's download."""
     part = archive.with_name(archive.name + ".part")
-    try:
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise OutputError(f"cannot write {part}: {err.strerror or err}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise OutputError(f"another nucseg is downloading {part}; wait for it") from None
+    check_output(archive, is_download)  # nothing to replace at the final name (or only our own download)
+    with resumable_file(part) as fd:
         have = os.fstat(fd).st_size
         if published.size is not None and have > published.size:
             os.ftruncate(fd, 0)  # more than the whole file: not a prefix of it
             have = 0
         if published.size is None or have < published.size:
             _fetch_rest(published, fd, have, progress, timeout)
-        os.replace(part, archive)
-    finally:
-        os.close(fd)
+        promote_download(part, archive)
     return archive
 
 
@@ -246,12 +274,16 @@ def _fetch_rest(published: Published, fd: int, have: int, progress: ProgressCall
 
 
 def verify_archive(archive: Path, published: Published) -> None:
-    """Size and checksum as published, then every member's CRC. A bad archive is removed (it is ours)."""
+    """Size and checksum as published, then every member's CRC. A bad archive is removed if nucseg downloaded
+    it (rerun to download it again); one the user put there is left as it is, and named."""
     size = archive.stat().st_size
 
     def bad(msg: str) -> DataError:
-        archive.unlink(missing_ok=True)
-        return DataError(f"{archive.name}: {msg}; it was removed, rerun to download it again")
+        if is_download(archive):
+            remove_owned(archive, is_download)
+            return DataError(f"{archive.name}: {msg}; it was removed, rerun to download it again")
+        return DataError(f"{archive}: {msg}; nucseg did not download this file, so it was left as it is: replace it "
+                         "with a good copy, or remove it and rerun to download one")
 
     if published.size is not None and size != published.size:
         raise bad(f"{size} bytes, the record says {published.size}")

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from scipy import ndimage as ndi
-from skimage.io import imsave
 
 from .data import IMAGES_DIR, LABELS_DIR, MASK_DIR, VAGUE_DIR
 from ..errors import InputError
-from ..io import atomic_path
+from ..io import SOFTWARE, atomic_path, is_nucseg_tiff, save_png
 
 # optical density per unit stain (R, G, B); Macenko et al.'s reference vectors, typical of real H&E scans
 _H_VEC = np.array([0.5626, 0.7201, 0.4062], np.float32)
@@ -99,8 +98,8 @@ def make_demo_dataset(
                 labels, vague = (np.kron(a, np.ones((zoom, zoom), a.dtype)) for a in (labels, vague))
             stem = f"{slug}_{i + 1:02d}"
             _write_png(root / organ / IMAGES_DIR / f"{stem}.png", image)
-            with atomic_path(root / organ / LABELS_DIR / f"{stem}.tif") as tmp:
-                tifffile.imwrite(tmp, labels.astype(np.uint16))
+            with atomic_path(root / organ / LABELS_DIR / f"{stem}.tif", owned=is_nucseg_tiff) as tmp:
+                tifffile.imwrite(tmp, labels.astype(np.uint16), software=SOFTWARE)
             _write_png(root / organ / MASK_DIR / f"{stem}.png", _binary(labels > 0))
             _write_png(root / organ / VAGUE_DIR / f"{stem}.png", _binary(vague))
     return root
@@ -224,8 +223,7 @@ def _binary(mask: np.ndarray) -> np.ndarray:
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        imsave(tmp, array, check_contrast=False)
+    save_png(path, array)  # tagged as nucseg's: a rerun replaces its own files only
 
 
 # The demo base (scripts/make_demo_base.py) is trained on these organs and seed, never on the demo's own tiles.

@@ -32,7 +32,7 @@ from ..device import pick_device
 from ..errors import CheckpointError, InputError
 from ..model.infer import InferConfig, mask_boxes
 from ..model.lora import MethodConfig
-from ..io import SOFTWARE, atomic_path, check_output, is_nucseg_png, parse_json, write_json
+from ..io import SOFTWARE, JsonMark, atomic_path, check_output, is_nucseg_png, parse_json, write_json
 from ..model.sam import attach_foreground_head, decode, encode
 
 log = logging.getLogger(__name__)
@@ -351,8 +351,21 @@ def save_training_state(path: Path, state: dict) -> None:
             "scheduler": state["scheduler"], "param_groups": state["optimizer"]["param_groups"],
             "optimizer_plain": opt_state, "format_version": 1}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, owned=is_training_state) as tmp:
         save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def is_training_state(path: Path) -> bool:
+    """A training checkpoint nucseg wrote: a safetensors file whose metadata has nucseg's ``_STATE_KEY`` entry."""
+    from safetensors import safe_open
+
+    try:
+        if Path(path).is_symlink():
+            return False
+        with safe_open(str(path), framework="pt") as fh:
+            return _STATE_KEY in (fh.metadata() or {})
+    except Exception:  # not safetensors, unreadable: not ours
+        return False
 
 
 def load_training_state(path: Path) -> dict:
@@ -426,8 +439,11 @@ def plot_curves(history: list[EpochLog], path: Path) -> None:
     plt.close(fig)
 
 
+HISTORY = JsonMark("train-history")  # history.json: {"epochs": [...], "nucseg_file": "train-history"}
+
+
 def write_history(history: list[EpochLog], path: Path) -> None:
-    write_json(path, [asdict(h) for h in history])
+    write_json(path, {"epochs": [asdict(h) for h in history]}, HISTORY)
 
 
 @dataclass
@@ -470,6 +486,7 @@ def finetune(
     out_dir = Path(out_dir)
     check_output(out_dir / "adapter", is_adapter_dir)  # before any training: never replace a folder we did not write
     check_output(out_dir / "curves.png", is_nucseg_png)
+    check_output(out_dir / "history.json", HISTORY)  # (a foreign checkpoint is refused by resume, exit 4)
     tiles, held_back = split_for_calibration(tiles, cfg.calibration_fraction, cfg.seed)
     size = max(max(t.labels.shape) for t in tiles)
     input_size = int(math.ceil(size / 16) * 16)

@@ -21,7 +21,7 @@ from segment_anything.modeling import Sam
 
 from .. import __version__
 from ..errors import CheckpointError, InputError
-from ..io import atomic_path, check_output, read_json, sha256_file, write_json
+from ..io import atomic_path, check_output, new_only, read_json, sha256_file, write_json
 from ..wsi.slide import MPP_RANGE
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
 from .sam import PATCH, SPECS, attach_foreground_head, load_sam, random_init_fingerprint
@@ -74,7 +74,7 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
     tensors = trainable_state_dict(model)
     with atomic_path(path, is_dir=True, owned=is_adapter_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        write_json(tmp / METHOD, method.to_dict())
+        write_json(tmp / METHOD, method.to_dict(), new_only)
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -85,7 +85,7 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
             "tensors": len(tensors),
             **meta,
         }
-        write_json(tmp / META, full)
+        write_json(tmp / META, full, new_only)
         from .modelcard import write_model_card
 
         write_model_card(tmp, full)  # README.md: the same provenance, for people
@@ -93,11 +93,17 @@ def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict)
 
 
 def is_adapter_dir(path: Path) -> bool:
-    """A folder nucseg wrote as an adapter (what a rerun of training may replace)."""
+    """A folder nucseg wrote as an adapter (what a rerun of training may replace): its ``nucseg.json`` says
+    ``"format": "nucseg-adapter"``, an entry nucseg alone writes."""
     try:
-        return path.is_dir() and read_json(path / META).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return path.is_dir() and not path.is_symlink() and read_json(path / META).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
+
+
+def is_adapter_meta(path: Path) -> bool:
+    """The ``nucseg.json`` of an adapter folder nucseg wrote (calibration and cv rewrite it in place)."""
+    return path.name == META and not path.is_symlink() and is_adapter_dir(path.parent)
 
 
 def _is(value, kinds, lo=None, hi=None) -> bool:
@@ -199,7 +205,7 @@ def write_thresholds(path: str | Path, thresholds: dict) -> dict:
 
     info = read_adapter(path)
     meta = dict(info.meta, **{THRESHOLDS: validate_thresholds(dict(thresholds))})
-    write_json(info.path / META, meta)
+    write_json(info.path / META, meta, is_adapter_meta)
     return meta
 
 
@@ -279,9 +285,11 @@ def is_merged_checkpoint(path: Path) -> bool:
         return False
 
 
-def check_merge_output(out: str | Path) -> Path:
-    """Before any work: the merged-model path must not replace a file nucseg did not export."""
-    return check_output(out, is_merged_checkpoint)
+def check_merge_output(out: str | Path, inputs: list = ()) -> Path:
+    """Before any work: the merged-model path must not replace a file nucseg did not export, nor be, lie inside or
+    hold one of ``inputs`` (the adapter folder, the base checkpoint: ``--checkpoint M -o M`` is refused even
+    when M is a merged model nucseg wrote, since every adapter trained on M would stop loading)."""
+    return check_output(out, is_merged_checkpoint, inputs=[p for p in inputs if p is not None])
 
 
 def export_merged(model: Sam, out: str | Path) -> Path:

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..io import atomic_path
+from ..io import TextMark, write_text
 
 CARD = "README.md"
 BASE_LICENSE = "apache-2.0"  # Segment Anything's code and weights
+MODEL_CARD = TextMark("model-card")  # how a rerun (cv writes the fold's metrics in) knows the card is nucseg's
 _METRICS = ("dice", "iou", "aji", "dq", "sq", "pq", "f1", "hd95")
 
 
@@ -390,8 +391,7 @@ def _peft_use(card: PeftCard, meta: dict) -> list[str]:
 
 
 def write_model_card(folder: str | os.PathLike, meta: dict, peft: PeftCard | None = None) -> Path:
-    """Write ``folder/README.md`` atomically from ``meta`` (``peft``: the card of a PEFT export)."""
+    """Write ``folder/README.md`` atomically from ``meta``, replacing only a card nucseg wrote (``peft``: the card of a PEFT export)."""
     path = Path(folder) / CARD
-    with atomic_path(path) as tmp:
-        tmp.write_text(render_model_card(meta, peft), encoding="utf-8")
+    write_text(path, render_model_card(meta, peft), MODEL_CARD)
     return path

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, InputError, OutputError
-from ..io import atomic_path, sha256_file, write_json
+from ..errors import CheckpointError, InputError
+from ..io import JsonMark, atomic_path, check_output, sha256_file, write_json
 from .adapter import WEIGHTS, AdapterInfo, read_adapter
 from .lora import PEFT_TARGETS, SLICE_TARGETS
 
@@ -44,6 +44,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FG_HEAD = "nucseg_fg_head.safetensors"
 PROVENANCE = "nucseg_export.json"
+EXPORT_MARK = JsonMark("peft-export")  # in PROVENANCE: the folder is an export nucseg wrote (adapter_config.json
+# alone proves nothing: every PEFT adapter has one)
 PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
 QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
 HF_TARGETS = {  # the same Linear modules under transformers' SamModel names (QKV is PEFT_TARGETS["qkv"])
@@ -196,6 +198,11 @@ def check_against_peft(export: PeftExport, model_type: str, input_size: int, fla
     return sorted((set(want) - set(have)) & buffers)
 
 
+def is_peft_export(path: Path) -> bool:
+    """A folder nucseg's export wrote (what a rerun may replace): its ``nucseg_export.json`` carries the marker."""
+    return path.is_dir() and not path.is_symlink() and EXPORT_MARK(path / PROVENANCE)
+
+
 @dataclass
 class ExportOptions:
     """What the user says about an export beyond the adapter itself (``nucseg export-peft`` options).
@@ -219,18 +226,17 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
 
     ``checkpoint`` (the base) is read only for adapters that trained the prompt encoder: PEFT stores that
     whole module, including a buffer the adapter takes from the base."""
-    from peft import LoraConfig
+    info = read_adapter(adapter)
+    # never replace another tool's PEFT folder, nor write into (or over) the adapter or base read here
+    out = check_output(out, is_peft_export, inputs=[info.path, *([checkpoint] if checkpoint else [])])
+    from peft import LoraConfig  # after the cheap checks: importing peft takes seconds
 
     from .modelcard import PeftCard, write_model_card
 
     options = options or ExportOptions()
     if options.flavour not in FLAVOURS:
         raise InputError(f"unknown flavour {options.flavour!r}; choose one of {', '.join(FLAVOURS)}")
-    info = read_adapter(adapter)
     card = PeftCard.for_adapter(info.meta, options)
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and (out / PEFT_CONFIG).is_file()):
-        raise OutputError(f"{out} exists and is not a PEFT export; choose a new folder")  # never replace others' data
     weights = info.path / WEIGHTS
     sha = sha256_file(weights)
     if sha != info.meta.get("weights_sha256"):
@@ -249,7 +255,7 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
         if missing:  # the Sam export already holds every base tensor PEFT stores: renamed, nothing is missing
             raise CheckpointError(f"PEFT export for SamModel lacks tensors PEFT stores: {missing[:3]}")
     export.config["base_model_name_or_path"] = card.base_model_name_or_path
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, owned=is_peft_export) as tmp:
         LoraConfig(**export.config).save_pretrained(str(tmp))
         save_file(export.tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         if export.fg_head:
@@ -265,7 +271,7 @@ def export_peft(adapter: str | Path, out: str | Path, checkpoint: str | Path | N
             "peft_weights_sha256": sha256_file(tmp / PEFT_WEIGHTS),
             "fg_head_sha256": sha256_file(tmp / FG_HEAD) if export.fg_head else None,
             "nucseg": info.meta,
-        })
+        }, EXPORT_MARK)
         write_model_card(tmp, info.meta, peft=card)
     return out
 

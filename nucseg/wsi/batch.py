@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import DiskFullError, InputError, NucsegError, OutputError
-from ..io import write_json
+from ..io import JsonMark, check_output, write_json
 from ..progress import ProgressCallback, in_batch
 from ..segmenter import TileSegmenter
 from .predict import PredictConfig, Progress, SlideOutputs, SlideSummary, output_identity, predict_slide
 
 log = logging.getLogger(__name__)
+SLIDE_SUMMARY = JsonMark("slide-summary")  # <stem>.summary.json: a rerun replaces only a summary carrying it
 
 
 def check_output_names(slides: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> None:
@@ -178,11 +179,12 @@ def _one_of_many(p, out: Path, segmenter: TileSegmenter, cfg: PredictConfig, pro
                                     tissue_preview=outs.get("tissue_preview"))
     t0 = time.perf_counter()
     try:
+        check_output(outs["summary"], SLIDE_SUMMARY, inputs=[p])  # as the other outputs, before the slide is read
         summary = predict_slide(p, outs["geojson"], segmenter, slide_cfg, progress, on_progress=on_progress)
     except NucsegError as err:
         if stop_on_error or isinstance(err, DiskFullError):  # a full disk would fail every later slide too
             raise
         log.info("%s failed: %s", p, err)  # the caller reports failures (the CLI: one error line per slide)
         return SlideSummary.failed(p, str(err), time.perf_counter() - t0)
-    write_json(outs["summary"], summary.to_dict())
+    write_json(outs["summary"], summary.to_dict(), SLIDE_SUMMARY)
     return summary

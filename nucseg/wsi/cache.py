@@ -43,12 +43,10 @@ opening a new cache do not both create it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 import warnings
@@ -205,19 +203,11 @@ def _disk_full_is_output_error(root: Path):
         raise
 
 
-@contextlib.contextmanager
 def _locked(path: Path):
-    """Exclusive flock on ``path`` (created if missing) for the duration; a no-op where locks are unsupported."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a filesystem without locks: single-process use is still safe
-            pass
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    """Exclusive flock on ``path`` (created if missing, never written) for the duration (:func:`nucseg.io.locked`)."""
+    from ..io import locked
+
+    return locked(path)
 
 
 class TileCache:
@@ -302,13 +292,23 @@ class TileCache:
             warnings.warn(f"tile cache {self.root}: damaged {', '.join(names[:3])}{more} (a chunk that does not "
                           "decode or match its checksums); its tiles are read and predicted again", UserWarning, stacklevel=3)
 
+    def _refusal(self, create: bool):
+        """What :func:`nucseg.io.claim` raises when something that is not a cache sits at the cache's path."""
+        return lambda: OutputError(
+            f"{self.root} is in the way of the tile cache and is not one (nucseg never replaces what it did not "
+            "make): move it away or use another --work-dir") if create else DataError(
+            f"tile cache {self.root} is missing or does not match this slide and settings")
+
     def _open_group(self, key: dict, coords: np.ndarray, create: bool):
         import zarr
+
+        from ..io import claim  # the store is updated in place: only if it is absent or a cache
 
         group = None
         if self.root.exists() or self.root.is_symlink():
             try:
-                group = zarr.open_group(str(self.root), mode="r+", zarr_format=3)
+                group = zarr.open_group(str(claim(self.root, is_nucseg_cache, self._refusal(create))), mode="r+",
+                                        zarr_format=3)
                 same = group.attrs.get("key") == key
                 if same and not all(_layout_ok(group[name], spec) for name, spec in self._layout().items()):
                     self.damaged.add("metadata")  # a changed array layout: rebuilt (nothing it holds is trusted)
@@ -331,15 +331,15 @@ class TileCache:
                 if not is_nucseg_cache(self.root):
                     raise OutputError(f"{self.root} is in the way of the tile cache and is not one (nucseg never "
                                       "replaces what it did not make): move it away or use another --work-dir")
-                try:
-                    shutil.rmtree(self.root)
-                except OSError as err:
-                    raise OutputError(f"cannot replace the stale tile cache {self.root}: {err.strerror or err}") from None
+                from ..io import remove_owned
+
+                remove_owned(self.root, is_nucseg_cache)  # checked just above; the one way nucseg deletes
         if group is None and not create:
             raise DataError(f"tile cache {self.root} is missing or does not match this slide and settings")
         if group is None:
             layout = self._layout()
-            group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
+            group = zarr.open_group(str(claim(self.root, is_nucseg_cache, self._refusal(create))), mode="w",
+                                    zarr_format=3)
             group.create_array("coords", **layout["coords"])
             if self.n:
                 group["coords"][:] = coords

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import threading
@@ -1143,11 +1142,8 @@ def _work_dir(work_dir: str | os.PathLike | None):
         writable_dir(path)  # created and proven to take new files (not a read-only mount) before a slide is read
         yield path
         return
-    tmp = Path(tempfile.mkdtemp(prefix="nucseg-work-"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="nucseg-work-", ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)  # a private folder made here: removing it afterwards removes only what this run wrote
 
 
 def check_outputs(slide_path: Path, out_geojson: Path, cfg: PredictConfig) -> None:

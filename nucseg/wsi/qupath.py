@@ -27,11 +27,12 @@ import shapely
 from shapely.geometry import shape
 
 from ..errors import InputError
-from ..io import check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, read_json, save_png, write_json
+from ..io import JsonMark, check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, read_json, save_png, write_json
 from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
 
 POLYGONAL = ("Polygon", "MultiPolygon")
 MAX_COORD = 1e9  # |level-0 px|: no slide is a thousandth of this; beyond it a coordinate is not a pixel's
+REPORT, REPORT_MARK = "qupath-import.json", JsonMark("qupath-import")  # the import's report, and its marker
 MAX_VERTICES = 50_000_000  # all outlines of one export: ~1 GB as shapely geometry and the scanline's crossings
 
 
@@ -461,6 +462,7 @@ def _write_tiles(view, mpp, image: Path, objs: QuPathObjects, out: Path, cfg: Im
     hit = np.unique(shapely.STRtree(np.asarray(objs.regions or objs.nuclei, dtype=object)).query(
         boxes, predicate="intersects")[0])
     plan = [(int(txs[i]), int(tys[i]), int(hs[i]), int(ws[i]), f"{image.stem}_x{txs[i]}_y{tys[i]}") for i in hit]
+    check_output(organ / REPORT, REPORT_MARK)
     for *_, stem in plan:  # every output checked before anything is written
         check_output(organ / IMAGES_DIR / f"{stem}.png", is_nucseg_png)
         check_output(organ / LABELS_DIR / f"{stem}.tif", is_nucseg_tiff)
@@ -502,5 +504,5 @@ def _write_tiles(view, mpp, image: Path, objs: QuPathObjects, out: Path, cfg: Im
         report["tiles"] += 1
         report["overlap_pixels"] += int(overlap.sum())
         report["instances_written"] += int(labels.max(initial=0))
-    write_json(organ / "qupath-import.json", report)
+    write_json(organ / REPORT, report, REPORT_MARK)
     return report

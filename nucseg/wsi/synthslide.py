@@ -195,14 +195,15 @@ def _write_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float | None, pyr
     """Tiled (Big)TIFF, one IFD per level (what OpenSlide's generic-tiff reader expects)."""
     import tifffile
 
+    from ..io import SOFTWARE, atomic_path, is_nucseg_tiff
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict = {"photometric": "rgb", "tile": (256, 256), "compression": compression}
+    kwargs: dict = {"photometric": "rgb", "tile": (256, 256), "compression": compression, "software": SOFTWARE}
     if compression == "jpeg":
         kwargs["compressionargs"] = {"level": 92}
     level = rgb
     downsample = 1
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+    with atomic_path(path, owned=is_nucseg_tiff) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         while True:
             extra: dict = {}
             if mpp is not None:
