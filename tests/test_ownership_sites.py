@@ -87,6 +87,8 @@ def is_site(call: ast.Call) -> bool:
             return False  # Image.open(path), safe_open(...): readers
         return mode is not None and any(c in mode for c in "wax+?")
     if name in ("open_group", "open_array", "create_group", "create_array") and owner == "zarr":
+        if call.args and isinstance(call.args[0], ast.Call) and _name(call.args[0].func) == "MemoryStore":
+            return False  # an array in memory (the cache's layout check): no path is touched
         return (_mode(call, 99) or "a") != "r"
     if name == "ZipFile":
         return (_mode(call, 1) or "r") != "r"

@@ -17,7 +17,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from ..errors import OutputError
-from ..io import atomic_path
+from ..io import atomic_path, new_only
 from .sam import PATCH, ModelSpec, get_spec
 
 # the Hub's conversions of the official checkpoints (same weights as sam_vit_*.pth, transformers' names)
@@ -109,6 +109,6 @@ def save_transformers_base(sam: Sam, model_type: str, out: str | Path) -> Path:
     out = Path(out)
     if out.exists():
         raise OutputError(f"{out} exists; choose a new folder for the transformers model")
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, owned=new_only) as tmp:
         to_transformers(sam, model_type).save_pretrained(str(tmp))
     return out

@@ -27,7 +27,8 @@ import shapely
 from shapely.geometry import shape
 
 from ..errors import InputError
-from ..io import JsonMark, check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, read_json, save_png, write_json
+from ..io import (JsonMark, check_not_input, check_output, is_nucseg_png, is_nucseg_tiff, read_json, remove_owned,
+                  save_png, write_json)
 from ..learn.data import IMAGES_DIR, LABELS_DIR, VAGUE_DIR
 
 POLYGONAL = ("Polygon", "MultiPolygon")
@@ -432,8 +433,7 @@ def _remove_stale(organ: Path, stem: str, planned: set[str]) -> int:
         for f in folder.iterdir():
             if f.suffix == suffix and pattern.fullmatch(f.stem) and f.stem not in planned and not f.is_symlink() \
                     and owned(f):
-                f.unlink()
-                removed += 1
+                removed += remove_owned(f, owned)
     return removed
 
 
@@ -499,7 +499,7 @@ def _write_tiles(view, mpp, image: Path, objs: QuPathObjects, out: Path, cfg: Im
         if vague.any():
             save_png(vague_png, np.where(vague, 255, 0).astype(np.uint8))
         elif not vague_png.is_symlink() and is_nucseg_png(vague_png):
-            vague_png.unlink()  # an earlier import's: this one has no vague area in this tile
+            remove_owned(vague_png, is_nucseg_png)  # an earlier import's: this one has no vague area in this tile
             report["stale_files_removed"] += 1
         report["tiles"] += 1
         report["overlap_pixels"] += int(overlap.sum())
