@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ from ..device import pick_device
 from ..errors import DataError, InputError
 from ..io import atomic_path, write_json
 from ..model.adapter import load_adapter, read_adapter
-from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
+from ..model.infer import HEAD_OF_MODE, InferConfig, SamTileSegmenter, segment_tiles
 from ..model.lora import MethodConfig
 from ..model.modelcard import write_model_card
 from ..model.sam import load_sam
@@ -162,6 +162,8 @@ def score_zero_shot(base, train: list[Tile], val: list[Tile], explicit: dict, ba
     from .train import calibrate_model
 
     single = not cv_cfg.zero_shot_multimask
+    if explicit.get("prompts") in HEAD_OF_MODE:  # a base has no prompt heads: it keeps auto
+        explicit, base_infer = {**explicit, "prompts": "auto"}, replace(base_infer, prompts="auto")
     zcfg = InferConfig(**zero_shot_settings(asdict(base_infer), single))
     held = split_for_calibration(train, train_cfg.calibration_fraction, train_cfg.seed)[1]
     thresholds = calibrate_model(base, held, train_cfg, zcfg, device, mpp, on_calibrate) if held else None
@@ -217,7 +219,8 @@ def run_cv(
                            on_start=on_start, on_step=on_step, infer=base_infer,
                            on_calibrate=(lambda msg, f=f: on_fold(f, len(folds), msg)) if on_fold else None)
             model, info = load_adapter(res.adapter, checkpoint)
-            seg = sam_segmenter(model, explicit, info.thresholds, device, mpp=mpp)
+            seg = sam_segmenter(model, explicit, info.thresholds, device, mpp=mpp,
+                                mode_thresholds=info.mode_thresholds, modes=info.modes)
             result, preds = score(seg, val, train_cfg.batch_size)
             result["thresholds"] = seg.thresholds_used
             for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
