@@ -338,3 +338,36 @@ def test_whole_slide_is_seam_correct_and_resumes(stand_ins, tmp_path, mode):
     assert third.predicted_tiles == grid.n
     props = json.loads((tmp_path / "a.geojson").read_text())
     assert props["features"] and len(props["features"]) == n
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def test_bench_pareto_puts_the_learned_modes_and_the_classical_segmenter_beside_amg(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pareto as bp
+
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import make_demo_dataset
+    from nucseg.model.heads import head_modes
+
+    tiles = load_dataset(make_demo_dataset(tmp_path / "d", tiles_per_organ=1, size=SIZE), tile_size=SIZE)[:2]
+    torch.manual_seed(0)
+    model = attach_prompt_heads(build_sam("vit_tiny", img_size=SIZE).eval())
+    settings = bp.parse_settings("4", "4", "", 16) + bp.parse_learned("0:0,0:1", "0.05:0.9:0", True, head_modes(model))
+    per = bp.sweep(settings, model, tiles, {"pred_iou_thresh": -10.0, "stability_thresh": 0.0}, torch.device("cpu"))
+    res = bp.summarise(per)
+    assert set(res) == {"amg-4", "nucseg-grid-4", "centers-c0-n0", "centers-c0-n1", "none-f0.05-c0.9-b0", "threshold"}
+    gt = sum(len(np.unique(t.labels)) - 1 for t in tiles)
+    c = res["centers-c0-n0"]
+    assert c["prompts_per_gt_nucleus"] == pytest.approx(c["prompts_decoded_per_tile"] * len(tiles) / gt, rel=0.05)
+    assert c["decoder_calls_per_tile"] >= 1 and c["encoder_s_per_tile"] > 0 and c["heads_s_per_tile"] > 0
+    n = res["none-f0.05-c0.9-b0"]
+    assert n["decoder_calls_per_tile"] == 0 and n["decoder_s_per_tile"] == 0 and n["post_s_per_tile"] > 0
+    groups = [t.stem for t in tiles]
+    learned = bp.learned_vs(per, "wall_s", 20, 0, groups, [0.0])
+    assert set(learned) == {"centers", "none", "threshold"}
+    assert {"vs_amg", "vs_nucseg"} <= set(learned["centers"]) and learned["none"]["front"]
+    report = {"results": res, "wall": bp.fronts_and_ratios(per, "wall_s", 20, 0, groups, []), "learned_wall": learned}
+    assert "| centers-c0-n0 |" in bp.pareto_table(report)
