@@ -223,6 +223,7 @@ def run_cv(
                                 mode_thresholds=info.mode_thresholds, modes=info.modes)
             result, preds = score(seg, val, train_cfg.batch_size)
             result["thresholds"] = seg.thresholds_used
+            result["prompts"] = {"mode": seg.prompt_mode[0], "why": seg.prompt_mode[1]}
             for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
                 overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
             meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
@@ -231,7 +232,7 @@ def run_cv(
             write_json(metrics_path, result)
         rows.append(result["mean"])
         fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"],
-                          "thresholds": result.get("thresholds")})
+                          "thresholds": result.get("thresholds"), "prompts": result.get("prompts")})
         if cv_cfg.zero_shot:
             zpath = fdir / "zero_shot_metrics.json"
             if zpath.is_file():

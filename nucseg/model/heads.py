@@ -31,7 +31,10 @@ CELL = 16  # input pixels per embedding cell (SAM's patch size)
 CENTER_HEAD = "center_head"
 INSTANCE_HEAD = "instance_head"
 HEAD_NAMES = (CENTER_HEAD, INSTANCE_HEAD)
-CENTER_HIDDEN = 64  # chosen with bench/sweep_heads.py (docs/PERFORMANCE.md, "Prompt heads")
+# widths: at 64 both heads cost ~2 % of a vit_tiny encoder pass, <0.3 % of vit_b (bench/bench_heads_cost.py,
+# docs/PERFORMANCE.md "Learned prompt modes"); 128 costs 8x more for the instance head. PQ against width is not
+# measured yet.
+CENTER_HIDDEN = 64
 INSTANCE_HIDDEN = 64
 IMAGE_CHANNELS = 16  # width of the instance head's shallow image path
 
