@@ -225,6 +225,26 @@ def test_spec_defaults_to_the_best_calibrated_mode_and_prompts_overrides(trained
         SegmenterSpec.sam(plain.adapter, device="cpu", infer={"prompts": "none"}).build()
 
 
+def test_cli_says_which_mode_and_refuses_a_mode_without_its_head(trained, tmp_path, capsys):
+    from nucseg_cli.main import main
+
+    root, res, plain, _ = trained
+    images = next((root / "data").iterdir()) / "tissue images"
+    capsys.readouterr()
+    assert main(["-q", "segment", str(images), "--adapter", str(res.adapter), "-o", str(tmp_path / "a"),
+                 "--points-per-side", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "prompts: " in err and "best calibrated mode" in err
+    assert main(["-q", "segment", str(images), "--adapter", str(res.adapter), "-o", str(tmp_path / "b"),
+                 "--prompts", "none", "--min-area", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "prompts: none (--prompts)" in err and "ais_foreground" in err and "min_area 3 (command line)" in err
+    assert main(["-q", "segment", str(images), "--adapter", str(plain.adapter), "-o", str(tmp_path / "c"),
+                 "--prompts", "centers"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nucseg: error: --prompts centers needs an adapter") and not (tmp_path / "c").exists()
+
+
 # -------------------------------------------------------------------------------------------- whole slides
 def _slide(tmp_path, overlap):
     from nucseg.wsi.synthslide import make_synthetic_slide
