@@ -191,15 +191,27 @@ def negative_points(points: torch.Tensor, index: torch.Tensor, k: int) -> tuple[
     negatives, and -1 (SAM's padding point) where the tile has fewer than k other points.
     """
     n = len(points)
-    labels = torch.ones(n, 1, dtype=torch.long, device=points.device)
+    dev = points.device
+    labels = torch.ones(n, 1, dtype=torch.long, device=dev)
     if k <= 0 or n == 0:
         return points[:, None], labels
-    d = torch.cdist(points, points)
-    d = d.masked_fill((index[:, None] != index[None, :]) | torch.eye(n, dtype=torch.bool, device=points.device),
-                      float("inf"))
-    kk = min(k, n)
+    # distances within each tile only: points padded into (tiles, most per tile, 2), one batched cdist
+    counts = torch.bincount(index)
+    order = torch.argsort(index, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(index)
+    slot[order] = torch.arange(n, device=dev) - start[index[order]]
+    m = int(counts.max())
+    padded = torch.full((len(counts), m, 2), float("inf"), device=dev)
+    padded[index, slot] = points.float()
+    d = torch.cdist(padded, padded)[index, slot]  # (N, m): to every slot of the point's own tile
+    d = torch.nan_to_num(d, nan=float("inf"), posinf=float("inf"))
+    d[torch.arange(n, device=dev), slot] = float("inf")  # not itself
+    kk = min(k, m)
     dist, near = d.topk(kk, dim=1, largest=False)
-    neg = points[near]
+    member = torch.full((len(counts), m), -1, dtype=torch.long, device=dev)
+    member[index, slot] = torch.arange(n, device=dev)
+    neg = points[member[index[:, None], near].clamp(min=0)]
     neg_lab = torch.where(torch.isfinite(dist), 0, -1)
     if kk < k:
         neg = torch.cat([neg, neg.new_zeros(n, k - kk, 2)], 1)
