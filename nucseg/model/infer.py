@@ -345,9 +345,9 @@ class SamTileSegmenter:
 
         def run(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
             self.stats["decoder_calls"] += 1
+            extra = {} if labels is None else {"labels": labels[s:e]}  # single positive points: the plain call
             with self._amp():
-                lg, iou = decode_points(self.model, ctx, points[s:e], index[s:e], multimask=self.cfg.multimask,
-                                        labels=None if labels is None else labels[s:e])
+                lg, iou = decode_points(self.model, ctx, points[s:e], index[s:e], multimask=self.cfg.multimask, **extra)
             best = iou.argmax(1)  # with multimask, SAM's most confident of its 3 ambiguity masks
             ar = torch.arange(e - s, device=self.device)
             return lg[ar, best].float(), iou[ar, best].float()
