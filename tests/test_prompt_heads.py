@@ -166,8 +166,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     data = make_demo_dataset(root / "data", tiles_per_organ=3, size=SIZE, seed=1)
     tiles = load_dataset(data, tile_size=SIZE)
-    cfg = TrainConfig(epochs=3, batch_size=3, lr=2e-3, head_lr_scale=2, calibration_fraction=0.34, device="cpu",
-                      seed=3)
+    cfg = TrainConfig(epochs=3, batch_size=3, lr=2e-3, calibration_fraction=0.34, device="cpu", seed=3)
     method = MethodConfig(method="lora", rank=2)
     infer = InferConfig(points_per_side=8)
     with_heads = finetune(tiles, root / "heads", "vit_tiny", None, method, cfg, infer=infer)

@@ -63,7 +63,7 @@ class TrainConfig:
     # the prompt heads (nucseg.model.heads): centre head (prompts="centers") and instance head (prompts="none")
     prompt_heads: bool = True
     head_weight: float = 1.0  # weight of the heads' losses in the total
-    head_lr_scale: float = 10.0  # the heads start from scratch: their learning rate is this times lr
+    head_lr: float = 1e-3  # the heads start from scratch: Adam's usual rate, whatever the method's lr (same schedule)
     # False: the heads learn from the embedding as the method shapes it, without shaping it themselves, so the
     # masks train exactly as without heads; True: their losses reach the encoder too (joint features)
     head_gradients: bool = False
@@ -85,7 +85,7 @@ class TrainConfig:
                 raise InputError(f"--{option.get(name, name.replace('_', '-'))} must be a whole number >= 1, not {value!r}")
         for name, lo, hi in (("lr", 0, 1), ("weight_decay", 0, 10), ("dice_weight", 0, 100), ("box_fraction", 0, 1),
                              ("warmup_fraction", 0, 1), ("iou_weight", 0, 100), ("fg_weight", 0, 100),
-                             ("head_weight", 0, 100), ("head_lr_scale", 0, 1000)):
+                             ("head_weight", 0, 100), ("head_lr", 0, 1)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) \
                     or (name == "lr" and value == 0):
@@ -201,7 +201,7 @@ class Trainer:
             raise InputError("nothing to train: the method leaves no trainable parameters")
         heads = {id(p) for h in HEAD_NAMES if getattr(model, h, None) is not None for p in getattr(model, h).parameters()}
         groups = [{"params": [p for p in self.params if id(p) not in heads]},
-                  {"params": [p for p in self.params if id(p) in heads], "lr": cfg.lr * cfg.head_lr_scale}]
+                  {"params": [p for p in self.params if id(p) in heads], "lr": cfg.head_lr}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(tiles) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
