@@ -390,3 +390,26 @@ def test_bench_pareto_puts_the_learned_modes_and_the_classical_segmenter_beside_
     assert {"vs_amg", "vs_nucseg"} <= set(learned["centers"]) and learned["none"]["front"]
     report = {"results": res, "wall": bp.fronts_and_ratios(per, "wall_s", 20, 0, groups, []), "learned_wall": learned}
     assert "| centers-c0-n0 |" in bp.pareto_table(report)
+
+
+def test_centers_calibration_estimate_equals_a_real_run(monkeypatch):
+    """Without negative prompts the calibration's estimate is exact: thresholding after point NMS keeps what
+    thresholding before it keeps (only a more probable point suppresses another)."""
+    from dataclasses import replace
+
+    import nucseg.model.infer as infer
+    from nucseg.learn.calibrate import CalibrationConfig, _candidates, _paint
+
+    monkeypatch.setattr(infer, "decode_points", _disc_decoder)
+    torch.manual_seed(0)
+    model = attach_prompt_heads(build_sam("vit_tiny", img_size=64).eval())
+    model.center_head = _EmbeddingCentres()
+    tiles = np.random.default_rng(3).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    cfg = InferConfig(prompts="centers", min_area=0)
+    seg = SamTileSegmenter(model, cfg)
+    cand = _candidates(seg, tiles, CalibrationConfig())
+    for c in (0.3, 0.6, 0.9):
+        setting = {"pred_iou_thresh": 0.5, "stability_thresh": 0.5, "center_threshold": c, "nms_iou": 0.45,
+                   "min_area": 6}
+        real = SamTileSegmenter(model, replace(cfg, **setting))(tiles).labels
+        assert real.max() > 0 and np.array_equal(_paint(seg, cand, setting), real)
