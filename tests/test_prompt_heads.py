@@ -413,3 +413,17 @@ def test_centers_calibration_estimate_equals_a_real_run(monkeypatch):
                    "min_area": 6}
         real = SamTileSegmenter(model, replace(cfg, **setting))(tiles).labels
         assert real.max() > 0 and np.array_equal(_paint(seg, cand, setting), real)
+
+
+def test_train_tile_size_cuts_the_images_as_cv_does(tmp_path, capsys):
+    from nucseg.learn.demo import make_demo_dataset
+    from nucseg.model.adapter import read_adapter
+    from nucseg_cli.main import main
+
+    data = make_demo_dataset(tmp_path / "d", tiles_per_organ=1, size=256, seed=2)
+    assert main(["-q", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "vit_tiny",
+                 "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--tile-size", "128",
+                 "--calibration-fraction", "0", "--no-prompt-heads", "--method", "decoder"]) == 0
+    assert "data: 8 tiles" in capsys.readouterr().err  # 2 images of 256 px, 4 tiles of 128 px each
+    info = read_adapter(tmp_path / "run" / "adapter")
+    assert info.input_size == 128 and info.modes == ["auto", "grid"] and info.meta["training"]["prompt_heads"] is False
