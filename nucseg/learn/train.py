@@ -607,6 +607,6 @@ def calibrate_heads(model: Sam, tiles: list[Tile], cfg: TrainConfig, infer: Infe
         res = calibrate(seg, tiles, CalibrationConfig(metric=cfg.calibration_metric))
         out[mode] = t = res.thresholds
         if on_calibrate:
-            on_calibrate(f"calibrated prompts {mode}: {t['metric']} {t['default_score']:.3f} at the defaults -> "
+            on_calibrate(f"prompts {mode} calibrated: {t['metric']} {t['default_score']:.3f} at the defaults -> "
                          f"{t['score']:.3f} ({res.evaluated} settings, {res.seconds:.0f} s)")
     return out
