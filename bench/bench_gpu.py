@@ -5,7 +5,11 @@ buffers (as nucseg.wsi.predict does): upload, encoder, prompt pruning, decoder, 
 the host. Batch sizes 1..32; each point is warmed up, bracketed by torch.cuda.synchronize, and reports peak
 GPU memory. Random vit_b weights are fine for the encoder; end to end they decode the whole grid (no
 foreground head, few accepted masks to skip prompts with), i.e. the worst case of ``--prompts auto``. Pass
-``--adapter`` (and ``--checkpoint``) for a trained model. Then ``predict_slide`` is timed end to end on the
+``--adapter`` (and ``--checkpoint``) for a trained model. The learned modes (``--prompts centers,none``) run
+with the adapter's heads and calibrated thresholds; a model without them gets seeded random heads
+(``"random_heads": true`` in the row) and ``centers`` then decodes every embedding cell (centre threshold 0),
+its worst case. Each mode's time per tile is also split into encoder / heads / decoder / post-processing (one
+profiled pass at the largest batch, every stage synchronised). Then ``predict_slide`` is timed end to end on the
 real shared slide at 0.25 µm/px (``--slide``, ``--slide-mpp``; ``--slide-side N``: a generated slide): the real
 host path (reading, resampling, cache, stitching, polygons, GeoJSON) with the model, each stage's time, and
 which lane (model, reading, export, cache) bounds the whole-slide rate.
@@ -71,7 +75,7 @@ def main() -> int:
     ap.add_argument("--adapter", type=Path)
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
-    ap.add_argument("--prompts", default="auto,grid", help="prompt modes timed end to end")
+    ap.add_argument("--prompts", default="auto,grid,centers,none", help="prompt modes timed end to end")
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--decoder-batch", type=int, default=1024, help="prompts per decoder call")
     ap.add_argument("--seconds", type=float, default=5.0, help="timed duration per point")
@@ -102,7 +106,7 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     host = real_tiles(max(sizes), pinned=dev == "cuda")
     device_tiles = torch.from_numpy(host).to(dev)
-    encoder, end_to_end = [], []
+    encoder, end_to_end, stages = [], [], []
     with torch.inference_mode():
         for b in sizes:
             x = device_tiles[:b]
@@ -114,28 +118,61 @@ def main() -> int:
             tps, peak = rate(enc, b, args.seconds, dev == "cuda")
             encoder.append({"batch": b, "tiles_per_s": round(tps, 1), "peak_gib": peak and round(peak, 2)})
             print(json.dumps({"encoder": encoder[-1]}), file=sys.stderr, flush=True)
+        from nucseg.model.heads import head_modes
+
+        native = head_modes(model)  # the modes the loaded weights have heads for
         for mode in args.prompts.split(","):
-            cfg = InferConfig(prompts=mode, points_per_side=args.points_per_side, decoder_batch=args.decoder_batch,
-                              bf16=bf16)
+            cfg, random_heads = learned_config(model, mode, args, bf16, native)
             seg = SamTileSegmenter(model, cfg, device=dev)
             for b in sizes:
-                seg.stats.update(tiles=0, prompts_grid=0, prompts_decoded=0)
+                seg.stats.update(tiles=0, prompts_grid=0, prompts_decoded=0, decoder_calls=0)
                 tps, peak = rate(lambda: seg(host[:b]), b, args.seconds, dev == "cuda")
                 row = {"prompts": mode, "batch": b, "tiles_per_s": round(tps, 1), "peak_gib": peak and round(peak, 2),
                        "prompts_decoded_per_tile": round(seg.stats["prompts_decoded"] / max(seg.stats["tiles"], 1), 1),
-                       "decoder_chunk": seg.decoder_chunk}
+                       "decoder_calls_per_tile": round(seg.stats["decoder_calls"] / max(seg.stats["tiles"], 1), 3),
+                       "decoder_chunk": seg.decoder_chunk, "random_heads": random_heads}
                 end_to_end.append(row)
                 print(json.dumps({"end_to_end": row}), file=sys.stderr, flush=True)
+            seg.profile, b = True, max(sizes)  # one profiled pass: where a tile's time goes
+            seg.timings = dict.fromkeys(seg.timings, 0.0)
+            seg(host[:b])
+            row = {"prompts": mode, "batch": b, "random_heads": random_heads,
+                   **{f"{k}_ms_per_tile": round(1000 * v / b, 2) for k, v in seg.timings.items()}}
+            stages.append(row)
+            print(json.dumps({"stages": row}), file=sys.stderr, flush=True)
     report = {"benchmark": "GPU throughput, 512 px tiles", **provenance(), "model": mut.name, "device": dev,
               "settings": {"bf16": bf16 and dev == "cuda", "points_per_side": args.points_per_side, "decoder_batch": args.decoder_batch,
                            "timing": f">= {args.seconds} s per point after 2 warm-up calls, cuda.synchronize"},
-              "encoder": encoder, "end_to_end": end_to_end}
+              "encoder": encoder, "end_to_end": end_to_end, "stages": stages}
     if args.slide_side >= 0 and (args.slide_side or args.slide.is_file()):
         report["slide"] = time_slide(model, mut, args, bf16)
         print(json.dumps({"slide": report["slide"]}), file=sys.stderr, flush=True)
     write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def learned_config(model, mode: str, args, bf16: bool, native: list[str]):
+    """(InferConfig, random heads?) for ``mode``: the adapter's calibrated thresholds of a learned mode, or,
+    for a model without the mode's head, seeded random heads (centers: every cell decoded, the worst case)."""
+    from nucseg.learn.calibrate import MODE_FIELDS, thresholds_to_infer
+    from nucseg.model.heads import attach_prompt_heads
+    from nucseg.model.infer import InferConfig
+
+    extra, random_heads = {}, False
+    if mode in ("centers", "none"):
+        if mode not in native:
+            torch.manual_seed(0)
+            attach_prompt_heads(model)
+            random_heads = True
+            extra = {"center_threshold": 0.0} if mode == "centers" else {}
+        elif args.adapter:
+            from nucseg.model.adapter import read_adapter
+
+            t = read_adapter(args.adapter).mode_thresholds.get(mode) or {}
+            extra = {k: v for k, v in thresholds_to_infer(t).items() if k in MODE_FIELDS[mode]}
+    return InferConfig(prompts=mode, points_per_side=args.points_per_side, decoder_batch=args.decoder_batch,
+                       bf16=bf16, **extra), random_heads
 
 
 def time_slide(model, mut, args, bf16: bool) -> dict:

@@ -19,6 +19,12 @@ for (``bench_amg.make_amg``).
     .venv/bin/python bench/bench_pareto.py --adapter runs/bench-adapter/adapter \\
         --checkpoint runs/tiny-base/sam_vit_tiny_he.pth --pred-iou-thresh 0.3 --stability-thresh 0.6
     .venv/bin/python bench/bench_pareto.py --model vit_tiny --tiles 2 ...    # seeded random weights: plumbing
+
+The learned modes (``--prompts centers`` / ``none``, issue 23) and nucseg's classical threshold segmenter are
+put on the same tiles in the same run when the adapter has the heads (``--nucseg-centers``, ``--nucseg-none``,
+``--threshold``): each gets its own front, its ratio at equal PQ against the tuned AMG front and against
+nucseg ``auto``/``grid`` (``"learned"`` in the report), prompts per ground-truth nucleus, decoder calls, and
+time per tile split into encoder / heads / decoder / post-processing (``SamTileSegmenter.profile``).
 """
 
 from __future__ import annotations
@@ -123,20 +129,48 @@ def bootstrap_ratio(t_ref: np.ndarray, s_ref: np.ndarray, t_new: np.ndarray, s_n
 
 @dataclass(frozen=True)
 class Setting:
-    method: str  # "nucseg" | "amg"
+    method: str  # "nucseg" (auto / grid) | "amg" | "centers" | "none" | "threshold" (the classical segmenter)
     points_per_side: int
     prompts: str = "grid"  # nucseg: auto | grid (AMG always decodes its whole grid)
     fg_threshold: float | None = None
     skip_margin: int | None = None
     points_per_batch: int | None = None  # AMG
+    center_threshold: float | None = None  # centers
+    negative_prompts: int = 0  # centers
+    ais: tuple[float, float, float] | None = None  # none: foreground, centre, boundary thresholds
 
     @property
     def name(self) -> str:
         if self.method == "amg":
             return f"amg-{self.points_per_side}"
+        if self.method == "threshold":
+            return "threshold"
+        if self.method == "centers":
+            return f"centers-c{self.center_threshold:g}-n{self.negative_prompts}"
+        if self.method == "none":
+            return "none-f{:g}-c{:g}-b{:g}".format(*self.ais)
         if self.prompts == "grid":
             return f"nucseg-grid-{self.points_per_side}"
         return f"nucseg-auto-{self.points_per_side}-fg{self.fg_threshold:g}-m{self.skip_margin}"
+
+
+LEARNED = ("centers", "none", "threshold")  # the families compared against AMG and nucseg auto/grid
+
+
+def parse_learned(centers: str, none: str, threshold: bool, modes: list[str]) -> list[Setting]:
+    """``--nucseg-centers 0.3:0,0.5:2`` (centre threshold:negative prompts), ``--nucseg-none 0.5:0.5:0.3``
+    (foreground:centre:boundary), ``--threshold``; modes the model has no head for are left out."""
+    out = []
+    if "centers" in modes:
+        for spec in filter(None, centers.split(",")):
+            c, k = spec.split(":")
+            out.append(Setting("centers", 0, "centers", center_threshold=float(c), negative_prompts=int(k)))
+    if "none" in modes:
+        for spec in filter(None, none.split(",")):
+            out.append(Setting("none", 0, "none", ais=tuple(float(v) for v in spec.split(":"))))
+    if threshold:
+        out.append(Setting("threshold", 0, "none"))
+    return out
 
 
 def parse_settings(amg_pps: str, nucseg_grid: str, nucseg_auto: str, amg_batch: int) -> list[Setting]:
@@ -149,8 +183,13 @@ def parse_settings(amg_pps: str, nucseg_grid: str, nucseg_auto: str, amg_batch: 
     return out
 
 
-def make_runner(setting: Setting, model, base: dict, device: torch.device, mpp):
-    """A function image -> (label map, prompts decoded) for one setting."""
+STAGES = ("encoder", "heads", "decoder", "post")
+
+
+def make_runner(setting: Setting, model, base: dict, device: torch.device, mpp, learned: dict | None = None):
+    """A function image -> (label map, prompts decoded, {decoder_calls, stage seconds}) for one setting.
+
+    ``learned``: the centers / none thresholds not set by the setting (the adapter's calibrated ones)."""
     from bench_amg import amg_label_map, make_amg
 
     from nucseg.model.infer import InferConfig, SamTileSegmenter
@@ -160,31 +199,54 @@ def make_runner(setting: Setting, model, base: dict, device: torch.device, mpp):
         amg = make_amg(model, cfg, stock=False)
         amg.points_per_batch = setting.points_per_batch
 
-        def run_amg(image: np.ndarray) -> tuple[np.ndarray, int]:
+        def run_amg(image: np.ndarray) -> tuple[np.ndarray, int, dict]:
             anns = amg.generate(image)
-            return amg_label_map(anns, image.shape[:2], cfg.min_keep, cfg.min_area), setting.points_per_side ** 2
+            return (amg_label_map(anns, image.shape[:2], cfg.min_keep, cfg.min_area), setting.points_per_side ** 2,
+                    {"decoder_calls": -(-setting.points_per_side ** 2 // setting.points_per_batch)})
         return run_amg
-    extra = {} if setting.prompts == "grid" else {"fg_threshold": setting.fg_threshold,
-                                                  "skip_margin": setting.skip_margin}
-    seg = SamTileSegmenter(model, InferConfig(points_per_side=setting.points_per_side, prompts=setting.prompts,
-                                              **base, **extra), device=device, mpp=mpp)
+    if setting.method == "threshold":
+        from nucseg.model.classical import ThresholdSegmenter
 
-    def run_nucseg(image: np.ndarray) -> tuple[np.ndarray, int]:
-        before = seg.stats["prompts_decoded"]
-        return seg(image[None]).labels[0], seg.stats["prompts_decoded"] - before
+        classical = ThresholdSegmenter(tile_size=model.image_encoder.img_size)
+
+        def run_threshold(image: np.ndarray) -> tuple[np.ndarray, int, dict]:
+            return classical(image[None]).labels[0], 0, {"decoder_calls": 0}
+        return run_threshold
+    if setting.method == "centers":
+        extra = {**(learned or {}).get("centers", {}), "center_threshold": setting.center_threshold,
+                 "negative_prompts": setting.negative_prompts}
+    elif setting.method == "none":
+        extra = {**(learned or {}).get("none", {}),
+                 **dict(zip(("ais_foreground", "ais_center", "ais_boundary"), setting.ais))}
+    else:
+        extra = {} if setting.prompts == "grid" else {"fg_threshold": setting.fg_threshold,
+                                                      "skip_margin": setting.skip_margin}
+    seg = SamTileSegmenter(model, InferConfig(points_per_side=setting.points_per_side or 32,
+                                              prompts=setting.prompts, **{**base, **extra}), device=device, mpp=mpp)
+    seg.profile = True
+
+    def run_nucseg(image: np.ndarray) -> tuple[np.ndarray, int, dict]:
+        before, calls = seg.stats["prompts_decoded"], seg.stats["decoder_calls"]
+        stages = dict(seg.timings)
+        lab = seg(image[None]).labels[0]
+        return lab, seg.stats["prompts_decoded"] - before, {
+            "decoder_calls": seg.stats["decoder_calls"] - calls,
+            **{f"{k}_s": seg.timings[k] - stages[k] for k in STAGES}}
     return run_nucseg
 
 
 def sweep(settings: list[Setting], model, tiles: list, base: dict, device: torch.device, mpp=None,
-          repeats: int = 1, log=None) -> dict:
-    """Per setting and tile: wall and CPU seconds (best of ``repeats``), prompts decoded, and the metrics."""
+          repeats: int = 1, log=None, learned: dict | None = None) -> dict:
+    """Per setting and tile: wall and CPU seconds (best of ``repeats``), prompts decoded, decoder calls and
+    stage seconds (of the fastest repeat), and the metrics."""
     from nucseg.learn.evaluate import evaluate_arrays
 
-    runners = {s.name: make_runner(s, model, base, device, mpp) for s in settings}
+    runners = {s.name: make_runner(s, model, base, device, mpp, learned) for s in settings}
     n = len(tiles)
     wall = {k: np.full((repeats, n), np.inf) for k in runners}
     cpu = {k: np.full((repeats, n), np.inf) for k in runners}
     prompts = {k: np.zeros(n) for k in runners}
+    extras: dict[str, list] = {k: [{}] * n for k in runners}
     preds: dict[str, list] = {k: [None] * n for k in runners}
     names = list(runners)
     with torch.inference_mode():
@@ -197,10 +259,13 @@ def sweep(settings: list[Setting], model, tiles: list, base: dict, device: torch
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     t0, c0 = time.perf_counter(), time.process_time()
-                    lab, used = runners[k](tile.image)
+                    lab, used, extra = runners[k](tile.image)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
-                    wall[k][r, i], cpu[k][r, i] = time.perf_counter() - t0, time.process_time() - c0
+                    elapsed = time.perf_counter() - t0
+                    if elapsed < wall[k][:, i].min():
+                        extras[k][i] = extra
+                    wall[k][r, i], cpu[k][r, i] = elapsed, time.process_time() - c0
                     preds[k][i], prompts[k][i] = lab, used
                 if log:
                     log(f"repeat {r + 1}/{repeats}, tile {i + 1}/{n} ({tile.name})")
@@ -209,8 +274,11 @@ def sweep(settings: list[Setting], model, tiles: list, base: dict, device: torch
         k = s.name
         per = evaluate_arrays((t.name, t.labels, p, t.ambiguous) for t, p in zip(tiles, preds[k]))["per_image"]
         rows = [per[t.name] for t in tiles]
+        keys = sorted({key for e in extras[k] for key in e})
         out[k] = {"setting": asdict(s), "wall_s": wall[k].min(0), "cpu_s": cpu[k].min(0), "prompts": prompts[k],
                   "instances": np.array([float(p.max()) for p in preds[k]]),
+                  "gt_nuclei": np.array([float(len(np.unique(t.labels)) - 1) for t in tiles]),
+                  **{key: np.array([float(e.get(key, 0.0)) for e in extras[k]]) for key in keys},
                   **{m: np.array([float(row[m]) for row in rows]) for m in METRICS}}
     return out
 
@@ -246,10 +314,47 @@ def fronts_and_ratios(per: dict, time_key: str, bootstrap: int, seed: int, group
             "curve": curve}
 
 
+def learned_vs(per: dict, time_key: str, bootstrap: int, seed: int, groups: list[str], levels: list[float]) -> dict:
+    """Per learned family (centers, none, threshold) present: its front, and its ratio at equal PQ (highest
+    common PQ and ``levels``, bootstrap over tiles and images) against the AMG front and nucseg's auto/grid
+    front: > 1 means the family is faster there."""
+    names = {m: [k for k, v in per.items() if v["setting"]["method"] == m] for m in ("amg", "nucseg", *LEARNED)}
+    t = {m: np.array([per[k][time_key] for k in ks]) for m, ks in names.items() if ks}
+    s = {m: np.array([per[k]["pq"] for k in ks]) for m, ks in names.items() if ks}
+    out = {}
+    for fam in LEARNED:
+        if fam not in t:
+            continue
+        entry = {"front": [names[fam][i] for i in pareto_front(t[fam].mean(1), s[fam].mean(1))]}
+        for ref in ("amg", "nucseg"):
+            if ref not in t:
+                continue
+            args = (t[ref], s[ref], t[fam], s[fam])
+            ratio, q = ratio_at_equal_score(t[ref].mean(1), s[ref].mean(1), t[fam].mean(1), s[fam].mean(1))
+            curve = []
+            for level in levels:
+                r = ratio_at_equal_score(t[ref].mean(1), s[ref].mean(1), t[fam].mean(1), s[fam].mean(1), q=level)[0]
+                curve.append({"pq": level, "ratio": None if np.isnan(r) else round(r, 3),
+                              "bootstrap_tiles": bootstrap_ratio(*args, n=bootstrap, seed=seed, q=level)})
+            entry[f"vs_{ref}"] = {"ratio_at_equal_pq": None if np.isnan(ratio) else round(ratio, 3),
+                                  "equal_pq": round(q, 4), "bootstrap": bootstrap_ratio(*args, n=bootstrap, seed=seed),
+                                  "bootstrap_images": bootstrap_ratio(*args, n=bootstrap, seed=seed, groups=groups),
+                                  "curve": curve}
+        out[fam] = entry
+    return out
+
+
 def summarise(per: dict) -> dict:
+    def stage(v, key):
+        return {f"{k}_s_per_tile": round(float(v[f"{k}_s"].mean()), 4) for k in STAGES if f"{k}_s" in v} \
+            if key else {}
+
     return {k: {"setting": v["setting"], "s_per_tile": round(float(v["wall_s"].mean()), 4),
                 "cpu_s_per_tile": round(float(v["cpu_s"].mean()), 4),
                 "prompts_decoded_per_tile": round(float(v["prompts"].mean()), 1),
+                "prompts_per_gt_nucleus": round(float(v["prompts"].sum() / max(v["gt_nuclei"].sum(), 1)), 3),
+                "decoder_calls_per_tile": round(float(v["decoder_calls"].mean()), 2) if "decoder_calls" in v else None,
+                **stage(v, "encoder_s" in v),
                 "instances_per_tile": round(float(v["instances"].mean()), 1),
                 **{m: round(float(v[m].mean()), 4) for m in METRICS}} for k, v in per.items()}
 
@@ -257,12 +362,14 @@ def summarise(per: dict) -> dict:
 def pareto_table(report: dict) -> str:
     """Markdown: every setting, front membership (wall time) marked."""
     front = {k for f in report["wall"]["fronts"].values() for k in f}
-    lines = ["| setting | s/tile | CPU s/tile | prompts/tile | PQ | AJI | F1 | front |",
-             "|---|---:|---:|---:|---:|---:|---:|:-:|"]
+    front |= {k for f in report.get("learned_wall", {}).values() for k in f["front"]}
+    lines = ["| setting | s/tile | CPU s/tile | prompts/tile | prompts/GT nucleus | PQ | AJI | F1 | front |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     rows = sorted(report["results"].items(), key=lambda kv: (kv[1]["setting"]["method"], kv[1]["s_per_tile"]))
     for k, r in rows:
         lines.append(f"| {k} | {r['s_per_tile']:.3f} | {r['cpu_s_per_tile']:.3f} | {r['prompts_decoded_per_tile']:.0f} "
-                     f"| {r['pq']:.3f} | {r['aji']:.3f} | {r['f1']:.3f} | {'✓' if k in front else ''} |")
+                     f"| {r['prompts_per_gt_nucleus']:.2f} | {r['pq']:.3f} | {r['aji']:.3f} | {r['f1']:.3f} "
+                     f"| {'✓' if k in front else ''} |")
     return "\n".join(lines)
 
 
@@ -279,6 +386,12 @@ def headline(report: dict) -> str:
             if c["ratio"] is not None and bt["median"] is not None:
                 out.append(f"  at PQ {c['pq']:.3f}: {c['ratio']:.2f}x (tiles 95 % {bt['ci95'][0]:.2f}-{bt['ci95'][1]:.2f}x,"
                            f" defined in {bt['defined']:.0%} of resamples)")
+        for fam, entry in report.get(f"learned_{key}", {}).items():
+            for ref, label2 in (("amg", "AMG"), ("nucseg", "nucseg auto/grid")):
+                v = entry.get(f"vs_{ref}")
+                if v and v["ratio_at_equal_pq"] is not None:
+                    out.append(f"  {fam}: {label2} front / {fam} front at PQ {v['equal_pq']:.3f} = "
+                               f"{v['ratio_at_equal_pq']:.2f}x ({label})")
     return "\n".join(out)
 
 
@@ -312,6 +425,13 @@ def plot(report: dict, path: Path) -> None:
                     tag = f"{s['points_per_side']}/{s['fg_threshold']:g}/{s['skip_margin']}"
                 ax.annotate(tag, (res[k][tk], res[k]["pq"]), fontsize=7, xytext=(3, 3), textcoords="offset points",
                             color=color)
+        colours = {"centers": ("tab:green", "^"), "none": ("tab:purple", "D"), "threshold": ("black", "x")}
+        for fam, entry in report.get(f"learned_{key}", {}).items():
+            color, marker = colours[fam]
+            ks = [k for k in res if res[k]["setting"]["method"] == fam]
+            ax.scatter([res[k][tk] for k in ks], [res[k]["pq"] for k in ks], c=color, marker=marker, alpha=0.45)
+            ax.plot([res[k][tk] for k in entry["front"]], [res[k]["pq"] for k in entry["front"]], c=color,
+                    marker=marker, lw=2, label=f"nucseg --prompts {fam}" if fam != "threshold" else "threshold segmenter")
         b = h["bootstrap"]
         ax.axhline(h["equal_pq"], color="grey", ls=":", lw=1)
         ax.set_xscale("log")
@@ -351,6 +471,12 @@ def main() -> int:
     ap.add_argument("--nucseg-grid", default=DEFAULT_GRID, help="nucseg --prompts grid, points per side")
     ap.add_argument("--nucseg-auto", default=DEFAULT_AUTO,
                     help="nucseg --prompts auto settings, points_per_side:fg_threshold:skip_margin, comma-separated")
+    ap.add_argument("--nucseg-centers", default="0.2:0,0.3:0,0.4:0,0.5:0,0.6:0,0.3:2,0.5:2",
+                    help="--prompts centers settings (adapter with a centre head), centre_threshold:negative_prompts")
+    ap.add_argument("--nucseg-none", default="0.5:0.5:0.5,0.4:0.5:0.3,0.5:0.6:0.3,0.6:0.4:0.4",
+                    help="--prompts none settings (adapter with an instance head), foreground:centre:boundary")
+    ap.add_argument("--threshold", action=argparse.BooleanOptionalAction, default=True,
+                    help="also nucseg's classical threshold segmenter")
     ap.add_argument("--pred-iou-thresh", type=float, default=InferConfig.pred_iou_thresh)
     ap.add_argument("--stability-thresh", type=float, default=InferConfig.stability_thresh)
     ap.add_argument("--repeats", type=int, default=1, help="timed passes (per tile: the fastest)")
@@ -374,12 +500,24 @@ def main() -> int:
     size = model.image_encoder.img_size
     tiles = load_tiles(args.data, args.tiles, size)
     settings = parse_settings(args.amg_points, args.nucseg_grid, args.nucseg_auto, args.amg_batch)
+    from nucseg.model.heads import head_modes
+
+    learned = {}  # the adapter's calibrated thresholds of the learned modes, for what a setting leaves unset
+    if args.adapter:
+        from nucseg.learn.calibrate import MODE_FIELDS, thresholds_to_infer
+        from nucseg.model.adapter import read_adapter
+
+        per_mode = read_adapter(args.adapter).mode_thresholds
+        learned = {m: {k: v for k, v in thresholds_to_infer(t).items() if k in MODE_FIELDS[m]}
+                   for m, t in per_mode.items() if m in ("centers", "none")}
+    settings += parse_learned(args.nucseg_centers, args.nucseg_none, args.threshold, head_modes(model))
     if not any(s.method == "amg" for s in settings) or not any(s.method == "nucseg" for s in settings):
         raise SystemExit("need at least one AMG and one nucseg setting")
     base = dict(pred_iou_thresh=args.pred_iou_thresh, stability_thresh=args.stability_thresh)
     t0 = time.time()
     per = sweep(settings, model, tiles, base, device, mut.mpp, args.repeats,
-                log=lambda msg: print(f"{msg}, {time.time() - t0:.0f} s", file=sys.stderr, flush=True))
+                log=lambda msg: print(f"{msg}, {time.time() - t0:.0f} s", file=sys.stderr, flush=True),
+                learned=learned)
     sweep_s = time.time() - t0
     groups = [t.stem for t in tiles]
     levels = [float(v) for v in args.pq_levels.split(",")] if args.pq_levels else []
@@ -403,6 +541,9 @@ def main() -> int:
         "results": summarise(per),
         "wall": fronts_and_ratios(per, "wall_s", args.bootstrap, args.seed, groups, levels),
         "cpu": fronts_and_ratios(per, "cpu_s", args.bootstrap, args.seed, groups, levels),
+        "learned_wall": learned_vs(per, "wall_s", args.bootstrap, args.seed, groups, levels),
+        "learned_cpu": learned_vs(per, "cpu_s", args.bootstrap, args.seed, groups, levels),
+        "learned_thresholds": learned,
         "per_tile": {k: {"wall_s": np.round(v["wall_s"], 4).tolist(), "cpu_s": np.round(v["cpu_s"], 4).tolist(),
                          **{m: np.round(v[m], 4).tolist() for m in METRICS}} for k, v in per.items()},
     }

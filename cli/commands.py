@@ -50,11 +50,12 @@ def _train_cfg(args: argparse.Namespace):
                        dice_weight=args.dice_weight, balance_ce=args.balance_ce,
                        positive_prompts=args.prompts_per_tile,
                        box_fraction=args.box_fraction, seed=args.seed, device=args.device,
+                       prompt_heads=not args.no_prompt_heads,
                        calibration_fraction=args.calibration_fraction, calibration_metric=args.calibration_metric,
                        bf16=not args.no_bf16, augment=aug).validate()
 
 
-THRESHOLD_OPTIONS = ("pred_iou_thresh", "stability_thresh", "fg_threshold", "nms_iou", "min_area")
+THRESHOLD_OPTIONS = ("pred_iou_thresh", "stability_thresh", "fg_threshold", "nms_iou", "min_area", "center_threshold")
 
 
 def _infer_cfg(args: argparse.Namespace) -> dict:
@@ -62,15 +63,20 @@ def _infer_cfg(args: argparse.Namespace) -> dict:
     adapter's calibrated ones (or the global defaults) apply (nucseg.learn.calibrate.resolve_infer)."""
     from nucseg.model.infer import InferConfig
 
-    explicit = {"points_per_side": args.points_per_side, "prompts": args.prompts,
-                "decoder_batch": args.decoder_batch}
+    explicit = {"points_per_side": args.points_per_side, "decoder_batch": args.decoder_batch,
+                "negative_prompts": args.negative_prompts}
+    if args.prompts is not None:  # unset: the adapter's best calibrated mode (nucseg.learn.calibrate.choose_mode)
+        explicit["prompts"] = args.prompts
     explicit.update({k: getattr(args, k) for k in THRESHOLD_OPTIONS if getattr(args, k, None) is not None})
     InferConfig(**explicit).validate()
     return explicit
 
 
 def _say_thresholds(spec) -> dict | None:
-    """Which thresholds this run uses, and from where (stderr, so stdout stays machine-readable)."""
+    """Which prompt mode and thresholds this run uses, and from where (stderr, so stdout stays machine-readable)."""
+    mode = spec.prompt_mode()
+    if mode:
+        print(f"prompts: {mode[0]} ({mode[1]})", file=sys.stderr)
     used = spec.thresholds_used()
     if used:
         from nucseg.learn.calibrate import describe_thresholds
@@ -125,7 +131,7 @@ def train(args: argparse.Namespace) -> int:
 
         check_mergeable(method)
         check_merge_output(args.merge, [args.data, args.checkpoint])
-    tiles = _tiles(args)
+    tiles = _tiles(args, args.tile_size)
     writable_dir(args.out)  # after the data checks (a bad dataset leaves no folder), before any training
     print(f"data: {len(tiles)} tiles from {args.data}", file=sys.stderr)
     on_start, on_step, close = _training_callbacks(args, cfg.epochs)
@@ -481,23 +487,28 @@ def calibrate(args: argparse.Namespace) -> int:
 
     model, info = load_adapter(args.adapter, args.checkpoint)
     tiles = load_dataset(args.data, tile_size=info.input_size)
-    # the search starts from the global defaults, not the adapter's current thresholds
-    seg = sam_segmenter(model, {"points_per_side": args.points_per_side}, None, args.device, mpp=info.mpp)
     print(f"calibrating on {len(tiles)} tiles from {args.data}", file=sys.stderr)
-    bar = _bar(args, total=len(tiles), unit="tile", desc="decode")
-    try:
-        res = run_calibration(seg, tiles, CalibrationConfig(metric=args.metric),
-                              on_progress=lambda done, total: bar.update(done - bar.n))
-    finally:
-        bar.close()
-    t = res.thresholds
-    old = info.meta.get("thresholds")
-    if old:
-        print(f"previous: {describe_thresholds(resolve_infer({}, old)[1])}", file=sys.stderr)
-    print(f"{t['metric']} {t['default_score']:.3f} with the global defaults -> {t['score']:.3f} calibrated "
-          f"({res.evaluated} settings in {res.seconds:.0f} s)", file=sys.stderr)
-    print(json.dumps(t, sort_keys=True))
+    results = {}
+    for mode in ["auto"] + [m for m in info.modes if m in ("centers", "none")]:  # every mode the adapter supports
+        # the search starts from the global defaults, not the adapter's current thresholds
+        seg = sam_segmenter(model, {"points_per_side": args.points_per_side, "prompts": mode,
+                                    "negative_prompts": args.negative_prompts}, None, args.device, mpp=info.mpp)
+        bar = _bar(args, total=len(tiles), unit="tile", desc=f"{mode}")
+        try:
+            res = run_calibration(seg, tiles, CalibrationConfig(metric=args.metric),
+                                  on_progress=lambda done, total: bar.update(done - bar.n))
+        finally:
+            bar.close()
+        t = results[mode] = res.thresholds
+        old = info.mode_thresholds.get(mode)
+        if old:
+            print(f"previous ({mode}): {describe_thresholds(resolve_infer({'prompts': mode}, old, {mode: old})[1])}",
+                  file=sys.stderr)
+        print(f"prompts {mode}: {t['metric']} {t['default_score']:.3f} with the global defaults -> {t['score']:.3f} "
+              f"calibrated ({res.evaluated} settings in {res.seconds:.0f} s)", file=sys.stderr)
+    learned = {m: t for m, t in results.items() if m != "auto"}
+    print(json.dumps({**results["auto"], **({"mode_thresholds": learned} if learned else {})}, sort_keys=True))
     if not args.dry_run:
-        write_thresholds(args.adapter, t)
+        write_thresholds(args.adapter, results["auto"], learned)
         print(f"thresholds written to {args.adapter / 'nucseg.json'}", file=sys.stderr)
     return 0

@@ -181,6 +181,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="class-balanced CE (nucleus pixels weigh as much as background); for models trained "
                         "from scratch, which otherwise settle on empty masks")
     t.add_argument("--prompts-per-tile", type=count(1, 4096), default=16, help="nuclei prompted per tile and step")
+    t.add_argument("--no-prompt-heads", action="store_true",
+                   help="do not train the centre and instance heads (--prompts centers / none need them)")
     t.add_argument("--box-fraction", type=FRACTION, default=0.0,
                    help="share of prompts that also get their box (0..1)")
     t.add_argument("--seed", type=SEED, default=42, help="seed of the initialisation, sampling and augmentation")
@@ -200,8 +202,14 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("automatic prompting")
     g.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile")
-    g.add_argument("--prompts", default="auto", choices=PROMPT_MODES,
-                   help="auto: prune the grid (foreground map, in-mask skipping); grid: decode every point")
+    g.add_argument("--prompts", default=None, choices=PROMPT_MODES,
+                   help="auto: prune the grid (foreground map, in-mask skipping); grid: decode every point; centers: "
+                        "one point per nucleus from the adapter's centre head; none: no prompts, the adapter's "
+                        "instance head and a watershed (default: the adapter's best calibrated mode, else auto)")
+    g.add_argument("--negative-prompts", type=count(0, 64), default=0, metavar="K",
+                   help="--prompts centers: also give each centre its K nearest other centres as negative points")
+    g.add_argument("--center-threshold", type=FRACTION, default=None,
+                   help="--prompts centers: centre probability a predicted centre needs to be decoded")
     g.add_argument("--pred-iou-thresh", type=FRACTION, default=None,
                    help="keep masks whose predicted IoU is at least this (0..1)")
     g.add_argument("--stability-thresh", type=FRACTION, default=None,
@@ -277,6 +285,8 @@ def _add_calibrate(sub, command) -> None:
                    help="auto: the first CUDA GPU if there is one, else the CPU")
     p.add_argument("--metric", default="pq", choices=["pq", "aji", "f1", "dice"], help="what to maximise")
     p.add_argument("--points-per-side", type=count(1, 256), default=32, help="grid density per tile, as for predict")
+    p.add_argument("--negative-prompts", type=count(0, 64), default=0, metavar="K",
+                   help="--prompts centers: negative points per centre, as for predict")
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, leave nucseg.json as it is")
     p.set_defaults(func=commands.calibrate)
 
@@ -332,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run with other settings in --out is refused)")
     p.add_argument("--merge", type=Path, default=None, metavar="FILE",
                    help="also export base+adapter merged into one full checkpoint (.pth or .safetensors)")
+    p.add_argument("--tile-size", type=count(*TILE_SIZE_RANGE), default=512,
+                   help="larger images are cut into tiles of this side, which is also the model's input size")
     _add_json(p)
     _add_model(p)
     _add_training(p)

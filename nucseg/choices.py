@@ -17,7 +17,7 @@ MAX_RANK = 256  # far above any rank used for SAM (4-32); a larger one in an ada
 MAX_ADAPTER_DIM = 4096  # bottleneck width; above vit_h's 1280 channels it is no bottleneck (tampering or a typo)
 MAX_ADAPTER_SCALE = 100.0
 
-PROMPT_MODES = ("auto", "grid")
+PROMPT_MODES = ("auto", "grid", "centers", "none")
 SEGMENTER_KINDS = ("sam", "threshold")  # SegmenterSpec.kind: a SAM model, or the classical threshold baseline
 MEASUREMENT_MODES = ("none", "shape", "full")
 TILE_SIZE_RANGE = (64, 4096)

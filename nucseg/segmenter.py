@@ -73,19 +73,23 @@ def zero_shot_settings(settings: dict, single_mask: bool = False) -> dict:
 
 
 def sam_segmenter(model, settings: dict, thresholds: dict | None = None, device="auto", *,
-                  mpp: float | None = None, identity: str = ""):
+                  mpp: float | None = None, identity: str = "", mode_thresholds: dict | None = None,
+                  modes: list[str] | None = None):
     """A :class:`nucseg.model.infer.SamTileSegmenter` around ``model``: inference settings are the
-    ``settings`` given explicitly, over the adapter's calibrated ``thresholds``, over the global defaults
-    (:func:`nucseg.learn.calibrate.resolve_infer`); ``thresholds_used`` records which came from where.
+    ``settings`` given explicitly, over the adapter's calibrated ``thresholds`` (``mode_thresholds``: those
+    of every calibrated prompt mode of the ``modes`` it supports; without ``prompts`` in ``settings`` the best
+    one is used), over the global defaults (:func:`nucseg.learn.calibrate.resolve_infer`);
+    ``thresholds_used`` records which came from where, ``prompt_mode`` the mode and why.
     ``device``: a name for :func:`nucseg.device.pick_device` ("auto", "cpu", "cuda"...) or a torch.device."""
     from .device import pick_device
-    from .learn.calibrate import resolve_infer
+    from .learn.calibrate import choose_mode, resolve_infer
     from .model.infer import SamTileSegmenter
 
-    cfg, used = resolve_infer(settings, thresholds)
+    cfg, used = resolve_infer(settings, thresholds, mode_thresholds, modes)
     seg = SamTileSegmenter(model, cfg, device=pick_device(device) if isinstance(device, str) else device, mpp=mpp,
                            identity=identity)
     seg.thresholds_used = used
+    seg.prompt_mode = choose_mode(settings.get("prompts"), mode_thresholds, modes)
     return seg
 
 
@@ -153,12 +157,28 @@ class SegmenterSpec:
             return None
         from .learn.calibrate import resolve_infer
 
-        thresholds = None
+        thresholds = per_mode = modes = None
         if self.adapter:
             from .model.adapter import read_adapter
 
-            thresholds = read_adapter(self.adapter).thresholds
-        return resolve_infer(dict(self.infer), thresholds)[1]
+            info = read_adapter(self.adapter)
+            thresholds, per_mode, modes = info.thresholds, info.mode_thresholds, info.modes
+        return resolve_infer(dict(self.infer), thresholds, per_mode, modes)[1]
+
+    def prompt_mode(self) -> tuple[str, str] | None:
+        """(prompt mode, why) a SAM segmenter of this spec uses (``--prompts``, else the adapter's best
+        calibrated mode, else the default), read without loading any weights; None for the threshold one."""
+        if self.kind != "sam":
+            return None
+        from .learn.calibrate import choose_mode
+
+        explicit = dict(self.infer).get("prompts")
+        if not self.adapter:
+            return choose_mode(explicit, None)
+        from .model.adapter import read_adapter
+
+        info = read_adapter(self.adapter)
+        return choose_mode(explicit, info.mode_thresholds, info.modes)
 
     def build(self) -> TileSegmenter:
         """The segmenter itself; checkpoint and adapter problems raise CheckpointError, bad settings InputError."""
@@ -176,7 +196,8 @@ class SegmenterSpec:
                 warnings.warn(f"adapter {self.adapter} records no µm/px: slides are segmented at their own µm/px "
                               f"unless --mpp says otherwise (train with --mpp to record it)", UserWarning, stacklevel=2)
             identity = f"{info.meta['base']['fingerprint']}+{info.meta['weights_sha256']}"
-            return sam_segmenter(model, settings, info.thresholds, self.device, mpp=info.mpp, identity=identity)
+            return sam_segmenter(model, settings, info.thresholds, self.device, mpp=info.mpp, identity=identity,
+                                 mode_thresholds=info.mode_thresholds, modes=info.modes)
         from .model.sam import load_sam
 
         model, fingerprint = load_sam(self.model, self.checkpoint)

@@ -98,8 +98,11 @@ def test_sweep_runs_on_two_real_tiles_with_a_random_model(shared_data: Path, tmp
     assert rep["machine"]["torch_threads"] == 1 and "load_1min" in rep["machine"] and "command" in rep
     assert rep["weights"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert rep["tiles"]["n"] == 2 and len(rep["tiles"]["names"]) == 2 and rep["tiles"]["size"] == 256
-    names = {"amg-4", "amg-8", "nucseg-grid-4", "nucseg-auto-8-fg0.2-m8", "nucseg-auto-8-fg0.4-m0"}
-    assert set(rep["results"]) == names == set(rep["per_tile"])
+    names = {"amg-4", "amg-8", "nucseg-grid-4", "nucseg-auto-8-fg0.2-m8", "nucseg-auto-8-fg0.4-m0", "threshold"}
+    assert set(rep["results"]) == names == set(rep["per_tile"])  # no heads: no centers / none settings
+    assert set(rep["learned_wall"]) == {"threshold"} and rep["learned_wall"]["threshold"]["front"] == ["threshold"]
+    assert rep["results"]["nucseg-grid-4"]["decoder_calls_per_tile"] >= 1
+    assert rep["results"]["nucseg-grid-4"]["encoder_s_per_tile"] > 0
     assert rep["results"]["amg-8"]["prompts_decoded_per_tile"] == 64
     assert rep["results"]["nucseg-grid-4"]["prompts_decoded_per_tile"] == 16
     for row in rep["results"].values():

@@ -125,7 +125,9 @@ def test_train_stores_thresholds_and_calibrate_rewrites_them(tiny_adapter, tmp_p
     assert main(["-q", "calibrate", str(adapter), "--data", str(data), "--points-per-side", "8"]) == 0
     after = json.loads((adapter / "nucseg.json").read_text())
     assert after["thresholds"]["tiles"] == 6 and after["thresholds"]["metric"] == "pq"
-    assert {k: v for k, v in after.items() if k != "thresholds"} == {k: v for k, v in meta.items() if k != "thresholds"}
+    assert {m: t["tiles"] for m, t in after["mode_thresholds"].items()} == {"centers": 6, "none": 6}  # heads too
+    rewritten = ("thresholds", "mode_thresholds")
+    assert {k: v for k, v in after.items() if k not in rewritten} == {k: v for k, v in meta.items() if k not in rewritten}
     load_adapter(adapter)  # the recorded weights hash still matches: the adapter loads
     assert not [p for p in adapter.iterdir() if p.name.startswith(".")]  # atomic: no temporaries left
     # a hand-edited, invalid value is refused with the key named
@@ -146,11 +148,11 @@ def test_segment_uses_adapter_thresholds_unless_given(tiny_adapter, tmp_path, ca
     t = json.loads((adapter / "nucseg.json").read_text())["thresholds"]
     capsys.readouterr()
     assert main(["-q", "segment", str(images), "--adapter", str(adapter), "-o", str(tmp_path / "a"),
-                 "--points-per-side", "8"]) == 0
+                 "--points-per-side", "8", "--prompts", "auto"]) == 0
     err = capsys.readouterr().err
     assert f"pred_iou_thresh {t['pred_iou_thresh']:g} (adapter)" in err and "(default)" not in err
     assert main(["-q", "segment", str(images), "--adapter", str(adapter), "-o", str(tmp_path / "b"),
-                 "--points-per-side", "8", "--stability-thresh", "0.77"]) == 0
+                 "--points-per-side", "8", "--stability-thresh", "0.77", "--prompts", "auto"]) == 0
     err = capsys.readouterr().err
     assert "stability_thresh 0.77 (command line)" in err and f"min_area {t['min_area']:g} (adapter)" in err
 

@@ -15,7 +15,7 @@ organ (leave-organs-out). A rerun skips finished folds and resumes an interrupte
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ from ..device import pick_device
 from ..errors import DataError, InputError
 from ..io import SOFTWARE, JsonMark, TextMark, atomic_path, check_output, is_nucseg_png, read_json, write_json, write_text
 from ..model.adapter import is_adapter_meta, load_adapter, read_adapter
-from ..model.infer import InferConfig, SamTileSegmenter, segment_tiles
+from ..model.infer import HEAD_OF_MODE, InferConfig, SamTileSegmenter, segment_tiles
 from ..model.lora import MethodConfig
 from ..model.modelcard import write_model_card
 from ..model.sam import load_sam
@@ -168,6 +168,8 @@ def score_zero_shot(base, train: list[Tile], val: list[Tile], explicit: dict, ba
     from .train import calibrate_model
 
     single = not cv_cfg.zero_shot_multimask
+    if explicit.get("prompts") in HEAD_OF_MODE:  # a base has no prompt heads: it keeps auto
+        explicit, base_infer = {**explicit, "prompts": "auto"}, replace(base_infer, prompts="auto")
     zcfg = InferConfig(**zero_shot_settings(asdict(base_infer), single))
     held = split_for_calibration(train, train_cfg.calibration_fraction, train_cfg.seed)[1]
     thresholds = calibrate_model(base, held, train_cfg, zcfg, device, mpp, on_calibrate) if held else None
@@ -227,9 +229,11 @@ def run_cv(
                            on_start=on_start, on_step=on_step, infer=base_infer,
                            on_calibrate=(lambda msg, f=f: on_fold(f, len(folds), msg)) if on_fold else None)
             model, info = load_adapter(res.adapter, checkpoint)
-            seg = sam_segmenter(model, explicit, info.thresholds, device, mpp=mpp)
+            seg = sam_segmenter(model, explicit, info.thresholds, device, mpp=mpp,
+                                mode_thresholds=info.mode_thresholds, modes=info.modes)
             result, preds = score(seg, val, train_cfg.batch_size)
             result["thresholds"] = seg.thresholds_used
+            result["prompts"] = {"mode": seg.prompt_mode[0], "why": seg.prompt_mode[1]}
             for t, p in list(zip(val, preds))[: cv_cfg.overlays_per_fold]:
                 overlay(t, p, fdir / "overlays" / f"{t.name.replace('@', '_').replace(',', '-')}.png")
             meta = dict(info.meta, metrics=result["mean"])  # adapters from cv carry their fold's metrics
@@ -238,7 +242,7 @@ def run_cv(
             write_json(metrics_path, result, METRICS_JSON)
         rows.append(result["mean"])
         fold_info.append({"fold": f, "val_tiles": len(val), "mean": result["mean"],
-                          "thresholds": result.get("thresholds")})
+                          "thresholds": result.get("thresholds"), "prompts": result.get("prompts")})
         if cv_cfg.zero_shot:
             zpath = fdir / "zero_shot_metrics.json"
             if ZERO_SHOT_JSON(zpath):

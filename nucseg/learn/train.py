@@ -33,6 +33,7 @@ from ..errors import CheckpointError, InputError
 from ..model.infer import InferConfig, mask_boxes
 from ..model.lora import MethodConfig
 from ..io import SOFTWARE, JsonMark, atomic_path, check_output, is_nucseg_png, parse_json, write_json
+from ..model.heads import CELL, HEAD_NAMES, attach_prompt_heads, center_cell_targets, instance_targets
 from ..model.sam import attach_foreground_head, decode, encode
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,13 @@ class TrainConfig:
     negative_prompts: int = 4  # background points per tile per step
     box_fraction: float = 0.0  # share of positive prompts that also get their box
     foreground_head: bool = True  # train the cheap foreground map used for prompt pruning
+    # the prompt heads (nucseg.model.heads): centre head (prompts="centers") and instance head (prompts="none")
+    prompt_heads: bool = True
+    head_weight: float = 1.0  # weight of the heads' losses in the total
+    head_lr: float = 1e-3  # the heads start from scratch: Adam's usual rate, whatever the method's lr (same schedule)
+    # False: the heads learn from the embedding as the method shapes it, without shaping it themselves, so the
+    # masks train exactly as without heads; True: their losses reach the encoder too (joint features)
+    head_gradients: bool = False
     seed: int = 42
     # share of the source images held back from training to calibrate the inference thresholds on
     # (nucseg.learn.calibrate; stored in the adapter); 0 = no calibration, the global defaults apply
@@ -76,7 +84,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "negative_prompts" else 1):
                 raise InputError(f"--{option.get(name, name.replace('_', '-'))} must be a whole number >= 1, not {value!r}")
         for name, lo, hi in (("lr", 0, 1), ("weight_decay", 0, 10), ("dice_weight", 0, 100), ("box_fraction", 0, 1),
-                             ("warmup_fraction", 0, 1), ("iou_weight", 0, 100), ("fg_weight", 0, 100)):
+                             ("warmup_fraction", 0, 1), ("iou_weight", 0, 100), ("fg_weight", 0, 100),
+                             ("head_weight", 0, 100), ("head_lr", 0, 1)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi) \
                     or (name == "lr" and value == 0):
@@ -99,6 +108,7 @@ class EpochLog:
     train_iou: float  # mean IoU of the masks predicted for positive prompts (is it segmenting at all?)
     lr: float
     seconds: float
+    head_loss: float = 0.0  # centre + instance heads (0 without them, and in histories of older runs)
 
 
 def sample_prompts(
@@ -139,6 +149,38 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     return (1 - (2 * inter + 1) / (denom + 1)).mean()
 
 
+def head_losses(center_out: torch.Tensor, inst_out: torch.Tensor, lab: torch.Tensor, amb: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    """Loss of the prompt heads on one batch of (padded) label maps ``lab`` (B, S, S).
+
+    Centre head (per 16 px cell): sigmoid focal loss on objectness (a cell is positive when a nucleus centre
+    lies in it; normalised by the positives, as RetinaNet) + smooth-L1 on the offset of positive cells, in
+    cells. Instance head (at S/4): BCE on foreground and on the two per-nucleus normalised distance maps
+    (soft targets pooled to S/4), ambiguous and padding pixels left out.
+    """
+    from torchvision.ops import sigmoid_focal_loss
+
+    b, s = lab.shape[0], lab.shape[-1]
+    g = center_out.shape[-1]
+    targets = [instance_targets(t) for t in lab.cpu().numpy()]
+    dev = center_out.device
+    obj, off = center_cell_targets([t.centers for t in targets], b, g, dev)
+    cell_ok = F.max_pool2d(valid[:, None].float(), CELL)[:, 0]
+    npos = obj.sum().clamp(min=1)
+    focal = (sigmoid_focal_loss(center_out[:, 0], obj, reduction="none") * cell_ok).sum() / npos
+    pos = obj > 0
+    offset = F.smooth_l1_loss(center_out[:, 1:].permute(0, 2, 3, 1)[pos], off.permute(0, 2, 3, 1)[pos], beta=0.05) \
+        if pos.any() else center_out.sum() * 0
+    maps = torch.stack([torch.from_numpy(np.stack([(t.boundary_dist > 0), t.center_dist, t.boundary_dist]))
+                        .float() for t in targets]).to(dev)  # (B, 3, S, S)
+    factor = s // inst_out.shape[-1]
+    soft = F.avg_pool2d(maps, factor)
+    weight = 1.0 - F.avg_pool2d((amb | ~valid)[:, None].float(), factor)
+    inst = (F.binary_cross_entropy_with_logits(inst_out, soft, reduction="none") * weight).sum() \
+        / (3 * weight.sum()).clamp(min=1)
+    return focal + offset + inst
+
+
 class Trainer:
     """Owns the optimisation of one model on one set of tiles; the CLI and cv drive it."""
 
@@ -150,11 +192,17 @@ class Trainer:
         if cfg.foreground_head:
             torch.manual_seed(cfg.seed)
             attach_foreground_head(model)
+        if cfg.prompt_heads:  # seeded on their own: every other tensor starts exactly as without them
+            torch.manual_seed(cfg.seed + 1)
+            attach_prompt_heads(model)
         self.model = model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise InputError("nothing to train: the method leaves no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        heads = {id(p) for h in HEAD_NAMES if getattr(model, h, None) is not None for p in getattr(model, h).parameters()}
+        groups = [{"params": [p for p in self.params if id(p) not in heads]},
+                  {"params": [p for p in self.params if id(p) in heads], "lr": cfg.head_lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(tiles) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
         warmup = max(1, int(cfg.warmup_fraction * total))
@@ -259,6 +307,10 @@ class Trainer:
             emb = encode(self.model, img)
             logits, iou_pred = decode(self.model, emb, coords, labels, idx, boxes=boxes, box_mask=use)
             fg_logits = self.model.fg_head(emb) if self.cfg.foreground_head else None
+            if self.cfg.prompt_heads:
+                head_in = emb if self.cfg.head_gradients else emb.detach()
+                center_out = self.model.center_head(head_in)
+                inst_out = self.model.instance_head(head_in, img)
         logits, iou_pred = logits[:, 0].float(), iou_pred[:, 0].float()
         low = logits.shape[-1]
         factor = full.shape[-1] // low
@@ -287,10 +339,14 @@ class Trainer:
             fg_target = F.avg_pool2d((lab > 0)[:, None].float(), fg_factor)
             fg_loss = F.binary_cross_entropy_with_logits(fg_logits.float(), fg_target)
             loss = loss + self.cfg.fg_weight * fg_loss
+        head_loss = torch.zeros((), device=dev)
+        if self.cfg.prompt_heads:
+            head_loss = head_losses(center_out.float(), inst_out.float(), lab, amb, valid)
+            loss = loss + self.cfg.head_weight * head_loss
         pos = tgt > 0
         train_iou = real_iou[pos].mean() if pos.any() else torch.zeros((), device=dev)
         return {"loss": loss, "mask_loss": mask_loss, "iou_loss": iou_loss, "fg_loss": fg_loss,
-                "train_iou": train_iou}
+                "train_iou": train_iou, "head_loss": head_loss}
 
     def step(self, tiles: list[Tile], rng: np.random.Generator) -> dict[str, float]:
         out = self.losses(tiles, rng)
@@ -310,7 +366,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed * 1000 + epoch)
             order = rng.permutation(len(self.tiles))
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "mask_loss": 0.0, "iou_loss": 0.0, "fg_loss": 0.0, "train_iou": 0.0}
+            sums = {"loss": 0.0, "mask_loss": 0.0, "iou_loss": 0.0, "fg_loss": 0.0, "train_iou": 0.0, "head_loss": 0.0}
             for s in range(self.steps_per_epoch):
                 batch = [self.tiles[i] for i in order[s * self.cfg.batch_size : (s + 1) * self.cfg.batch_size]]
                 out = self.step(batch, rng)
@@ -421,7 +477,7 @@ def plot_curves(history: list[EpochLog], path: Path) -> None:
 
     epochs = [h.epoch + 1 for h in history]
     fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(12, 3.2))
-    for key in ("loss", "mask_loss", "iou_loss", "fg_loss"):
+    for key in ("loss", "mask_loss", "iou_loss", "fg_loss", "head_loss"):
         ax.plot(epochs, [getattr(h, key) for h in history], marker="o", ms=3, label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
@@ -477,7 +533,8 @@ def finetune(
     ``on_start(trainable, total)`` is called once the method is applied, so the caller can print the counts;
     ``on_calibrate(message)`` before and after calibrating.
     """
-    from ..model.adapter import THRESHOLDS, is_adapter_dir, save_adapter
+    from ..model.adapter import MODE_THRESHOLDS, MODES, THRESHOLDS, is_adapter_dir, save_adapter
+    from ..model.heads import head_modes
     from .calibrate import split_for_calibration
     from .data import summarize
     from ..model.lora import apply_method, count_parameters
@@ -516,8 +573,13 @@ def finetune(
         "final_loss": history[-1].loss if history else None,
         **(extra_meta or {}),
     }
+    if cfg.prompt_heads:
+        meta[MODES] = head_modes(trainer.model)
     if held_back:
         meta[THRESHOLDS] = calibrate_model(trainer.model, held_back, cfg, infer, trainer.device, mpp, on_calibrate)
+        if cfg.prompt_heads:
+            meta[MODE_THRESHOLDS] = calibrate_heads(trainer.model, held_back, cfg, infer, trainer.device, mpp,
+                                                    on_calibrate)
     adapter = save_adapter(out_dir / "adapter", trainer.model.cpu(), method, meta)
     return FinetuneResult(adapter, history, trainable, total)
 
@@ -531,10 +593,37 @@ def calibrate_model(model: Sam, tiles: list[Tile], cfg: TrainConfig, infer: Infe
 
     if on_calibrate:
         on_calibrate(f"calibrating thresholds on {len(tiles)} held-back tiles")
-    seg = SamTileSegmenter(model.eval(), infer or InferConfig(), device=device, mpp=mpp)
+    from dataclasses import replace
+
+    infer = infer or InferConfig()
+    if infer.prompts not in ("auto", "grid"):  # these are the thresholds of auto / grid (learned modes: calibrate_heads)
+        infer = replace(infer, prompts="auto")
+    seg = SamTileSegmenter(model.eval(), infer, device=device, mpp=mpp)
     res = calibrate(seg, tiles, CalibrationConfig(metric=cfg.calibration_metric))
     t = res.thresholds
     if on_calibrate:
         on_calibrate(f"calibrated: {t['metric']} {t['default_score']:.3f} at the defaults -> {t['score']:.3f} "
                      f"({res.evaluated} settings, {res.seconds:.0f} s)")
     return t
+
+
+def calibrate_heads(model: Sam, tiles: list[Tile], cfg: TrainConfig, infer: InferConfig | None,
+                    device: torch.device, mpp: float | None = None,
+                    on_calibrate: Callable[[str], None] | None = None) -> dict:
+    """The calibrated thresholds of each learned prompt mode (``{"centers": ..., "none": ...}``) the model has a
+    head for, on its held-back ``tiles`` (the adapter's ``mode_thresholds``)."""
+    from dataclasses import replace
+
+    from .calibrate import CalibrationConfig, calibrate
+    from ..model.heads import head_modes
+    from ..model.infer import SamTileSegmenter
+
+    out = {}
+    for mode in head_modes(model)[2:]:
+        seg = SamTileSegmenter(model.eval(), replace(infer or InferConfig(), prompts=mode), device=device, mpp=mpp)
+        res = calibrate(seg, tiles, CalibrationConfig(metric=cfg.calibration_metric))
+        out[mode] = t = res.thresholds
+        if on_calibrate:
+            on_calibrate(f"prompts {mode} calibrated: {t['metric']} {t['default_score']:.3f} at the defaults -> "
+                         f"{t['score']:.3f} ({res.evaluated} settings, {res.seconds:.0f} s)")
+    return out

@@ -1,6 +1,7 @@
 """The adapter folder: what fine-tuning produces, small enough to mail, never the base model.
 
-    <adapter>/adapter.safetensors   the trained tensors only (LoRA factors, decoder, foreground head)
+    <adapter>/adapter.safetensors   the trained tensors only (LoRA factors, decoder, foreground head, and
+                                    the prompt heads of nucseg.model.heads when trained with them)
     <adapter>/method.json           the MethodConfig that says where those tensors go
     <adapter>/nucseg.json           provenance: base model + checkpoint SHA-256, input size, µm/px,
                                     parameter counts, training config, data summary, cv metrics, version
@@ -24,6 +25,7 @@ from ..errors import CheckpointError, InputError
 from ..io import atomic_path, check_output, new_only, read_json, sha256_file, write_json
 from ..wsi.slide import MPP_RANGE
 from .lora import MethodConfig, apply_method, merge, trainable_state_dict
+from .heads import HEAD_NAMES, attach_prompt_heads
 from .sam import PATCH, SPECS, attach_foreground_head, load_sam, random_init_fingerprint
 
 FORMAT = "nucseg-adapter"
@@ -34,7 +36,10 @@ MIN_MPP, MAX_MPP = MPP_RANGE
 WEIGHTS = "adapter.safetensors"
 METHOD = "method.json"
 META = "nucseg.json"
-THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.learn.calibrate)
+THRESHOLDS = "thresholds"  # calibrated inference thresholds (nucseg.learn.calibrate) of prompts auto / grid
+MODES = "prompt_modes"  # the prompt modes the adapter's heads support (absent: auto and grid)
+MODE_THRESHOLDS = "mode_thresholds"  # {"centers": thresholds, "none": thresholds}, calibrated like THRESHOLDS
+HEAD_PREFIXES = ("fg_head.",) + tuple(f"{h}." for h in HEAD_NAMES)  # nucseg's heads: not part of SAM
 
 
 @dataclass
@@ -66,6 +71,17 @@ class AdapterInfo:
             return validate_thresholds(self.meta[THRESHOLDS], f"{self.path / META}: thresholds")
         except InputError as err:
             raise CheckpointError(str(err)) from None
+
+    @property
+    def modes(self) -> list[str]:
+        """The prompt modes this adapter supports (``auto`` and ``grid`` for one without prompt heads)."""
+        return list(self.meta.get(MODES) or ["auto", "grid"])
+
+    @property
+    def mode_thresholds(self) -> dict[str, dict]:
+        """Calibrated thresholds of every mode (``"auto"``: :attr:`thresholds`, then the learned modes')."""
+        out = {"auto": self.thresholds} if self.thresholds is not None else {}
+        return {**out, **(self.meta.get(MODE_THRESHOLDS) or {})}
 
 
 def save_adapter(path: str | Path, model: Sam, method: MethodConfig, meta: dict) -> Path:
@@ -159,7 +175,32 @@ def validate_meta(meta) -> dict:
             validate_thresholds(meta[THRESHOLDS], f"{META}: thresholds")
         except InputError as err:
             raise ValueError(str(err)) from None
+    validate_modes(meta)
     return meta
+
+
+def validate_modes(meta: dict) -> None:
+    """``prompt_modes`` (a list of known modes) and ``mode_thresholds`` (thresholds of learned modes it lists)."""
+    from ..learn.calibrate import validate_thresholds
+    from .infer import PROMPT_MODES
+
+    modes = meta.get(MODES)
+    if modes is not None and not (isinstance(modes, list) and modes and all(m in PROMPT_MODES for m in modes)
+                                  and len(set(modes)) == len(modes)):
+        raise ValueError(f"{MODES} must be a list of distinct modes from {', '.join(PROMPT_MODES)}, not {modes!r}")
+    per_mode = meta.get(MODE_THRESHOLDS)
+    if per_mode is None:
+        return
+    if not isinstance(per_mode, dict):
+        raise ValueError(f"{MODE_THRESHOLDS} must be a JSON object")
+    for mode, t in per_mode.items():
+        if mode not in ("centers", "none") or mode not in (modes or []):
+            raise ValueError(f"{MODE_THRESHOLDS} has thresholds for {mode!r}, which is not a learned mode of "
+                             f"this adapter ({MODES}: {modes})")
+        try:
+            validate_thresholds(t, f"{META}: {MODE_THRESHOLDS}.{mode}")
+        except InputError as err:
+            raise ValueError(str(err)) from None
 
 
 def read_adapter(path: str | Path) -> AdapterInfo:
@@ -195,9 +236,11 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     return AdapterInfo(path, meta, method)
 
 
-def write_thresholds(path: str | Path, thresholds: dict) -> dict:
+def write_thresholds(path: str | Path, thresholds: dict, mode_thresholds: dict | None = None) -> dict:
     """Store calibrated thresholds in the adapter's nucseg.json, atomically; every other key is kept as is.
 
+    ``thresholds``: those of prompts auto / grid; ``mode_thresholds``: those of the learned modes
+    (``{"centers": ..., "none": ...}``), replacing the stored ones mode by mode.
     The weights and their recorded SHA-256 are untouched (the hash covers ``adapter.safetensors`` only), so
     the adapter stays loadable; prediction caches key on the thresholds through the segmenter's settings.
     """
@@ -205,6 +248,9 @@ def write_thresholds(path: str | Path, thresholds: dict) -> dict:
 
     info = read_adapter(path)
     meta = dict(info.meta, **{THRESHOLDS: validate_thresholds(dict(thresholds))})
+    if mode_thresholds:
+        meta[MODE_THRESHOLDS] = {**(info.meta.get(MODE_THRESHOLDS) or {}), **mode_thresholds}
+    validate_modes(meta)
     write_json(info.path / META, meta, is_adapter_meta)
     return meta
 
@@ -244,8 +290,11 @@ def apply_adapter(model: Sam, info: AdapterInfo) -> Sam:
         raise CheckpointError(f"cannot read adapter weights {weights}: {err}") from None
     if any(k.startswith("fg_head.") for k in tensors):
         attach_foreground_head(model)
+    heads = tuple(h for h in HEAD_NAMES if any(k.startswith(f"{h}.") for k in tensors))
+    if heads:
+        attach_prompt_heads(model, heads)
     expected = {n for n, p in model.named_parameters() if p.requires_grad} | {
-        n for n, _ in model.named_parameters() if n.startswith("fg_head.")}
+        n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES)}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
         raise CheckpointError(f"adapter {info.path} does not fit its method (missing {missing}, unexpected {extra})")
@@ -295,7 +344,7 @@ def check_merge_output(out: str | Path, inputs: list = ()) -> Path:
 def export_merged(model: Sam, out: str | Path) -> Path:
     """Fold the adapter into the base and save a full state dict with official SAM keys (one file)."""
     merge(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("fg_head.")}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
     with atomic_path(out, owned=is_merged_checkpoint) as tmp:
         if str(out).endswith(".safetensors"):
             save_file(state, str(tmp), metadata={"format": MERGED_FORMAT})

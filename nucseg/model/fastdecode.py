@@ -194,27 +194,31 @@ def _upscale(model: Sam, src: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, 
 
 
 def decode_points(
-    model: Sam, ctx: ImageContext, points: torch.Tensor, image_index: torch.Tensor, multimask: bool = False
+    model: Sam, ctx: ImageContext, points: torch.Tensor, image_index: torch.Tensor, multimask: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode N single positive point prompts, (N, 2) xy in input pixels, of tiles ``image_index`` (N,).
+    """Decode N point prompts of tiles ``image_index`` (N,): (N, 2) xy in input pixels, one positive point
+    each, or (N, K, 2) with ``labels`` (N, K) (1 positive, 0 negative, -1 padding: SAM's point labels).
 
     Returns what :func:`nucseg.model.sam.decode` returns for the same prompts: mask logits (N, M, 4h, 4w) and
     predicted IoU (N, M), M = 3 with ``multimask`` else 1.
     """
     dec = model.mask_decoder
     n = len(points)
+    if points.ndim == 2:
+        points = points[:, None, :]
+    if labels is None:
+        labels = torch.ones(n, points.shape[1], dtype=torch.long, device=points.device)
     if ctx.embeddings is not None:  # adapted decoder blocks: segment-anything's computation, via nucseg.model.sam
         from .sam import decode
 
-        labels = torch.ones(n, 1, dtype=torch.long, device=points.device)
-        return decode(model, ctx.embeddings, points[:, None, :], labels, image_index, multimask=multimask)
+        return decode(model, ctx.embeddings, points, labels, image_index, multimask=multimask)
     ordered = bool((image_index[1:] >= image_index[:-1]).all())
     order = None if ordered else torch.argsort(image_index, stable=True)
     if order is not None:
-        points, image_index = points[order], image_index[order]
+        points, image_index, labels = points[order], image_index[order], labels[order]
     counts = torch.bincount(image_index, minlength=ctx.keys.shape[0]).tolist()
-    labels = torch.ones(n, 1, dtype=torch.long, device=points.device)
-    sparse, _ = model.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+    sparse, _ = model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
     tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     tokens = torch.cat([tokens.unsqueeze(0).expand(n, -1, -1), sparse.to(tokens.dtype)], dim=1)
     tokens = tokens.to(ctx.keys.dtype)

@@ -16,6 +16,12 @@ Automatic prompting, as SAM's automatic mask generator, but built for dense nucl
    duplicates and are dropped. Stability and painting upsample each mask only inside a window around its
    box, not over the whole tile (a nucleus covers well under 1 % of a tile).
 
+Two learned modes replace the grid (:mod:`nucseg.model.heads`, heads stored in the adapter):
+``prompts="centers"`` decodes one point per nucleus predicted by the adapter's centre head (optionally with
+the ``negative_prompts`` nearest other centres as negative points), then steps 3-4 as above;
+``prompts="none"`` calls no decoder: the instance head's foreground / centre / boundary-distance maps are
+split into nuclei by a seeded watershed.
+
 Everything is array arithmetic over all masks of all tiles; there is no Python loop over nuclei or tiles.
 Out of memory (CUDA, or a CPU allocation failure), the decoder chunk is halved, or the tile batch split for
 the encoder, with one warning, and the work goes on with the smaller size.
@@ -40,9 +46,12 @@ from torchvision.ops import batched_nms
 from ..errors import InputError
 from ..segmenter import TileBatchResult
 from .fastdecode import ImageContext, decode_points, prepare
+from .heads import CENTER_HEAD, INSTANCE_HEAD, center_points, instance_maps, negative_points, watershed_instances
 from .sam import encode
 
 from ..choices import PROMPT_MODES  # noqa: F401 - defined there for the CLI
+
+HEAD_OF_MODE = {"centers": CENTER_HEAD, "none": INSTANCE_HEAD}  # the adapter head each learned mode needs
 # On CPU the decoder is memory-bound: chunks whose per-prompt image tokens fit in about this many bytes stay
 # in cache (vit_tiny at 256 px: 32 prompts per call, vit_b at 512 px: 2; bench/bench_decoder.py measured
 # 1.2-2x less time per prompt at 4-16 prompts than at 512 on CPU). ``decoder_batch`` stays the upper bound.
@@ -67,6 +76,16 @@ class InferConfig:
     multimask: bool = False  # zero-shot SAM needs its 3 ambiguity masks; fine-tuned decoders need one
     decoder_batch: int = 512  # prompts per decoder call (memory knob)
     bf16: bool = True  # on CUDA
+    # prompts="centers": centre-head probability a cell needs to become a prompt, the point-NMS distance (px)
+    # and how many nearest other centres go in as negative points
+    center_threshold: float = 0.5
+    center_nms_px: int = 6
+    negative_prompts: int = 0
+    # prompts="none": seeded watershed on the instance head's maps (micro-sam's AIS thresholds): foreground
+    # probability, and the seeds' centre distance below / boundary distance above these
+    ais_foreground: float = 0.5
+    ais_center: float = 0.5
+    ais_boundary: float = 0.5
 
     def validate(self) -> "InferConfig":
         if self.prompts not in PROMPT_MODES:
@@ -75,8 +94,14 @@ class InferConfig:
             raise InputError("--points-per-side and --decoder-batch must be >= 1")
         if self.skip_margin < 0:
             raise InputError("skip_margin must be >= 0")
+        for name, hi in (("negative_prompts", 64), ("center_nms_px", 1 << 12)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+                raise InputError(f"--{name.replace('_', '-')} must be a whole number in [0, {hi}], not {value!r}")
         # predicted IoU is a regression output (an untrained head strays outside [0, 1]): any finite bound
-        for name, lo, hi in (("pred_iou_thresh", -math.inf, math.inf), ("stability_thresh", 0, 1), ("nms_iou", 0, 1)):
+        for name, lo, hi in (("pred_iou_thresh", -math.inf, math.inf), ("stability_thresh", 0, 1), ("nms_iou", 0, 1),
+                             ("center_threshold", 0, 1), ("ais_foreground", 0, 1), ("ais_center", 0, 1),
+                             ("ais_boundary", 0, 1)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number in [{lo}, {hi}], not {value!r}")
@@ -213,13 +238,22 @@ class SamTileSegmenter:
         self.cfg = (cfg or InferConfig()).validate()
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        head = HEAD_OF_MODE.get(self.cfg.prompts)
+        if head is not None and getattr(model, head, None) is None:
+            raise InputError(f"--prompts {self.cfg.prompts} needs an adapter trained with its head ({head}); this "
+                             f"model has none: use --prompts auto or grid, or train an adapter with nucseg train")
         self.tile_size = model.image_encoder.img_size
         self.mpp = mpp
         self.grid = grid_points(self.tile_size, self.cfg.points_per_side).to(self.device)
-        self.stats = {"tiles": 0, "prompts_grid": 0, "prompts_decoded": 0}
+        self.stats = {"tiles": 0, "prompts_grid": 0, "prompts_decoded": 0, "decoder_calls": 0}
+        # seconds per stage, filled only when ``profile`` is set (benchmarks): on CUDA each stage is synchronised
+        self.profile = False
+        self.timings = {"encoder": 0.0, "heads": 0.0, "decoder": 0.0, "post": 0.0}
+        self._last_tick = 0.0
         # {field: {"value", "source"}} for the run summary; set by whoever resolved the thresholds
         # (nucseg.learn.calibrate.resolve_infer: command line > adapter > default)
         self.thresholds_used: dict | None = None
+        self.prompt_mode: tuple[str, str] | None = None  # (mode, why it was chosen), set by sam_segmenter
         settings = json.dumps(self.cfg.to_dict(), sort_keys=True)
         self.fingerprint = hashlib.sha256(f"{identity}|{self.tile_size}|{settings}".encode()).hexdigest()
         self.identity = identity
@@ -287,16 +321,34 @@ class SamTileSegmenter:
 
         return torch.cat(self._chunked(len(x), "encoder_chunk", "encoder batch", run))
 
-    def _decode(self, ctx: ImageContext, points: torch.Tensor, index: torch.Tensor):
-        """Decode (N, 2) points of tiles ``index`` in chunks -> low-res logits (N, h, w) float, iou (N,)."""
+    def _tick(self, stage: str | None = None) -> None:
+        """With ``profile``: add the time since the last tick to ``timings[stage]``."""
+        if not self.profile:
+            return
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if stage is not None:
+            self.timings[stage] += now - self._last_tick
+        self._last_tick = now
+
+    def _decode(self, ctx: ImageContext, points: torch.Tensor, index: torch.Tensor,
+                labels: torch.Tensor | None = None):
+        """Decode points of tiles ``index`` in chunks -> low-res logits (N, h, w) float, iou (N,).
+
+        ``points`` (N, 2), one positive point each, or (N, K, 2) with SAM point ``labels`` (N, K)."""
         self.stats["prompts_decoded"] += len(points)
         if len(points) == 0:
             low = self.tile_size // 4
             return torch.zeros(0, low, low, device=self.device), torch.zeros(0, device=self.device)
 
         def run(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            self.stats["decoder_calls"] += 1
+            extra = {} if labels is None else {"labels": labels[s:e]}  # single positive points: the plain call
             with self._amp():
-                lg, iou = decode_points(self.model, ctx, points[s:e], index[s:e], multimask=self.cfg.multimask)
+                lg, iou = decode_points(self.model, ctx, points[s:e], index[s:e], multimask=self.cfg.multimask, **extra)
             best = iou.argmax(1)  # with multimask, SAM's most confident of its 3 ambiguity masks
             ar = torch.arange(e - s, device=self.device)
             return lg[ar, best].float(), iou[ar, best].float()
@@ -341,6 +393,26 @@ class SamTileSegmenter:
             keep &= fg >= self.cfg.fg_threshold
         return keep
 
+    def center_prompts(self, emb: torch.Tensor, h: int, w: int, threshold: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``prompts="centers"``: (points (N, 1+K, 2), SAM labels (N, 1+K), tile index (N,), centre probability
+        (N,)) from the centre head, one positive point per predicted nucleus centre of the h x w tiles, at
+        ``threshold`` (default the config's)."""
+        with self._amp():
+            out = getattr(self.model, CENTER_HEAD)(emb)
+        pts, index, prob = center_points(out, self.cfg.center_threshold if threshold is None else threshold,
+                                         self.cfg.center_nms_px, valid=(h, w))
+        coords, labels = negative_points(pts, index, self.cfg.negative_prompts)
+        return coords, labels, index, prob
+
+    def instance_maps(self, x: torch.Tensor, emb: torch.Tensor, h: int, w: int) -> np.ndarray:
+        """``prompts="none"``: the instance head's (B, 3, h, w) foreground / centre / boundary maps (numpy)."""
+        size = self.tile_size
+        img = F.pad(x.permute(0, 3, 1, 2).float(), (0, size - w, 0, size - h))  # padded as encode pads
+        with self._amp():
+            out = getattr(self.model, INSTANCE_HEAD)(emb, img)
+        return instance_maps(out, (h, w)).cpu().numpy()
+
     @torch.no_grad()
     def __call__(self, tiles: np.ndarray) -> TileBatchResult:
         tiles = np.asarray(tiles)
@@ -350,12 +422,33 @@ class SamTileSegmenter:
         x = torch.from_numpy(np.ascontiguousarray(tiles))
         if self.device.type == "cuda":  # asynchronous from the pinned buffers nucseg.wsi.predict reads tiles into
             x = x.to(self.device, non_blocking=x.is_pinned())
+        self._tick()
         emb = self._encode(x)
+        self._tick("encoder")
+        self.stats["tiles"] += b
+        if self.cfg.prompts == "none":
+            maps = self.instance_maps(x, emb, h, w)
+            self._tick("heads")
+            c = self.cfg
+            labels, scores = watershed_instances(maps, c.ais_foreground, c.ais_center, c.ais_boundary, c.min_area)
+            self._tick("post")
+            return TileBatchResult(labels, scores)
+        if self.cfg.prompts == "centers":
+            coords, labels, index, _ = self.center_prompts(emb, h, w)
+            self._tick("heads")
+            with self._amp():
+                ctx = prepare(self.model, emb)
+            logits, iou = self._decode(ctx, coords, index, labels)
+            self._tick("decoder")
+            ok = self._accept(logits, iou, h, w)
+            out = self._paint(logits[ok], iou[ok], index[ok], b, h, w)
+            self._tick("post")
+            return out
         with self._amp():
             ctx = prepare(self.model, emb)
         keep = self._prompts(emb)
+        self._tick("heads")
         n = self.cfg.points_per_side
-        self.stats["tiles"] += b
         self.stats["prompts_grid"] += b * len(self.grid)
         if self.cfg.prompts == "auto":
             yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -376,6 +469,7 @@ class SamTileSegmenter:
                 sel = sel & ~(near[:, 0, cell[:, 1], cell[:, 0]] > 0)
             index, point = sel.nonzero(as_tuple=True)
             logits, iou = self._decode(ctx, self.grid[point], index)
+            self._tick("decoder")
             ok = self._accept(logits, iou, h, w)
             logits, iou, index = logits[ok], iou[ok], index[ok]
             if len(index):
@@ -383,7 +477,10 @@ class SamTileSegmenter:
             all_logits.append(logits)
             all_iou.append(iou)
             all_index.append(index)
-        return self._paint(torch.cat(all_logits), torch.cat(all_iou), torch.cat(all_index), b, h, w)
+            self._tick("post")
+        out = self._paint(torch.cat(all_logits), torch.cat(all_iou), torch.cat(all_index), b, h, w)
+        self._tick("post")
+        return out
 
     def _paint(self, logits, iou, index, b, h, w, cfg: InferConfig | None = None) -> TileBatchResult:
         """NMS, then best-first painting of all tiles at once, with consecutive ids per tile.

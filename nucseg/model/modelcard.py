@@ -286,6 +286,11 @@ def render_model_card(meta: dict, peft: PeftCard | None = None) -> str:
         "(nucseg's `adapter.safetensors`) |",
         f"| nucseg version | {meta.get('nucseg_version', '?')} |",
     ]
+    if meta.get("prompt_modes"):  # the learned prompt modes (nucseg.model.heads) and their calibrated scores
+        scored = {"auto": meta.get("thresholds") or {}, **(meta.get("mode_thresholds") or {})}
+        scores = ", ".join(f"{m} {t['metric']} {_fmt(t['score'])}" for m, t in scored.items() if "score" in t)
+        lines.insert(-1, f"| prompt modes | {', '.join(meta['prompt_modes'])}"
+                         + (f"; calibrated on held-back tiles: {scores}" if scores else "") + " |")
     if peft:
         lines += _peft_rows(peft, meta)
     metrics, cv = meta.get("metrics"), meta.get("cv")

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, InputError
 from ..io import JsonMark, atomic_path, check_output, sha256_file, write_json
-from .adapter import WEIGHTS, AdapterInfo, read_adapter
+from .adapter import HEAD_PREFIXES, WEIGHTS, AdapterInfo, read_adapter
 from .lora import PEFT_TARGETS, SLICE_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"
@@ -96,8 +96,8 @@ def to_peft(info: AdapterInfo, tensors: dict[str, torch.Tensor]) -> PeftExport:
     slices: dict[str, dict[str, torch.Tensor]] = {}
     modules: set[str] = set()
     for key, value in tensors.items():
-        if key.startswith("fg_head."):
-            continue
+        if key.startswith(HEAD_PREFIXES):  # nucseg's own heads: the foreground head is saved beside, the
+            continue  # prompt heads (centers / none modes) need nucseg itself
         m = _SLICE_KEY.match(key)
         if m:
             slices.setdefault(m.group(1), {})[m.group(2) + m.group(3)] = value
