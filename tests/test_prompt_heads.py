@@ -169,10 +169,18 @@ def trained(tmp_path_factory):
     cfg = TrainConfig(epochs=3, batch_size=3, lr=2e-3, calibration_fraction=0.34, device="cpu", seed=3)
     method = MethodConfig(method="lora", rank=2)
     infer = InferConfig(points_per_side=8)
-    with_heads = finetune(tiles, root / "heads", "vit_tiny", None, method, cfg, infer=infer)
     from dataclasses import replace
 
-    without = finetune(tiles, root / "plain", "vit_tiny", None, method, replace(cfg, prompt_heads=False), infer=infer)
+    # one thread: with two, CPU training is not bitwise reproducible even between two identical runs (checked),
+    # and the test compares the two runs' tensors exactly
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with_heads = finetune(tiles, root / "heads", "vit_tiny", None, method, cfg, infer=infer)
+        without = finetune(tiles, root / "plain", "vit_tiny", None, method, replace(cfg, prompt_heads=False),
+                           infer=infer)
+    finally:
+        torch.set_num_threads(threads)
     return root, with_heads, without, tiles
 
 
