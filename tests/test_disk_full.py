@@ -103,7 +103,7 @@ def test_injected_while_writing_the_geojson(slides, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_injected_while_writing_the_cache(slides, tmp_path, monkeypatch, capsys, code):
-    def full(array, values, indices):
+    def full(*args):  # _write_chunks(array, values, indices[, checksums])
         raise OSError(code, "injected")
 
     monkeypatch.setattr(cache_mod, "_write_chunks", full)
