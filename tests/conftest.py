@@ -106,5 +106,5 @@ def demo_model(tmp_path_factory):
     model, _ = load_sam("vit_tiny", path, img_size=QUICK.size)
     model.eval()
     data = make_demo_dataset(tmp_path_factory.mktemp("demo_tiles") / "data", tiles_per_organ=3, size=QUICK.size,
-                             seed=QUICK.seed, zoom=QUICK.zoom, stain=QUICK.stain)
+                             seed=QUICK.seed, zoom=QUICK.zoom, stain=QUICK.stain, cells=QUICK.cells)
     return model, load_dataset(data, tile_size=QUICK.size), path
