@@ -86,14 +86,16 @@ def main() -> int:
     slide, truth_path = out / "demo_slide.tif", out / "demo_slide.truth.tif"
     if not (slide.exists() and truth_path.exists()):
         truth = make_demo_slide(slide, recipe.slide_px, seed=1, stain=recipe.stain, cells=recipe.cells,
-                                mpp=recipe.mpp * recipe.zoom, zoom=recipe.zoom)
+                                mpp=recipe.mpp * recipe.zoom)
         tifffile.imwrite(truth_path, truth.astype(np.uint16))
     # the truth at the tiles' resolution (the slide is their render, scanned at zoom x): nuclei are matched
     # there, as on the tiles, not on the coarser slide pixels
     truth = np.kron(tifffile.imread(truth_path).astype(np.int32), np.ones((recipe.zoom,) * 2, np.int32))
     t = lap("1. demo data and slide", t0)
 
-    say(f"2/4 cross-validation: {'LoRA on the pre-trained vit_tiny demo base' if base else 'vit_tiny from scratch'}, "
+    what = f"fine-tuning ({recipe.method().describe()}) the pre-trained vit_tiny demo base" if base else \
+        "vit_tiny from scratch"
+    say(f"2/4 cross-validation: {what}, "
         f"{folds} folds x {recipe.epochs} epochs, {recipe.size} px tiles")
     tiles = load_dataset(data, tile_size=recipe.size)
     train = recipe.train_config()
@@ -321,10 +323,11 @@ training curves: `cv/fold_*/train/curves.png`; adapters: `cv/fold_*/train/adapte
 
 ## Whole slide — `demo_slide.geojson`
 
-Fine-tuned (fold 1's adapter): {fine['result'].nuclei} nuclei found (the slide has {true_nuclei}) in
-{fine['result'].tissue_tiles} tissue tiles ({fine['result'].tissue_area_mm2:.2f} mm²) in {fine['result'].seconds:.1f} s,
+Fine-tuned (fold 1's adapter): {fine['result'].nuclei} nuclei predicted (the slide has {true_nuclei}) in
+{fine['result'].tissue_tiles} tissue tiles ({fine['result'].tissue_area_mm2:.2f} mm²) in
+{fine['result'].seconds:.1f} s,
 read at {recipe.mpp} µm/px (the adapter's), thresholds {describe_thresholds(thresholds)}. The zero-shot base's
-prediction is `demo_slide.zero_shot.geojson` ({zero['result'].nuclei} nuclei, {zero['result'].seconds:.1f} s).
+prediction is `demo_slide.zero_shot.geojson` ({zero['result'].nuclei} nuclei predicted, {zero['result'].seconds:.1f} s).
 True nuclei found (a predicted outline with IoU >= 0.5) by size, equivalent diameter:
 
 | size | true nuclei | missed zero-shot (recall) | missed fine-tuned (recall) |

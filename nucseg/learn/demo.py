@@ -105,8 +105,8 @@ def make_demo_dataset(
     resampled bilinearly, labels by nearest neighbour): nuclei ``zoom`` times larger, as a 40x scan of the
     same tissue shows them compared with a 20x one. ``stain``: the H and E vectors (:data:`STAINS`).
     ``cells``: "uniform" (one kind of nucleus, 8-20 px, a quarter of them touching: what the demo base is
-    trained on) or "mixed" (:func:`_mixed_style`: large vesicular nuclei next to small dark lymphocytes, dense,
-    about half touching: the demo's own tiles, what fine-tuning has to adapt to).
+    trained on) or "mixed" (:func:`_mixed_style`: large vesicular nuclei next to small dark lymphocytes, denser,
+    40 % placed against a neighbour: the demo's own tiles, what fine-tuning has to adapt to).
     """
     if stain not in STAINS:
         raise InputError(f"unknown demo stain {stain!r}; choose one of {', '.join(STAINS)}")
@@ -138,13 +138,13 @@ def make_demo_dataset(
 
 def make_demo_slide(
     path: str | os.PathLike, px: int, seed: int = 1, stain: str = "macenko", cells: str = "uniform",
-    mpp: float = 0.5, zoom: int = 2
+    mpp: float = 0.5
 ) -> np.ndarray:
     """A pyramidal TIFF slide (``px`` x ``px`` at ``mpp`` µm/px) of the same tissue as :func:`make_demo_dataset`'s
     tiles of that ``stain`` and ``cells`` (the two organs' styles blended half-way), and its true instance labels.
 
     The tiles are rendered at 1 / ``zoom`` of their resolution and scanned at ``zoom`` x; the slide is that
-    render itself, so read at ``mpp / zoom`` µm/px (the tiles' own) its nuclei are the tiles' nuclei.
+    render itself: read at ``mpp / zoom`` µm/px (the tiles' own), its nuclei are the tiles' nuclei.
     """
     from ..wsi.synthslide import _write_tiff
 
