@@ -324,8 +324,7 @@ training curves: `cv/fold_*/train/curves.png`; adapters: `cv/fold_*/train/adapte
 ## Whole slide — `demo_slide.geojson`
 
 Fine-tuned (fold 1's adapter): {fine['result'].nuclei} nuclei predicted (the slide has {true_nuclei}) in
-{fine['result'].tissue_tiles} tissue tiles ({fine['result'].tissue_area_mm2:.2f} mm²) in
-{fine['result'].seconds:.1f} s,
+{fine['result'].tissue_tiles} tissue tiles ({fine['result'].tissue_area_mm2:.2f} mm²) in {fine['result'].seconds:.1f} s,
 read at {recipe.mpp} µm/px (the adapter's), thresholds {describe_thresholds(thresholds)}. The zero-shot base's
 prediction is `demo_slide.zero_shot.geojson` ({zero['result'].nuclei} nuclei predicted, {zero['result'].seconds:.1f} s).
 True nuclei found (a predicted outline with IoU >= 0.5) by size, equivalent diameter:
