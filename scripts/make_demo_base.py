@@ -7,8 +7,9 @@ renderer with other seeds and a third, intermediate organ style, never on the de
 
     .venv/bin/python scripts/make_demo_base.py --install     # writes runs/demo-base/ and adapters/demo-base/
 
-``make demo`` runs this once, when adapters/demo-base/ holds no base yet: weights are never committed to
-the repository. The record of the reference build (curve, time, machine) is bench/results/demo_base_build.json.
+The base is committed (adapters/demo-base/, the one weight file in git; ``make demo`` only uses it): this
+script is the documented way to rebuild it, and ``--install`` replaces the committed file and its record
+``base.json`` (commit both together; tests/test_demo_quality.py checks the file against the record).
 
 The recipe is pinned (nucseg.learn.demo.BASE: seeds, data, 50 epochs, lr 4e-3, the prompt encoder's Fourier
 scale 0.5 that ends the "every nucleus" plateau early; one torch thread by default); ``adapters/demo-base/base.json``
@@ -117,6 +118,8 @@ def main() -> None:
 
 
 def is_base_info(path: Path) -> bool:
+    from nucseg.learn.demo import KIND
+
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("kind") == KIND
     except (OSError, ValueError, AttributeError):

@@ -92,49 +92,19 @@ def real_tiles(he_sample):
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """The demo base's recipe at reduced size (the base is built on a user's first `make demo`, ~5 min, and never
-    committed, so CI has none): vit_tiny from the base's own starting point (``BASE.init_checkpoint``: seeded
-    random init, prompt-encoder Fourier scale 0.5) at the base's learning rate, method `full`, one fold of
-    Macenko-stained demo tiles, 150 epochs of 2 steps, thresholds calibrated on held-back tiles.
+    """The committed demo base (``adapters/demo-base``, checked against its recorded SHA-256) and six demo tiles
+    it never saw, of the demo's own recipe (``nucseg.learn.demo.QUICK``: three per organ).
 
-    Returns (model, validation tiles, result) where result holds the adapter's calibrated thresholds, the
-    validation metrics with them, those with every mask kept, and the training seconds.
+    Returns (model, validation tiles, checkpoint path). No training: the base's recipe is guarded at reduced
+    size by tests/test_demo_quality.py.
     """
-    import time
-    from dataclasses import replace
-
-    from nucseg.model.adapter import load_adapter
-    from nucseg.learn.calibrate import resolve_infer
-    from nucseg.learn.cv import score
     from nucseg.learn.data import load_dataset
-    from nucseg.learn.demo import BASE, QUICK, make_demo_dataset
-    from nucseg.model.infer import InferConfig, SamTileSegmenter
-    from nucseg.learn.train import finetune
+    from nucseg.learn.demo import QUICK, demo_base, make_demo_dataset
+    from nucseg.model.sam import load_sam
 
-    recipe = replace(QUICK, pretrained=False, tiles_per_organ=12, epochs=DEMO_GUARD_EPOCHS, lr=BASE.lr, stain="macenko")
-    root = tmp_path_factory.mktemp("demo_quality")
-    init = BASE.init_checkpoint(root / "init.safetensors", recipe.size)  # the demo base's own starting point
-    data = make_demo_dataset(root / "data", tiles_per_organ=recipe.tiles_per_organ, size=recipe.size,
-                             seed=recipe.seed, zoom=recipe.zoom, stain=recipe.stain)
-    tiles = load_dataset(data, tile_size=recipe.size)
-    val_stems = {t.stem for t in tiles if t.stem.endswith(("_01", "_02", "_03"))}  # three images per organ
-    val = [t for t in tiles if t.stem in val_stems]
-    train = [t for t in tiles if t.stem not in val_stems]
-    t0 = time.perf_counter()
-    res = finetune(train, root / "run", "vit_tiny", init, recipe.method(), recipe.train_config(),
-                   mpp=recipe.mpp, infer=InferConfig(**recipe.infer()))
-    seconds = time.perf_counter() - t0
-    model, info = load_adapter(res.adapter, init)
-    cfg, used = resolve_infer(recipe.infer(), info.thresholds)
-    metrics, _ = score(SamTileSegmenter(model, cfg, device="cpu"), val, recipe.batch_size)
-    # every mask the model proposes (thresholds at their loosest): does it mark the nuclei at all?
-    loose = InferConfig(**{**recipe.infer(), "pred_iou_thresh": 0.0, "stability_thresh": 0.1, "fg_threshold": 0.05})
-    marked, _ = score(SamTileSegmenter(model, loose, device="cpu"), val, recipe.batch_size)
-    return model, val, {"thresholds": info.thresholds, "used": used, "metrics": metrics["mean"],
-                        "loose_metrics": marked["mean"],
-                        "train_iou": res.history[-1].train_iou,
-                        "train_seconds": seconds,
-                        "steps": len(res.history) * -(-info.meta["data"]["tiles"] // recipe.batch_size)}
-
-
-DEMO_GUARD_EPOCHS = 150  # the reduced from-scratch recipe of the training guard (tests/test_demo_quality.py)
+    path = demo_base()
+    model, _ = load_sam("vit_tiny", path, img_size=QUICK.size)
+    model.eval()
+    data = make_demo_dataset(tmp_path_factory.mktemp("demo_tiles") / "data", tiles_per_organ=3, size=QUICK.size,
+                             seed=QUICK.seed, zoom=QUICK.zoom, stain=QUICK.stain, cells=QUICK.cells)
+    return model, load_dataset(data, tile_size=QUICK.size), path

@@ -91,3 +91,47 @@ def test_custom_organs_and_size(tmp_path):
     make_demo_dataset(tmp_path, organs=("Kidney (human)",), tiles_per_organ=1, size=128)
     image = read_rgb(tmp_path / "Kidney (human)" / "tissue images" / "kidney_human_01.png")
     assert image.shape == (128, 128, 3)
+
+
+def test_mixed_cells_span_lymphocytes_to_vesicular_nuclei(tmp_path):
+    """The demo's own tiles (cells="mixed") differ from the base's: small dark lymphocytes and large pale
+    vesicular nuclei in one tile, and many touching nuclei."""
+    from nucseg.learn.demo import QUICK
+
+    make_demo_dataset(tmp_path, tiles_per_organ=4, size=QUICK.size, zoom=QUICK.zoom, stain=QUICK.stain, cells="mixed")
+    diameters, touching, nuclei = [], 0, 0
+    for organ in ORGANS:
+        for tif in sorted((tmp_path / organ / "label masks modify").glob("*.tif")):
+            labels = read_label_map(tif)
+            image = read_rgb(tmp_path / organ / "tissue images" / f"{tif.stem}.png").astype(float).sum(-1)
+            ids = np.unique(labels)[1:]
+            area = ndi.sum_labels(np.ones_like(labels), labels, ids)
+            diameters += list(2 * np.sqrt(area / np.pi))
+            grown = ndi.grey_dilation(labels, size=3)
+            touching += len(np.unique(labels[(labels > 0) & (grown != labels)]))
+            nuclei += len(ids)
+            if len(ids):  # large nuclei are paler inside than small ones: vesicular vs lymphocyte chromatin
+                dark = ndi.mean(image, labels, ids)
+                big, small = dark[area >= np.pi * 16**2], dark[area <= np.pi * 9**2]
+                if len(big) and len(small):
+                    assert big.mean() > small.mean() + 60
+    diameters = np.array(diameters)
+    assert (diameters < 22).mean() > 0.2 and (diameters > 34).mean() > 0.1 and diameters.max() < 58
+    assert touching > 0.3 * nuclei
+
+
+def test_demo_slide_matches_the_tiles_and_recall_counts_by_size(tmp_path):
+    from nucseg.learn.demo import SIZE_CLASSES, make_demo_slide, recall_by_size
+    from nucseg.wsi.slide import open_slide, slide_mpp
+
+    labels = make_demo_slide(tmp_path / "s.tif", 256, stain="ruifrok", cells="mixed", mpp=0.5)
+    assert labels.shape == (256, 256) and labels.max() > 20
+    sl = open_slide(tmp_path / "s.tif")
+    assert sl.dimensions == (256, 256) and slide_mpp(sl) == pytest.approx(0.5)
+    sl.close()
+    rows = recall_by_size(labels, labels, mpp=0.5)
+    assert [r["size"] for r in rows] == [c[0] for c in SIZE_CLASSES]
+    assert sum(r["nuclei"] for r in rows) == labels.max() and all(r["missed"] == 0 for r in rows if r["nuclei"])
+    shifted = np.roll(labels, 3, axis=1)  # a shift misses the small nuclei (IoU < 0.5) before the large ones
+    rows = recall_by_size(labels, shifted, mpp=0.5)
+    assert rows[0]["recall"] < rows[-1]["recall"]

@@ -1,45 +1,95 @@
-"""First-run guards.
+"""First-run guards: the committed demo base, and the recipe that built it.
 
-The demo base's recipe (nucseg.learn.demo.BASE) at reduced size, from its own starting point (the
-`demo_model` fixture: 300 steps of vit_tiny, method `full`, the prompt encoder's Fourier scale 0.5, lr 4e-3):
-it must leave the plateau where every prompt is answered with every nucleus (train IoU ~0.2) and find the
-nuclei of validation tiles it never saw, with calibrated thresholds at least as good as the global defaults.
-A broken loss, init, recipe or threshold default fails here, not in a user's first run. Measured
-2026-12-01 on the 2-core VM (87 s of training): train IoU 0.49, validation PQ 0.52 and Dice 0.71 with the
-calibrated thresholds, Dice 0.72 with every mask kept, on one thread; 0.49, PQ 0.42, Dice 0.76 and 0.75 on two; with SAM's own Fourier scale and lr 2e-3
-(the recipe before) the same 300 steps reached train IoU 0.31 and validation PQ 0-0.2 between folds, and at 150
-steps train IoU 0.18 against 0.51 (docs/BENCHMARKS.md, "Demo recipe"). The floors sit well below those
-figures, because the thresholds, calibrated on 4 held-back tiles, change with the thread count's numerics.
-
-The full base (built on a user's first `make demo`, a few minutes, never committed) is not built in CI;
-its integrity check is tested on a base exported the same way, and its quality was measured
-(bench/results/demo_base_build.json, README "Demo").
+The demo base (``adapters/demo-base``, the one weight file in git) must be the file its record describes:
+its SHA-256 is checked here against ``base.json``, which also says how, where and when it was built, and it
+must still do its job on its own kind of tiles. Its recipe (``nucseg.learn.demo.BASE``) is guarded at reduced
+size, from its own starting point (vit_tiny, method `full`, the prompt encoder's Fourier scale 0.5, lr 4e-3)
+on fewer base tiles and epochs (GUARD_TILES_PER_ORGAN, GUARD_EPOCHS): it must leave the plateau where every
+prompt is answered with every nucleus (train IoU ~0.2) and find the nuclei of tiles it never saw. A broken
+loss, init, recipe or threshold default fails here, not in a user's rebuild of the base. Measured 2026-12-07
+on the 2-core VM shared with other jobs (load ~10, one thread): 150 steps, train IoU 0.01 at the first epoch,
+0.20 on the plateau at epoch 15, 0.40-0.42 over the last three; Dice 0.65 with every mask kept; 535 s wall
+under that load (the previous 300-step guard: 87 s on the idle VM).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 # the "every nucleus" plateau sits at train IoU ~0.2 (1 / nuclei per tile, plus the boxed prompts)
 TRAIN_IOU_FLOOR = 0.3
 DICE_FLOOR = 0.4
-PQ_FLOOR = 0.25
+GUARD_TILES_PER_ORGAN, GUARD_EPOCHS = 16, 25  # 48 training tiles (3 organs), 6 steps an epoch: 150 steps
+BASE_PQ_FLOOR = 0.5  # the committed base on tiles of its own kind (its record: PQ ~0.66 on held-back tiles)
 
 
-def test_reduced_demo_recipe_finds_nuclei(demo_model):
-    _, val, res = demo_model
-    m, t = res["metrics"], res["thresholds"]
-    print(f"reduced demo recipe: {res['steps']} steps in {res['train_seconds']:.0f} s; train IoU "
-          f"{res['train_iou']:.3f}; validation {m}; every mask kept: {res['loose_metrics']}; thresholds {t}")
-    assert res["train_iou"] >= TRAIN_IOU_FLOOR, res["train_iou"]  # ~0.2 on the plateau, 0.00-0.03 if masks collapse
-    assert res["loose_metrics"]["dice"] >= DICE_FLOOR, res["loose_metrics"]
-    assert m["pq"] >= PQ_FLOOR, m  # the demo's validation PQ, with the adapter's calibrated thresholds
-    # calibration on the held-back tiles beat (or matched) SAM's global defaults there, and the run used them
-    assert t["score"] >= t["default_score"] and t["tiles"] >= 1
-    assert all(u["source"] == "adapter" for u in res["used"].values())
+@pytest.fixture(scope="module")
+def reduced_recipe(tmp_path_factory):
+    """BASE at reduced size: trained from BASE.init_checkpoint on base-domain tiles of another seed, scored
+    with every mask kept on six more. Returns the train IoU of the last epochs and the validation metrics."""
+    from nucseg.learn.cv import score
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import BASE, BASE_ORGANS, BASE_STAIN, QUICK, make_demo_dataset
+    from nucseg.learn.train import finetune
+    from nucseg.model.adapter import load_adapter
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+    from nucseg.model.lora import MethodConfig
+
+    recipe = replace(BASE, tiles_per_organ=GUARD_TILES_PER_ORGAN, epochs=GUARD_EPOCHS)
+    root = tmp_path_factory.mktemp("demo_recipe")
+    init = recipe.init_checkpoint(root / "init.safetensors", QUICK.size)
+
+    def tiles(name: str, n: int, seed: int):
+        return load_dataset(make_demo_dataset(root / name, organs=BASE_ORGANS, tiles_per_organ=n, size=QUICK.size,
+                                              seed=seed, zoom=QUICK.zoom, stain=BASE_STAIN), tile_size=QUICK.size)
+
+    res = finetune(tiles("train", recipe.tiles_per_organ, 7), root / "run", "vit_tiny", init,
+                   MethodConfig(method="full"), replace(recipe.train_config(), calibration_fraction=0.0),
+                   mpp=QUICK.mpp)
+    model, _ = load_adapter(res.adapter, init)
+    loose = InferConfig(**{**QUICK.infer(), "pred_iou_thresh": 0.0, "stability_thresh": 0.1, "fg_threshold": 0.05})
+    marked, _ = score(SamTileSegmenter(model, loose, device="cpu"), tiles("val", 2, 8), 8)
+    return {"train_iou": [h.train_iou for h in res.history], "loose_metrics": marked["mean"]}
+
+
+def test_reduced_base_recipe_converges(reduced_recipe):
+    ious, m = reduced_recipe["train_iou"], reduced_recipe["loose_metrics"]
+    print(f"reduced base recipe: train IoU per epoch {np.round(ious, 3).tolist()}; every mask kept: {m}")
+    # the last epochs' mean (one epoch's IoU is noisy): ~0.2 on the plateau, 0.00-0.03 if masks collapse
+    assert np.mean(ious[-3:]) >= TRAIN_IOU_FLOOR, ious
+    assert m["dice"] >= DICE_FLOOR, m
+
+
+def test_the_committed_demo_base_matches_its_record(demo_model, tmp_path):
+    """The file in git is the one base.json records (SHA-256, checked by nucseg.learn.demo.demo_base on every
+    use), the record says how to rebuild it and where and when it was built, and the base still finds nuclei
+    of its own kind with its recorded thresholds."""
+    from nucseg.io import sha256_file
+    from nucseg.learn.cv import score
+    from nucseg.learn.data import load_dataset
+    from nucseg.learn.demo import (BASE_DIR, BASE_FILE, BASE_INFO, BASE_ORGANS, BASE_STAIN, KIND, QUICK, demo_base,
+                                   make_demo_dataset)
+    from nucseg.model.infer import InferConfig, SamTileSegmenter
+
+    model, _, path = demo_model
+    info = json.loads((BASE_DIR / BASE_INFO).read_text())
+    assert path == demo_base() == BASE_DIR / BASE_FILE
+    assert info["kind"] == KIND and info["file"] == BASE_FILE and sha256_file(path) == info["sha256"]
+    assert path.stat().st_size <= 5 * 2**20
+    assert info["command"].startswith("python scripts/make_demo_base.py") and "--install" in info["command"]
+    assert info["machine"] and info["date"] and info["model"] == "vit_tiny" and info["input_size"] == QUICK.size
+    data = make_demo_dataset(tmp_path, organs=BASE_ORGANS, tiles_per_organ=2, size=QUICK.size, seed=8, zoom=QUICK.zoom,
+                             stain=BASE_STAIN)  # tiles of the base's kind it never saw (it was trained on seed 1000)
+    tiles = load_dataset(data, tile_size=QUICK.size)
+    t = {k: v for k, v in info["thresholds"].items() if k in ("pred_iou_thresh", "stability_thresh", "fg_threshold",
+                                                               "nms_iou", "min_area")}
+    metrics, _ = score(SamTileSegmenter(model, InferConfig(**{**QUICK.infer(), **t}), device="cpu"), tiles, 8)
+    assert metrics["mean"]["pq"] >= BASE_PQ_FLOOR, metrics["mean"]
 
 
 def test_the_demo_base_is_checked_before_use(tmp_path):

@@ -4,8 +4,10 @@ Tiles are rendered in optical-density space with the reference haematoxylin and 
 al. (2009), so stain mixing, dark rims and pale nuclei blend the way real stains do rather than as flat
 colours: pink eosin stroma with smooth and fibrous texture and a few clear spaces, purple haematoxylin nuclei
 as irregular ellipses about 8-20 px across with a darker rim and chromatin grain, some touching, a few pale.
-The two default organs differ in colour, nucleus size and density. It is demo data only: nothing learnt on
-it says anything about real tissue.
+The two default organs differ in colour, nucleus size and density. ``cells="mixed"`` (the demo's own tiles
+and slide) renders other tissue: large vesicular nuclei (pale chromatin, dark membrane, a nucleolus) next to
+small dark lymphocytes, denser and more often touching, so that a base trained on the default tiles has
+something to adapt to. It is demo data only: nothing learnt on it says anything about real tissue.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class _Style:
     semi_axis: tuple[float, float]  # long semi-axis range in px (diameters 8-20 px)
     pale: float  # fraction of pale nuclei
     clear: float  # fraction of the tile that is clear space (fat, oedema, tears)
+    # cells="mixed" only (0 elsewhere, leaving the "uniform" tiles bit for bit as they were):
+    small: float = 0.0  # fraction of small, round, dark lymphocytes (semi-axis SMALL_AXIS)
+    vesicular: float = 0.0  # fraction of large vesicular nuclei: pale chromatin, dark membrane, a nucleolus
+    touch: float = 0.25  # chance a nucleus is placed against the previous one (touching pairs and clusters)
+
+
+SMALL_AXIS = (4.6, 5.6)  # px at render resolution: 18-22 px across at zoom 2 (a 16 px patch of vit_tiny or more)
+VESICULAR_AXIS = (10.0, 12.5)  # 40-50 px across at zoom 2, beyond the "uniform" tiles' 8-20 px (16-40)
+CELLS = ("uniform", "mixed")
 
 
 def _style(t: float) -> _Style:
@@ -60,6 +71,18 @@ def _style(t: float) -> _Style:
     )
 
 
+def _mixed_style(t: float) -> _Style:
+    """Tissue unlike the "uniform" one in the ways real tissue is unlike what a generic model saw: a tumour-like
+    organ (t = 0) of large vesicular nuclei among lymphocytes, and a lymphocyte-rich one (t = 1), both dense and
+    full of touching nuclei."""
+
+    def mix(a: float, b: float) -> float:
+        return a + (b - a) * t
+
+    return _Style(eosin=mix(0.55, 0.5), hema=mix(1.6, 1.7), density=mix(11.0, 14.0), semi_axis=(5.0, 7.5),
+                  pale=0.0, clear=mix(0.05, 0.03), small=mix(0.3, 0.5), vesicular=mix(0.5, 0.25), touch=0.4)
+
+
 def make_demo_dataset(
     root: str | os.PathLike,
     organs: tuple[str, ...] = ("demo organ a", "demo organ b"),
@@ -68,6 +91,7 @@ def make_demo_dataset(
     seed: int = 0,
     zoom: int = 1,
     stain: str = "macenko",
+    cells: str = "uniform",
 ) -> Path:
     """Write the demo dataset under ``root`` and return ``root``.
 
@@ -79,15 +103,21 @@ def make_demo_dataset(
     ``zoom``: the tissue is rendered at ``size / zoom`` px and scanned at ``zoom`` x the magnification (image
     resampled bilinearly, labels by nearest neighbour): nuclei ``zoom`` times larger, as a 40x scan of the
     same tissue shows them compared with a 20x one. ``stain``: the H and E vectors (:data:`STAINS`).
+    ``cells``: "uniform" (one kind of nucleus, 8-20 px, a quarter of them touching: what the demo base is
+    trained on) or "mixed" (:func:`_mixed_style`: large vesicular nuclei next to small dark lymphocytes, denser,
+    40 % placed against a neighbour: the demo's own tiles, what fine-tuning has to adapt to).
     """
     if stain not in STAINS:
         raise InputError(f"unknown demo stain {stain!r}; choose one of {', '.join(STAINS)}")
+    if cells not in CELLS:
+        raise InputError(f"unknown demo cells {cells!r}; choose one of {', '.join(CELLS)}")
+    style_of = _style if cells == "uniform" else _mixed_style
     if not organs or tiles_per_organ < 1 or size < 64 or zoom < 1 or size % zoom:
         raise InputError("demo dataset needs at least one organ, one tile, a tile size of at least 64 px and a "
                          "zoom >= 1 that divides it")
     root = Path(root)
     for o, organ in enumerate(organs):
-        style = _style(o / (len(organs) - 1) if len(organs) > 1 else 0.0)
+        style = style_of(o / (len(organs) - 1) if len(organs) > 1 else 0.0)
         slug = re.sub(r"[^0-9a-zA-Z]+", "_", organ).strip("_").lower() or f"organ{o}"
         for i in range(tiles_per_organ):
             rng = np.random.default_rng([seed, o, i])
@@ -103,6 +133,50 @@ def make_demo_dataset(
             _write_png(root / organ / MASK_DIR / f"{stem}.png", _binary(labels > 0))
             _write_png(root / organ / VAGUE_DIR / f"{stem}.png", _binary(vague))
     return root
+
+
+def make_demo_slide(
+    path: str | os.PathLike, px: int, seed: int = 1, stain: str = "macenko", cells: str = "uniform",
+    mpp: float = 0.5
+) -> np.ndarray:
+    """A pyramidal TIFF slide (``px`` x ``px`` at ``mpp`` µm/px) of the same tissue as :func:`make_demo_dataset`'s
+    tiles of that ``stain`` and ``cells`` (the two organs' styles blended half-way), and its true instance labels.
+
+    The tiles are rendered at 1 / ``zoom`` of their resolution and scanned at ``zoom`` x; the slide is that
+    render itself: read at ``mpp / zoom`` µm/px (the tiles' own), its nuclei are the tiles' nuclei.
+    """
+    from ..wsi.synthslide import _write_tiff
+
+    if stain not in STAINS or cells not in CELLS:
+        raise InputError(f"unknown demo stain {stain!r} or cells {cells!r}")
+    style = (_style if cells == "uniform" else _mixed_style)(0.5)
+    image, labels, _ = render_tile(px, style, np.random.default_rng([seed, 99]), stain)
+    _write_tiff(path, image, mpp, pyramid=True, compression="zlib")
+    return labels
+
+
+# Size classes of the demo's nuclei by equivalent diameter in µm (lymphocytes, plain nuclei, vesicular nuclei)
+SIZE_CLASSES = (("small (< 5.5 µm)", 0.0, 5.5), ("medium (5.5-8 µm)", 5.5, 8.0), ("large (>= 8 µm)", 8.0, np.inf))
+
+
+def recall_by_size(truth: np.ndarray, pred: np.ndarray, mpp: float, iou: float = 0.5) -> list[dict]:
+    """Per size class of the true nuclei (:data:`SIZE_CLASSES`, diameters from areas at ``mpp`` µm/px): how many
+    there are, how many a predicted instance matches at IoU >= ``iou``, and that recall."""
+    from ..wsi.synthslide import match_instances
+
+    ia, _, overlap = match_instances(truth, pred)
+    found = np.zeros(int(truth.max()) + 1, bool)
+    found[ia[overlap >= iou]] = True
+    area = np.bincount(truth.ravel(), minlength=len(found))
+    ids = np.flatnonzero(area)
+    ids = ids[ids > 0]
+    diameter = 2 * np.sqrt(area[ids] / np.pi) * mpp
+    rows = []
+    for name, lo, hi in SIZE_CLASSES:
+        sel = ids[(diameter >= lo) & (diameter < hi)]
+        n, k = len(sel), int(found[sel].sum())
+        rows.append({"size": name, "nuclei": n, "found": k, "missed": n - k, "recall": k / n if n else None})
+    return rows
 
 
 def render_tile(
@@ -136,14 +210,18 @@ def render_tile(
     for _ in range(4 * n_target):
         if count >= n_target:
             break
-        a = rng.uniform(*style.semi_axis)
-        if last is not None and rng.random() < 0.25:  # put it against the previous nucleus: touching pair
+        kind = "plain"
+        if style.small or style.vesicular:  # (no draw otherwise: the "uniform" tiles stay as they were)
+            u = rng.random()
+            kind = "small" if u < style.small else "vesicular" if u < style.small + style.vesicular else "plain"
+        a = rng.uniform(*{"plain": style.semi_axis, "small": SMALL_AXIS, "vesicular": VESICULAR_AXIS}[kind])
+        if last is not None and rng.random() < style.touch:  # against the previous nucleus: touching pair
             phi = rng.uniform(0, 2 * np.pi)
             d = 0.85 * (last[2] + a)
             cy, cx = last[0] + d * np.sin(phi), last[1] + d * np.cos(phi)
         else:
             cy, cx = rng.uniform(0, size, 2)
-        if _paint_nucleus(labels, count + 1, hema, eosin, blocked, grain, (cy, cx), a, style, rng):
+        if _paint_nucleus(labels, count + 1, hema, eosin, blocked, grain, (cy, cx), a, style, rng, kind):
             count += 1
             last = (cy, cx, a)
 
@@ -165,12 +243,15 @@ def _paint_nucleus(
     a: float,
     style: _Style,
     rng: np.random.Generator,
+    kind: str = "plain",
 ) -> bool:
     """Rasterise an irregular ellipse as ``new_id`` into free pixels of ``labels``, its stain into the maps.
 
+    ``kind``: "plain" (solid chromatin with a darker rim, a few pale), "small" (a lymphocyte: round, dark,
+    dense) or "vesicular" (large, pale chromatin with coarse grain, a dark nuclear membrane and a nucleolus).
     Returns False, painting nothing, when less than 80 % of it is free: an overlapped nucleus is a sliver.
     """
-    b = a * rng.uniform(0.55, 0.95)
+    b = a * rng.uniform(0.85, 1.0) if kind == "small" else a * rng.uniform(0.55, 0.95)
     theta = rng.uniform(0, np.pi)
     k = np.arange(2, 5)
     amp, phase = rng.uniform(0, 0.08, 3), rng.uniform(0, 2 * np.pi, 3)
@@ -194,7 +275,16 @@ def _paint_nucleus(
         return False
     labels[y0:y1, x0:x1][free] = new_id
     level = style.hema * (0.35 if pale else rng.uniform(0.8, 1.1))
-    stain = level * (0.75 + 0.35 * rho**4) * np.clip(1 + 0.2 * grain[y0:y1, x0:x1], 0.3, None)
+    if kind == "small":
+        stain = 1.3 * level * (0.9 + 0.15 * rho**4) * np.clip(1 + 0.1 * grain[y0:y1, x0:x1], 0.3, None)
+    elif kind == "vesicular":
+        membrane = np.clip((rho - 0.8) / 0.12, 0, 1)  # the outer ~15 % of the radius
+        ny, nx = np.array([cy, cx]) + rng.uniform(-0.3, 0.3, 2) * b
+        nucleolus = np.hypot(yy - ny, xx - nx) <= rng.uniform(1.0, 1.5)
+        chromatin = 0.3 * np.clip(1 + 0.6 * grain[y0:y1, x0:x1], 0.2, None)
+        stain = level * np.where(nucleolus, 1.2, np.maximum(chromatin, membrane))
+    else:
+        stain = level * (0.75 + 0.35 * rho**4) * np.clip(1 + 0.2 * grain[y0:y1, x0:x1], 0.3, None)
     hema[y0:y1, x0:x1][free] = stain[free]
     eosin[y0:y1, x0:x1][free] *= 0.35
     return True
@@ -295,9 +385,9 @@ BASE = BaseRecipe()
 def demo_base(folder: str | os.PathLike | None = None) -> Path:
     """The demo's pre-trained base checkpoint, checked against the SHA-256 recorded when it was built.
 
-    ``scripts/make_demo_base.py --install`` builds it into ``adapters/demo-base/`` (3 MB, git-ignored: weights
-    are never committed; ``make demo`` builds it on its first run) with a record of its SHA-256. A missing or
-    altered file is an error here, before any work.
+    It is committed to the repository (``adapters/demo-base/``, 3 MB of safetensors built from synthetic data,
+    the one weight file in git); ``scripts/make_demo_base.py --install`` rebuilds it there with a new record
+    (``base.json``: SHA-256, command, machine, date). A missing or altered file is an error here, before any work.
     """
     import json
 
@@ -307,8 +397,9 @@ def demo_base(folder: str | os.PathLike | None = None) -> Path:
     folder = Path(folder) if folder is not None else BASE_DIR
     path, info = folder / BASE_FILE, folder / BASE_INFO
     if not path.is_file() or not info.is_file():
-        raise CheckpointError(f"the demo base is missing ({path}); build it with: python scripts/make_demo_base.py "
-                              "--install (make demo does this on its first run)")
+        raise CheckpointError(f"the demo base is missing ({path}; it is part of the repository): restore it with "
+                              "git checkout -- adapters/demo-base, or rebuild it with: python "
+                              "scripts/make_demo_base.py --install")
     try:
         want = json.loads(info.read_text(encoding="utf-8"))["sha256"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -323,11 +414,12 @@ def demo_base(folder: str | os.PathLike | None = None) -> Path:
 class DemoRecipe:
     """Everything the demo trains and predicts with; :data:`QUICK` is ``make demo``, :data:`FULL` the long one.
 
-    The demo does what a user does with the official vit_b: it fine-tunes a pre-trained base with the
-    product's default method (LoRA rank 4 on the encoder's q and v, trainable mask decoder), calibrates the
-    inference thresholds on held-back tiles and scores the base beside the result. The base is the small
-    ``vit_tiny`` SAM of ``adapters/demo-base`` (:func:`demo_base`), pre-trained on synthetic tiles of other
-    seeds and a third stain style by ``scripts/make_demo_base.py``: no official weights can be assumed on a
+    The demo does what a user does with the official vit_b: it fine-tunes a pre-trained base on tissue the
+    base never saw (``stain`` and ``cells`` differ from the base's: another stain, vesicular nuclei and
+    lymphocytes, more touching), calibrates the inference thresholds on held-back tiles and scores the base
+    beside the result. The base is the small ``vit_tiny`` SAM of ``adapters/demo-base`` (:func:`demo_base`,
+    committed), pre-trained on "uniform" synthetic tiles of other seeds by ``scripts/make_demo_base.py``: no
+    official weights can be assumed on a
     fresh machine, and a SAM trained from scratch needs far more than a first run's minutes of CPU to learn
     how a point prompt picks out one nucleus (``pretrained=False``; docs/BENCHMARKS.md, "Demo recipe").
     Nuclei span one or two 16 px patches (``zoom``) in small tiles, so every step is cheap.
@@ -340,21 +432,26 @@ class DemoRecipe:
     folds: int = 2
     epochs: int = 20
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
+    # what the folds train: "full" (every weight of the 0.8 M-parameter vit_tiny; LoRA rank 4 on q and v adapts
+    # it too little in the demo's 100 steps per fold: docs/BENCHMARKS.md, "Demo recipe"), or "lora"
+    finetune: str = "full"
     box_fraction: float = 0.5
     positive_prompts: int = 16
     points_per_side: int = 16
     calibration_fraction: float = 0.2
-    slide_px: int = 512  # side of the demo slide at 0.5 µm/px
+    slide_px: int = 384  # side of the demo slide at 0.5 µm/px (~240 nuclei)
     overlap: int = 56  # whole-slide tile overlap in px at the tiles' resolution: wider than the largest nucleus
     seed: int = 0
     stain: str = "ruifrok"  # the demo tiles' H and E vectors (the base was trained on BASE_STAIN)
+    cells: str = "mixed"  # the demo tiles' nuclei (the base was trained on "uniform" ones; make_demo_dataset)
     pretrained: bool = True  # fine-tune the demo base with LoRA; False: train every weight from random init
 
     def method(self):
         from ..model.lora import MethodConfig
 
-        return MethodConfig() if self.pretrained else MethodConfig(method="full")  # random init: nothing to adapt
+        # random init: nothing to adapt; "lora": the product's default (rank 4 on q, v, the mask decoder)
+        return MethodConfig(method=self.finetune if self.pretrained else "full")
 
     def checkpoint(self) -> Path | None:
         """The base checkpoint to fine-tune (checked), or None for a random initialisation."""
