@@ -13,12 +13,7 @@ import nucseg.model.sam as sam
 from nucseg.learn.demo import make_demo_dataset
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
-
-
-def _one_error(rc: int, err: str, code: int, needle: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.startswith("nucseg: error: ")]
-    assert rc == code, err
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+from hostile_helpers import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +59,14 @@ def test_a_tampered_base_model_is_refused_before_it_is_built(inputs, tmp_path, b
     meta["base"]["model"] = "vit_h"  # the fingerprint still says random-init:vit_tiny
     (adapter / "nucseg.json").write_text(json.dumps(meta))
     rc = main(_predict(inputs, tmp_path / "out", "--adapter", str(adapter)))
-    _one_error(rc, capsys.readouterr().err, 4, "do not match the recorded base")
+    one_error_line(rc, capsys.readouterr().err, 4, "do not match the recorded base")
     assert builds == []
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_before_the_model_is_built(
         inputs, tiny_official_ckpt, tmp_path, builds, capsys):
     rc = main(_predict(inputs, tmp_path / "out", "--model", "vit_b", "--checkpoint", str(tiny_official_ckpt)))
-    _one_error(rc, capsys.readouterr().err, 4, "which does not fit --model vit_b")
+    one_error_line(rc, capsys.readouterr().err, 4, "which does not fit --model vit_b")
     assert builds == []
 
 
@@ -95,7 +90,7 @@ def test_deeply_nested_adapter_json_is_one_line(where, inputs, tmp_path, capsys)
         meta["method_sha256"] = sha256_file(adapter / where)
         (adapter / "nucseg.json").write_text(json.dumps(meta))
     rc = main(_predict(inputs, tmp_path / "out", "--adapter", str(adapter)))
-    _one_error(rc, capsys.readouterr().err, 4, "nested more than 64 levels")
+    one_error_line(rc, capsys.readouterr().err, 4, "nested more than 64 levels")
 
 
 def test_deeply_nested_nucseg_json_in_train_out_is_not_a_traceback(inputs, tmp_path, capsys):
@@ -107,4 +102,4 @@ def test_deeply_nested_nucseg_json_in_train_out_is_not_a_traceback(inputs, tmp_p
     data = inputs["adapter"].parent.parent / "data"
     rc = main(["-q", "train", "--data", str(data), "--out", str(run), "--model", "vit_tiny", "--device", "cpu",
                "--epochs", "1", "--batch-size", "2"])
-    _one_error(rc, capsys.readouterr().err, 6, f"refusing to replace {run / 'adapter'}")
+    one_error_line(rc, capsys.readouterr().err, 6, f"refusing to replace {run / 'adapter'}")

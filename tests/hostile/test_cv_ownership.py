@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nucseg_cli.main import main
-from ownership_helpers import one_error
+from hostile_helpers import one_error
 
 
 @pytest.mark.parametrize("name", ["summary.json", "summary.md"])

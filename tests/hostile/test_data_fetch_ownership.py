@@ -12,7 +12,7 @@ import pytest
 
 from nucseg.learn.demo import make_demo_dataset
 from nucseg_cli.main import main
-from ownership_helpers import Mirror, no_proxy, one_error
+from hostile_helpers import Mirror, no_proxy, one_error
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nucseg_cli.main import main
-from ownership_helpers import one_error, tiny_adapter
+from hostile_helpers import one_error, tiny_adapter
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,8 @@ from PIL import Image
 from shapely.geometry import mapping
 
 from nucseg_cli.main import main
+from hostile_helpers import one_error_line
 
-
-def _one_error(rc: int, err: str, code: int, needle: str) -> None:
-    lines = err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("nucseg: error: ")]
-    assert rc == code, err
-    assert len(errors) == 1 and needle in errors[0], err
-    assert "Traceback" not in err
 
 
 def _feature(geom, object_type: str = "detection", name: str = "Nucleus", props=None) -> dict:
@@ -95,7 +89,7 @@ def test_lon_lat_coordinates_are_an_error_not_an_empty_label_map(kind, needle, i
     geo = _export(tmp_path / "n.geojson", [_feature(p) for p in polys])
     out = tmp_path / "ds"
     rc = _import(image, geo, out)
-    _one_error(rc, capsys.readouterr().err, 2, needle)
+    one_error_line(rc, capsys.readouterr().err, 2, needle)
     assert not out.exists()
 
 
@@ -207,7 +201,7 @@ def test_hostile_json_is_one_line(kind, needle, image, tmp_path, capsys):
         _export(geo, [_feature(shapely.box(10, 10, 20, 20), props=props)])
     out = tmp_path / "ds"
     rc = _import(image, geo, out)
-    _one_error(rc, capsys.readouterr().err, 2, needle)
+    one_error_line(rc, capsys.readouterr().err, 2, needle)
     assert not out.exists()
 
 
@@ -220,5 +214,5 @@ def test_more_vertices_than_the_limit_is_refused_before_rasterising(image, tmp_p
     geo = _export(tmp_path / "n.geojson", [_feature(circle)])
     out = tmp_path / "ds"
     rc = _import(image, geo, out)
-    _one_error(rc, capsys.readouterr().err, 2, "outline vertices, more than the 100")
+    one_error_line(rc, capsys.readouterr().err, 2, "outline vertices, more than the 100")
     assert not out.exists()

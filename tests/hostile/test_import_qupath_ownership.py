@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from nucseg_cli.main import main
-from ownership_helpers import one_error
+from hostile_helpers import one_error
 
 
 def _inputs(tmp_path):

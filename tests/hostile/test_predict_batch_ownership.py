@@ -10,7 +10,7 @@ import pytest
 
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
-from ownership_helpers import one_error
+from hostile_helpers import one_error
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,10 @@ from shapely.geometry import mapping
 
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
+from hostile_helpers import one_error_line
 
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
 
-
-def _one_error(rc: int, err: str, code: int, needle: str) -> None:
-    lines = err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("nucseg: error: ")]
-    assert rc == code, err
-    assert len(errors) == 1 and needle in errors[0], err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def test_a_huge_compressed_tiff_mask_is_refused_before_it_is_decoded(slide, tmp_
     assert mask.stat().st_size < 2_000_000
     out = tmp_path / "out"
     rc = _predict(slide, out, "--roi", str(mask))
-    _one_error(rc, capsys.readouterr().err, 2, "more than the 178,956,970")
+    one_error_line(rc, capsys.readouterr().err, 2, "more than the 178,956,970")
     assert not out.exists()
     from nucseg.errors import InputError
     from nucseg.wsi.roi import load_roi
@@ -91,7 +85,7 @@ def test_an_roi_that_only_touches_a_corner_is_refused(slide, tmp_path, capsys):
     roi = _annotation(tmp_path / "roi.geojson", shapely.box(-100, -100, 0, 0))  # meets the slide in one point
     out = tmp_path / "out"
     rc = _predict(slide, out, "--roi", str(roi))
-    _one_error(rc, capsys.readouterr().err, 2, "lies outside the slide")
+    one_error_line(rc, capsys.readouterr().err, 2, "lies outside the slide")
     assert not out.exists()
 
 
@@ -101,7 +95,7 @@ def test_a_lon_lat_roi_is_refused_not_an_empty_result(slide, tmp_path, capsys):
     roi = _annotation(tmp_path / "roi.geojson", shapely.box(10.12, 45.31, 10.13, 45.32))
     out = tmp_path / "out"
     rc = _predict(slide, out, "--roi", str(roi))
-    _one_error(rc, capsys.readouterr().err, 2, "less than one pixel")
+    one_error_line(rc, capsys.readouterr().err, 2, "less than one pixel")
     assert not out.exists()
 
 
@@ -123,7 +117,7 @@ def test_hostile_roi_json_is_one_line(kind, needle, slide, tmp_path, capsys):
                                    "geometry": mapping(shapely.box(10, 10, 200, 200))}))
     out = tmp_path / "out"
     rc = _predict(slide, out, "--roi", str(roi), *(["--roi-class", "Tumor"] if kind == "properties-string" else []))
-    _one_error(rc, capsys.readouterr().err, 2, needle)
+    one_error_line(rc, capsys.readouterr().err, 2, needle)
     assert not out.exists()
 
 
@@ -162,7 +156,7 @@ def test_a_read_only_work_dir_is_exit_6(slide, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     rc = _predict(slide, out, "--work-dir", str(work))
     monkeypatch.undo()
-    _one_error(rc, capsys.readouterr().err, 6, str(work))
+    one_error_line(rc, capsys.readouterr().err, 6, str(work))
     assert not out.exists()
 
 
@@ -184,5 +178,5 @@ def test_a_pickled_checkpoint_without_model_is_exit_4(slide, tmp_path, capsys):
     torch.save({"x": Payload()}, ckpt)
     out = tmp_path / "out"
     rc = main(["-q", "predict", str(slide), "-o", str(out / "x.geojson"), "--checkpoint", str(ckpt)])
-    _one_error(rc, capsys.readouterr().err, 4, f"cannot read checkpoint {ckpt}")
+    one_error_line(rc, capsys.readouterr().err, 4, f"cannot read checkpoint {ckpt}")
     assert not marker.exists() and not out.exists()

@@ -10,7 +10,7 @@ import pytest
 
 from nucseg.model import weights
 from nucseg_cli.main import main
-from ownership_helpers import Mirror, no_proxy, one_error
+from hostile_helpers import Mirror, no_proxy, one_error
 
 NAME = "sam_vit_b_01ec64.pth"
 PAYLOAD = bytes(range(256)) * 4000

@@ -1,4 +1,4 @@
-"""Shared by the hostile ownership tests: a tiny adapter, a local mirror server, and the one-line-error check."""
+"""Helpers shared by the hostile-input tests (one-line errors, tiny adapters, a local download mirror)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ def one_error(rc: int, err: str, code: int, *needles: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("nucseg: error: "), err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def one_error_line(rc: int, err: str, code: int, needle: str) -> None:
+    """Exactly one ``nucseg: error:`` line containing ``needle`` (warnings may stand beside it), no traceback, and
+    the documented exit code."""
+    errors = [line for line in err.strip().splitlines() if line.startswith("nucseg: error: ")]
+    assert rc == code, err
+    assert len(errors) == 1 and needle in errors[0], err
+    assert "Traceback" not in err
 
 
 def tiny_adapter(path: Path, checkpoint: Path | None = None, size: int = 64) -> Path:
