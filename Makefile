@@ -1,4 +1,4 @@
-# nucseg: make install | make demo | make test | make bench
+# nucseg: make install | make demo | make test | make test-fast | make bench
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The torch/torchvision pair that installs on CPU-only CI machines and GPU nodes alike (CUDA build).
@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 # pytest processes: 2 keeps the suite under 6 minutes on a 2-core machine (5 min 35 s measured 2026-12-08)
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# the inner loop: everything but the tests marked slow
+test-fast: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m 'not slow'
 
 demo: install
 	$(PY) scripts/demo.py --out $(DEMO)

@@ -13,6 +13,8 @@ import torch
 import nucseg
 from nucseg.errors import InputError
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 512
 

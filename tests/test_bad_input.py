@@ -23,6 +23,8 @@ from nucseg.errors import NucsegError
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 NUCSEG = str(Path(sys.executable).with_name("nucseg"))
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "32"]
 TINY = ["--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "2"]

@@ -18,6 +18,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_pareto import bootstrap_ratio, pareto_front, ratio_at_equal_score, time_at  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 
 def test_pareto_front_of_a_hand_made_point_set():
     # (time, score): a and b and d are the front; c is beaten by b (faster and better), e equals d, f by d

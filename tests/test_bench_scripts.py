@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

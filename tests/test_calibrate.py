@@ -18,6 +18,8 @@ from nucseg.errors import InputError
 from nucseg.model.infer import InferConfig
 from nucseg_cli.main import main
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 GOOD = {"pred_iou_thresh": 0.3, "stability_thresh": 0.6, "fg_threshold": 0.1, "nms_iou": 0.5, "min_area": 6,
         "metric": "pq", "score": 0.41, "default_score": 0.2, "tiles": 3}
 

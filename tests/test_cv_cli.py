@@ -14,6 +14,8 @@ import pytest
 from nucseg.learn.demo import make_demo_dataset
 from nucseg_cli.main import main
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 TINY = ["--model", "vit_tiny", "--device", "cpu", "--epochs", "1", "--batch-size", "4", "--points-per-side", "8"]
 
 

@@ -21,6 +21,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 # the "every nucleus" plateau sits at train IoU ~0.2 (1 / nuclei per tile, plus the boxed prompts)
 TRAIN_IOU_FLOOR = 0.3
 DICE_FLOOR = 0.4

@@ -17,6 +17,8 @@ from nucseg.runlog import read_runlog
 from nucseg.wsi.synthslide import make_synthetic_slide
 from nucseg_cli.main import main
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 THRESHOLD = ["--segmenter", "threshold", "--tile-size", "256", "--overlap", "48"]
 
 

@@ -24,6 +24,8 @@ from nucseg.wsi.predict import PredictConfig, predict_slide
 from nucseg.wsi.slide import TargetView
 from nucseg.wsi.synthslide import make_synthetic_slide
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 
 def _random_labels(rng, shape, n, smooth: bool) -> np.ndarray:
     lab = rng.integers(0, n + 1, shape).astype(np.int32)

@@ -21,6 +21,8 @@ import pytest
 
 from nucseg.wsi.synthslide import make_synthetic_slide
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 NUCSEG = str(Path(sys.executable).with_name("nucseg"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 INTERRUPTED = "nucseg: interrupted; rerun the same command to resume"

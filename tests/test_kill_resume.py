@@ -25,6 +25,8 @@ import pytest
 
 from nucseg.wsi.synthslide import make_synthetic_slide
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 NUCSEG = str(Path(sys.executable).with_name("nucseg"))
 SEED = int(os.environ.get("NUCSEG_KILL_SEED", "20240611"))
 KILLS = int(os.environ.get("NUCSEG_KILLS", "0")) or None

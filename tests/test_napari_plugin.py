@@ -17,7 +17,7 @@ from nucseg.wsi.export import GeoJSONWriter, GeoParquetWriter, NucleusBatch, wri
 from nucseg.wsi.measure import COLUMNS
 
 # napari and npe2 still use pydantic v1-style APIs: their deprecation warnings are not nucseg's
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]  # slow: `make test-fast` skips it
 
 MPP0, MPP = 0.25, 0.5  # slide level 0 and the labels (target) µm/px: label pixel = 2x2 level-0 pixels
 H, W = 60, 90

@@ -19,6 +19,8 @@ from nucseg.model.peft_export import ExportOptions, export_peft
 from nucseg.model.sam import attach_foreground_head, build_sam, decode, encode, load_sam
 from nucseg.model.weights import REGISTRY
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 SIZE = 256  # the adapter's input size; the base checkpoint is at SAM's 1024 px, as official ones are
 N = 5
 

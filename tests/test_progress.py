@@ -7,9 +7,13 @@ import argparse
 import json
 import re
 
+import pytest
+
 from nucseg.progress import SlideProgress, SlideReporter, in_batch
 from nucseg_cli.main import main
 from nucseg_cli.progress import SlideProgressView, mode
+
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
 
 LINE = re.compile(r"^nucseg: progress: (.+): tiles (\d+)/(\d+) \((\d+)%\), (\S+) tiles/s, ([\d,]+) nuclei, ETA (\S+)")
 

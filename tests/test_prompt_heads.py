@@ -18,6 +18,8 @@ from nucseg.model.heads import (CELL, attach_prompt_heads, center_cell_targets, 
 from nucseg.model.infer import InferConfig, SamTileSegmenter
 from nucseg.model.sam import build_sam
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 SIZE = 128  # tile side of the tiny trained adapter
 
 

@@ -12,6 +12,8 @@ import torch
 from nucseg import threads
 from nucseg.errors import InputError
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 
 def test_allowed_cpus_follow_affinity_slurm_and_quota(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})

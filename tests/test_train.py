@@ -14,6 +14,8 @@ from nucseg.model.sam import load_sam
 from nucseg.learn.train import Trainer, TrainConfig, finetune, sample_prompts
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
+
 FAST = dict(batch_size=2, positive_prompts=6, negative_prompts=2, device="cpu")
 
 
