@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import nucseg
 from nucseg.errors import InputError
+from model_helpers import tiny_trained_lora
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
 
@@ -23,18 +23,10 @@ SIZE = 512
 def tiny_adapter(tmp_path_factory, tiny_official_ckpt):
     """A vit_tiny LoRA adapter with perturbed weights (no training: the API is under test, not the model)."""
     from nucseg.model.adapter import save_adapter
-    from nucseg.model.lora import MethodConfig, apply_method
-    from nucseg.model.sam import attach_foreground_head, load_sam
+    from nucseg.model.lora import MethodConfig
 
-    model, fp = load_sam("vit_tiny", tiny_official_ckpt, img_size=SIZE)
     method = MethodConfig(method="lora", rank=2)
-    apply_method(model, method)
-    attach_foreground_head(model)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model, fp = tiny_trained_lora(tiny_official_ckpt, method, SIZE)
     meta = {"base": {"model": "vit_tiny", "fingerprint": fp, "init_seed": 0, "checkpoint_sha256": fp,
                      "checkpoint_name": tiny_official_ckpt.name},
             "input_size": SIZE, "mpp": 0.5, "parameters": {"trainable": 1, "total": 2},

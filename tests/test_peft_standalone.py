@@ -18,6 +18,7 @@ from nucseg.model.modelcard import PeftCard, render_model_card
 from nucseg.model.peft_export import ExportOptions, export_peft
 from nucseg.model.sam import attach_foreground_head, build_sam, decode, encode, load_sam
 from nucseg.model.weights import REGISTRY
+from model_helpers import tiny_trained_lora
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips it (the full suite and CI run it)
 
@@ -226,14 +227,7 @@ def test_transformers_flavour_of_every_peft_method(tmp_path, base, method):
     from nucseg.model.hf_sam import to_transformers
 
     root, ckpt, _, _ = base
-    model, fp = load_sam("vit_tiny", ckpt, img_size=SIZE)
-    apply_method(model, method)
-    attach_foreground_head(model)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model, fp = tiny_trained_lora(ckpt, method, SIZE)
     meta = {"base": {"model": "vit_tiny", "fingerprint": fp, "init_seed": 0, "checkpoint_sha256": fp,
                      "checkpoint_name": ckpt.name}, "input_size": SIZE}
     adapter = save_adapter(tmp_path / "ad", model, method, meta)
