@@ -116,9 +116,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, *, owned: Owned) 
         remove_stale_temps(path)
         fd = os.open(guard, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any output
     except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(err, parent) from None
-        raise OutputError(f"cannot write to {parent}: {err.strerror or err}") from None
+        raise write_error(err, parent, "cannot write to") from None
     old = Path(f"{base}.old")
     try:
         _try_lock(fd)  # where the filesystem cannot lock, leftovers are merely kept, never wrongly removed
@@ -328,6 +326,14 @@ def disk_full_error(err: OSError, path: str | os.PathLike) -> DiskFullError:
     return DiskFullError(f"{reason} while writing to {path}{_free_space(path)}; free some space or write elsewhere")
 
 
+def write_error(err: OSError, path: str | os.PathLike, doing: str = "cannot write") -> OutputError:
+    """The one-line error of a failed filesystem call while writing ``path``: :func:`disk_full_error` for a full
+    filesystem or quota, else ``OutputError("{doing} {path}: {reason}")``. Raise it ``from None``."""
+    if is_disk_full(err):
+        return disk_full_error(err, path)
+    return OutputError(f"{doing} {path}: {err.strerror or err}")
+
+
 def _free_space(path: str | os.PathLike) -> str:
     where = Path(path).absolute()
     while not where.exists() and where != where.parent:
@@ -502,11 +508,9 @@ def open_append(path: str | os.PathLike, owned: Owned):
             _refuse_foreign(path, owned)
             fd = os.open(path, flags & ~os.O_CREAT)
     except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(err, path) from None
         if err.errno == errno.ELOOP:
             raise OutputError(f"refusing to append to {path}: it is a symbolic link nucseg did not make") from None
-        raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+        raise write_error(err, path, "cannot write to") from None
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
@@ -591,9 +595,7 @@ def resumable_file(part: str | os.PathLike) -> Iterator[int]:
             fd = os.open(part, flags)
             created = False
     except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(err, part) from None
-        raise OutputError(f"cannot write {part}: {err.strerror or err}") from None
+        raise write_error(err, part) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -629,9 +631,7 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(err, path) from None
-        raise OutputError(f"cannot create the lock file {path}: {err.strerror or err}") from None
+        raise write_error(err, path, "cannot create the lock file") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
